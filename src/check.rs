@@ -1,0 +1,44 @@
+//! `pulsegate check`: the effective config and what it promises.
+
+use std::fmt::Write;
+
+use crate::config::{DetectionBounds, ValidConfig};
+
+/// Renders the report printed by `pulsegate check`.
+pub fn report(config: &ValidConfig) -> String {
+    let mut out = String::new();
+    out.push_str("# effective configuration (every default filled in)\n");
+    out.push_str(&config.effective_toml());
+    out.push_str("\n# worst-case detection of a dead peer\n");
+    for l in &config.listeners {
+        let b = DetectionBounds::of(l);
+        let lv = &l.settings.liveness;
+        let fmt = |d| humantime::format_duration(d).to_string();
+        let _ = writeln!(out, "listener \"{}\" ({}):", l.name, l.bind);
+        let _ = writeln!(
+            out,
+            "  dead upstream or client, idle session:     {} (probe_interval {} + dead_after {} + sweep {})",
+            fmt(b.idle),
+            fmt(lv.probe_interval),
+            fmt(lv.dead_after),
+            fmt(lv.sweep_period())
+        );
+        let _ = writeln!(
+            out,
+            "  dead upstream or client, data in flight:   {} (dead_after {} + sweep {})",
+            fmt(b.busy),
+            fmt(lv.dead_after),
+            fmt(lv.sweep_period())
+        );
+        let _ = writeln!(
+            out,
+            "  kernel backstop (TCP_USER_TIMEOUT):        upstream {}, client {}",
+            fmt(b.backstop.0),
+            fmt(b.backstop.1)
+        );
+    }
+    for w in &config.warnings {
+        let _ = writeln!(out, "\n{w}");
+    }
+    out
+}

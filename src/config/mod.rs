@@ -1,0 +1,260 @@
+//! Configuration: the TOML file that is pulsegate's user interface.
+//!
+//! The shape (`[[listener]]`, `[listener.liveness]`, `[listener.upstream]`,
+//! `[listener.client]`) is the contract of DESIGN.md section 4. serde checks
+//! keys and types (unknown keys are refused); [`validate`] checks values and
+//! cross-field rules and reports every problem at once, each with the file,
+//! line, key and a one-line fix.
+
+mod bounds;
+mod validate;
+
+pub use bounds::{DetectionBounds, Warning};
+pub use validate::{ConfigError, Problem};
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// One `[[listener]]` table per proxied service.
+    #[serde(rename = "listener", default)]
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// One `[[listener]]`: a bind address and the backends it forwards to.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    /// Kept as text until [`validate`] so that a bad address is reported with
+    /// the others instead of stopping the decoder.
+    pub bind: String,
+    /// Backends in failover order: `host:port`, `[v6]:port` or `name:port`.
+    pub backends: Vec<String>,
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: NonZeroU32,
+    #[serde(default)]
+    pub on_evict: OnEvict,
+    #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    #[serde(default)]
+    pub liveness: Liveness,
+    #[serde(default)]
+    pub upstream: SocketSettings,
+    #[serde(default)]
+    pub client: SocketSettings,
+}
+
+/// `[listener.liveness]`: the watcher's on-demand probes and death rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Liveness {
+    /// An idle leg is probed (TCP_KEEPIDLE re-arm) after this much quiet, and
+    /// again every `probe_interval` while it stays quiet. Whole seconds: the
+    /// kernel's keepalive timer counts seconds.
+    #[serde(default = "defaults::probe_interval", with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// A leg that owes an ACK (data in flight or a probe out) and receives
+    /// none for this long is dead.
+    #[serde(default = "defaults::dead_after", with = "humantime_serde")]
+    pub dead_after: Duration,
+}
+
+/// `[listener.upstream]` and `[listener.client]`: kernel socket options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketSettings {
+    /// Kernel keepalive when pulsegate is not probing (whole seconds).
+    #[serde(default = "defaults::keepalive_idle", with = "humantime_serde")]
+    pub keepalive_idle: Duration,
+    #[serde(default = "defaults::keepalive_interval", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(default = "defaults::keepalive_count")]
+    pub keepalive_count: u32,
+    /// TCP_USER_TIMEOUT: the kernel's backstop. It also aborts a live peer
+    /// that stops reading for this long, so keep it above any reader stall
+    /// you tolerate.
+    #[serde(default = "defaults::user_timeout", with = "humantime_serde")]
+    pub user_timeout: Duration,
+    #[serde(default = "defaults::nodelay")]
+    pub nodelay: bool,
+}
+
+/// What happens to the surviving leg when the other one is evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnEvict {
+    /// SO_LINGER 0 then close: the peer gets RST and its pool reconnects at once.
+    #[default]
+    Reset,
+    /// An orderly close (FIN).
+    Close,
+}
+
+/// A backend address as written: an IP socket address or a DNS name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BackendAddr {
+    Ip(SocketAddr),
+    Dns { host: String, port: u16 },
+}
+
+impl FromStr for BackendAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(BackendAddr::Ip(addr));
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` has no port; write it as host:port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`{s}`: port `{port}` is not a number from 1 to 65535"))?;
+        if port == 0 {
+            return Err(format!("`{s}`: port 0 cannot be connected to"));
+        }
+        let valid_label = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if host.is_empty() || host.len() > 253 || !host.split('.').all(valid_label) {
+            return Err(format!(
+                "`{s}` is neither an IP address with a port nor a valid host name \
+                 (IPv6 is written [::1]:5432)"
+            ));
+        }
+        Ok(BackendAddr::Dns {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendAddr::Ip(addr) => write!(f, "{addr}"),
+            BackendAddr::Dns { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            probe_interval: defaults::probe_interval(),
+            dead_after: defaults::dead_after(),
+        }
+    }
+}
+
+impl Liveness {
+    /// How often the watcher samples TCP_INFO: half the shorter of the two
+    /// settings, so that a decision is late by at most that much.
+    pub fn sweep_period(&self) -> Duration {
+        (self.probe_interval.min(self.dead_after) / 2).max(Duration::from_millis(50))
+    }
+}
+
+impl Default for SocketSettings {
+    fn default() -> Self {
+        SocketSettings {
+            keepalive_idle: defaults::keepalive_idle(),
+            keepalive_interval: defaults::keepalive_interval(),
+            keepalive_count: defaults::keepalive_count(),
+            user_timeout: defaults::user_timeout(),
+            nodelay: defaults::nodelay(),
+        }
+    }
+}
+
+/// Defaults that are safe in production: detection in seconds, and a kernel
+/// backstop loose enough not to abort a slow reader.
+pub mod defaults {
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn max_connections() -> NonZeroU32 {
+        NonZeroU32::new(10_000).expect("non-zero literal")
+    }
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn probe_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn dead_after() -> Duration {
+        Duration::from_secs(3)
+    }
+    pub fn keepalive_idle() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn keepalive_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn keepalive_count() -> u32 {
+        3
+    }
+    pub fn user_timeout() -> Duration {
+        Duration::from_secs(120)
+    }
+    pub fn nodelay() -> bool {
+        true
+    }
+}
+
+/// A listener whose addresses have been checked and parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub backends: Vec<BackendAddr>,
+    pub settings: ListenerConfig,
+}
+
+/// A config that passed [`validate`]: the only kind the proxy accepts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidConfig {
+    pub raw: Config,
+    pub listeners: Vec<Listener>,
+    pub warnings: Vec<Warning>,
+}
+
+impl ValidConfig {
+    /// The effective configuration, every default filled in, as TOML.
+    pub fn effective_toml(&self) -> String {
+        toml::to_string_pretty(&self.raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<ValidConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates config text; `origin` names it in messages.
+pub fn parse(text: &str, origin: &str) -> Result<ValidConfig, ConfigError> {
+    validate::parse_and_validate(text, origin)
+}

@@ -1,0 +1,411 @@
+//! The one place that checks a config: decode with serde, then validate
+//! every value and cross-field rule, collecting all problems with their
+//! line, key and fix.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::de::{DeTable, DeValue};
+
+use super::{bounds, BackendAddr, Config, Listener, ListenerConfig, SocketSettings, ValidConfig};
+
+/// Why a config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax or type error found by the TOML decoder (one at a time).
+    #[error("{origin}:{line}: {message}\n  fix: {fix}")]
+    Decode {
+        origin: String,
+        line: usize,
+        message: String,
+        fix: String,
+    },
+    /// Every value problem found, reported together.
+    #[error("{origin}: {} problem(s) in the config:\n{}", .problems.len(), render(origin, problems))]
+    Invalid {
+        origin: String,
+        problems: Vec<Problem>,
+    },
+}
+
+/// One refused value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path, e.g. `listener[0].liveness.dead_after`.
+    pub key: String,
+    /// 1-based line of the key (or of its table when the key is absent).
+    pub line: Option<usize>,
+    pub message: String,
+    pub fix: String,
+}
+
+fn render(origin: &str, problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| p.render(origin))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Problem {
+    fn render(&self, origin: &str) -> String {
+        let at = match self.line {
+            Some(line) => format!("{origin}:{line}"),
+            None => origin.to_string(),
+        };
+        format!(
+            "  {at}: {}: {}\n    fix: {}",
+            self.key, self.message, self.fix
+        )
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.render("config"))
+    }
+}
+
+pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<ValidConfig, ConfigError> {
+    let config: Config = toml::from_str(text).map_err(|e| decode_error(text, origin, &e))?;
+    let spans = KeyLines::new(text);
+    let mut problems = Vec::new();
+    let listeners = validate(&config, &mut problems);
+    if !problems.is_empty() {
+        for p in &mut problems {
+            p.line = spans.line_of(&p.key);
+        }
+        return Err(ConfigError::Invalid {
+            origin: origin.to_string(),
+            problems,
+        });
+    }
+    let warnings = bounds::warnings(&listeners);
+    Ok(ValidConfig {
+        raw: config,
+        listeners,
+        warnings,
+    })
+}
+
+fn decode_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e.span().map(|s| line_at(text, s.start)).unwrap_or(1);
+    let message = e.message().trim().to_string();
+    let fix = if message.contains("unknown field") {
+        "remove this key or correct its spelling (the keys each table accepts are listed in README.md, section Configuration)"
+    } else if message.contains("missing field") {
+        "add the missing key to this table"
+    } else if message.contains("duration") || message.contains("time unit") {
+        "write durations as a number with a unit, e.g. \"500ms\", \"3s\", \"2m\""
+    } else if message.contains("invalid type") {
+        "give the value the type shown in README.md (durations and addresses are quoted strings)"
+    } else {
+        "correct the TOML at this line (strings need quotes, tables are [[listener]] / [listener.liveness])"
+    };
+    ConfigError::Decode {
+        origin: origin.to_string(),
+        line,
+        message,
+        fix: fix.to_string(),
+    }
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+struct Checker<'a> {
+    problems: &'a mut Vec<Problem>,
+    prefix: String,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, key: &str, message: impl Into<String>, fix: impl Into<String>) {
+        self.problems.push(Problem {
+            key: format!("{}.{key}", self.prefix),
+            line: None,
+            message: message.into(),
+            fix: fix.into(),
+        });
+    }
+
+    fn whole_seconds(&mut self, key: &str, value: Duration, min: u64, max: u64) {
+        let ok = value.subsec_nanos() == 0 && (min..=max).contains(&value.as_secs());
+        if !ok {
+            self.problem(
+                key,
+                format!(
+                    "{} is not a whole number of seconds from {min}s to {max}s",
+                    humantime::format_duration(value)
+                ),
+                format!("the kernel's keepalive timer counts whole seconds; write e.g. \"{min}s\""),
+            );
+        }
+    }
+
+    fn socket(&mut self, table: &str, s: &SocketSettings, dead_after: Duration) {
+        self.whole_seconds(
+            &format!("{table}.keepalive_idle"),
+            s.keepalive_idle,
+            1,
+            32767,
+        );
+        self.whole_seconds(
+            &format!("{table}.keepalive_interval"),
+            s.keepalive_interval,
+            1,
+            32767,
+        );
+        if !(1..=127).contains(&s.keepalive_count) {
+            self.problem(
+                &format!("{table}.keepalive_count"),
+                format!("{} is outside 1..=127", s.keepalive_count),
+                "use a small count such as 3",
+            );
+        }
+        if s.user_timeout.is_zero() {
+            self.problem(
+                &format!("{table}.user_timeout"),
+                "0 would disable the kernel backstop",
+                "set it above dead_after and above the longest reader stall you tolerate, e.g. \"120s\"",
+            );
+        } else if s.user_timeout < dead_after {
+            self.problem(
+                &format!("{table}.user_timeout"),
+                format!(
+                    "{} is below liveness.dead_after ({}): the backstop would fire before the watcher decides",
+                    humantime::format_duration(s.user_timeout),
+                    humantime::format_duration(dead_after)
+                ),
+                "raise user_timeout (the default is \"120s\") or lower liveness.dead_after",
+            );
+        } else if s.user_timeout.as_millis() > u128::from(u32::MAX) {
+            self.problem(
+                &format!("{table}.user_timeout"),
+                "longer than the kernel accepts (about 49 days)",
+                "use a value such as \"120s\"",
+            );
+        }
+    }
+}
+
+fn validate(config: &Config, problems: &mut Vec<Problem>) -> Vec<Listener> {
+    if config.listeners.is_empty() {
+        problems.push(Problem {
+            key: "listener".into(),
+            line: None,
+            message: "no [[listener]] table: pulsegate would proxy nothing".into(),
+            fix: "add a [[listener]] with name, bind and backends (see config/pulsegate.toml)"
+                .into(),
+        });
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut listeners = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let mut c = Checker {
+            problems,
+            prefix: format!("listener[{i}]"),
+        };
+        if let Some(listener) = check_listener(&mut c, i, l, &mut names, &mut binds) {
+            listeners.push(listener);
+        }
+    }
+    listeners
+}
+
+fn check_listener<'a>(
+    c: &mut Checker<'_>,
+    i: usize,
+    l: &'a ListenerConfig,
+    names: &mut HashMap<&'a str, usize>,
+    binds: &mut HashMap<SocketAddr, usize>,
+) -> Option<Listener> {
+    let before = c.problems.len();
+    if l.name.trim().is_empty() {
+        c.problem(
+            "name",
+            "is empty",
+            "give the listener a short name, e.g. \"postgres\"",
+        );
+    } else if let Some(first) = names.insert(&l.name, i) {
+        c.problem(
+            "name",
+            format!("\"{}\" is already used by listener[{first}]", l.name),
+            "names label logs and metrics; make each one unique",
+        );
+    }
+    let bind = match l.bind.parse::<SocketAddr>() {
+        Ok(addr) => {
+            if let Some(first) = binds.insert(addr, i) {
+                c.problem(
+                    "bind",
+                    format!("{addr} is already bound by listener[{first}]"),
+                    "give each listener its own address or port",
+                );
+            }
+            Some(addr)
+        }
+        Err(_) => {
+            c.problem(
+                "bind",
+                format!("`{}` is not an IP address with a port", l.bind),
+                "write e.g. \"127.0.0.1:6432\" or \"[::]:6432\"",
+            );
+            None
+        }
+    };
+    if l.backends.is_empty() {
+        c.problem(
+            "backends",
+            "is empty: connections would have nowhere to go",
+            "list at least one backend, e.g. [\"10.0.0.5:5432\"]",
+        );
+    }
+    let mut backends = Vec::new();
+    for (j, b) in l.backends.iter().enumerate() {
+        match b.parse::<BackendAddr>() {
+            Ok(addr) if backends.contains(&addr) => c.problem(
+                &format!("backends[{j}]"),
+                format!("{addr} is listed twice"),
+                "list each backend once, in failover order",
+            ),
+            Ok(addr) => backends.push(addr),
+            Err(e) => c.problem(
+                &format!("backends[{j}]"),
+                e,
+                "write host:port, e.g. \"10.0.0.5:5432\", \"[::1]:6379\" or \"db.internal:5432\"",
+            ),
+        }
+    }
+    if l.connect_timeout.is_zero() {
+        c.problem("connect_timeout", "is zero", "use e.g. \"2s\"");
+    }
+    if l.drain_timeout.is_zero() {
+        c.problem(
+            "drain_timeout",
+            "is zero: sessions would be cut at once on SIGTERM",
+            "use e.g. \"30s\"",
+        );
+    }
+    let lv = &l.liveness;
+    c.whole_seconds("liveness.probe_interval", lv.probe_interval, 1, 32767);
+    if lv.dead_after < Duration::from_secs(1) {
+        c.problem(
+            "liveness.dead_after",
+            format!(
+                "{} is too short: a live peer answers window probes only every ~0.5-0.9 s",
+                humantime::format_duration(lv.dead_after)
+            ),
+            "use at least \"1s\"; \"3s\" is the default",
+        );
+    }
+    c.socket("upstream", &l.upstream, lv.dead_after);
+    c.socket("client", &l.client, lv.dead_after);
+    if c.problems.len() > before {
+        return None;
+    }
+    Some(Listener {
+        name: l.name.clone(),
+        bind: bind?,
+        backends,
+        settings: l.clone(),
+    })
+}
+
+/// Finds the line of a key path such as `listener[1].liveness.dead_after`
+/// in the original text; falls back to the nearest enclosing table.
+struct KeyLines<'t> {
+    text: &'t str,
+    doc: Option<toml::Spanned<DeTable<'t>>>,
+}
+
+impl<'t> KeyLines<'t> {
+    fn new(text: &'t str) -> Self {
+        KeyLines {
+            text,
+            doc: DeTable::parse(text).ok(),
+        }
+    }
+
+    fn line_of(&self, path: &str) -> Option<usize> {
+        let doc = self.doc.as_ref()?;
+        let mut best = None;
+        let mut table: Option<&DeTable<'_>> = Some(doc.get_ref());
+        let mut value: Option<&toml::Spanned<DeValue<'_>>> = None;
+        for segment in path.split('.') {
+            let (key, index) = match segment.split_once('[') {
+                Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+                None => (segment, None),
+            };
+            let found = match (table, value) {
+                (Some(t), _) => t.iter().find(|(k, _)| k.get_ref() == key),
+                _ => None,
+            };
+            let Some((k, v)) = found else { break };
+            best = Some(k.span().start);
+            value = Some(v);
+            if let Some(index) = index {
+                match v.get_ref().as_array().and_then(|a| a.get(index)) {
+                    Some(item) => {
+                        best = Some(item.span().start);
+                        value = Some(item);
+                    }
+                    None => break,
+                }
+            }
+            table = value.and_then(|v| v.get_ref().as_table());
+        }
+        best.map(|offset| line_at(self.text, offset))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_addresses() {
+        assert!(matches!("10.0.0.5:5432".parse(), Ok(BackendAddr::Ip(_))));
+        assert!(matches!("[::1]:6379".parse(), Ok(BackendAddr::Ip(_))));
+        assert!(matches!(
+            "DB-1.internal:5432".parse::<BackendAddr>(),
+            Ok(BackendAddr::Dns { ref host, port: 5432 }) if host == "db-1.internal"
+        ));
+        for bad in [
+            "db.internal",
+            "db:0",
+            "db:99999",
+            "::1:5432",
+            "bad_host!:1",
+            ":5432",
+        ] {
+            assert!(
+                bad.parse::<BackendAddr>().is_err(),
+                "{bad} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn key_lines_point_at_keys_and_tables() {
+        let text = "[[listener]]\nname = \"a\"\nbind = \"x\"\nbackends = []\n\n[[listener]]\nname = \"b\"\n[listener.liveness]\ndead_after = \"1ms\"\n";
+        let lines = KeyLines::new(text);
+        assert_eq!(lines.line_of("listener[0].bind"), Some(3));
+        assert_eq!(lines.line_of("listener[1].liveness.dead_after"), Some(9));
+        assert_eq!(lines.line_of("listener[1].upstream.user_timeout"), Some(6));
+    }
+}

@@ -1,0 +1,139 @@
+//! Eviction: pulsegate closing a session it judged dead, with a reason and
+//! the TCP_INFO evidence that decided it, logged as one structured event.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::sockopt::TcpInfo;
+
+/// Why a session was evicted. One vocabulary for logs and (later) metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EvictReason {
+    /// An idle leg did not answer its keepalive probe within `dead_after`.
+    ProbeUnanswered,
+    /// Data in flight was not ACKed within `dead_after`.
+    RetransmitUnanswered,
+    /// The peer sent RST.
+    PeerReset,
+    /// The peer closed while pulsegate still had bytes for it.
+    PeerClosed,
+    /// The kernel aborted the connection (TCP_USER_TIMEOUT or keepalive).
+    UserTimeout,
+    /// Still open when the drain deadline passed during shutdown.
+    Drain,
+    /// Any other socket error.
+    SocketError,
+}
+
+impl EvictReason {
+    pub const ALL: [EvictReason; 7] = [
+        EvictReason::ProbeUnanswered,
+        EvictReason::RetransmitUnanswered,
+        EvictReason::PeerReset,
+        EvictReason::PeerClosed,
+        EvictReason::UserTimeout,
+        EvictReason::Drain,
+        EvictReason::SocketError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvictReason::ProbeUnanswered => "probe_unanswered",
+            EvictReason::RetransmitUnanswered => "retransmit_unanswered",
+            EvictReason::PeerReset => "peer_reset",
+            EvictReason::PeerClosed => "peer_closed",
+            EvictReason::UserTimeout => "user_timeout",
+            EvictReason::Drain => "drain",
+            EvictReason::SocketError => "socket_error",
+        }
+    }
+
+    /// Classifies a socket error seen by the relay.
+    pub fn from_io(error: &std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        match error.kind() {
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => EvictReason::PeerReset,
+            ErrorKind::BrokenPipe => EvictReason::PeerClosed,
+            ErrorKind::TimedOut => EvictReason::UserTimeout,
+            _ if error.raw_os_error() == Some(libc::ETIMEDOUT) => EvictReason::UserTimeout,
+            _ => EvictReason::SocketError,
+        }
+    }
+}
+
+impl fmt::Display for EvictReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which side of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Leg {
+    Client,
+    Upstream,
+}
+
+impl Leg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Leg::Client => "client",
+            Leg::Upstream => "upstream",
+        }
+    }
+}
+
+impl fmt::Display for Leg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The decision to evict: which leg died, why, and the evidence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub leg: Leg,
+    pub reason: EvictReason,
+    /// TCP_INFO of the dead leg when it was judged (absent for drain, or
+    /// when the socket was already gone).
+    pub evidence: Option<TcpInfo>,
+}
+
+/// Who the session was between, for the eviction event.
+#[derive(Debug, Clone)]
+pub struct SessionLabels {
+    pub listener: std::sync::Arc<str>,
+    pub backend: String,
+    pub client: SocketAddr,
+    pub upstream_local: Option<SocketAddr>,
+}
+
+/// Logs the one structured event of an eviction.
+pub fn log_eviction(labels: &SessionLabels, verdict: &Verdict, age: Duration, idle: Duration) {
+    let info = verdict.evidence.unwrap_or_default();
+    let upstream = labels
+        .upstream_local
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::warn!(
+        target: "pulsegate::evict",
+        event = "eviction",
+        listener = %labels.listener,
+        backend = %labels.backend,
+        client = %labels.client,
+        upstream = %upstream,
+        dead_leg = verdict.leg.as_str(),
+        reason = verdict.reason.as_str(),
+        age_ms = age.as_millis() as u64,
+        idle_ms = idle.as_millis() as u64,
+        rtt_us = info.rtt_us,
+        last_ack_recv_ms = info.last_ack_recv_ms,
+        probes = info.probes,
+        unacked = info.unacked,
+        retransmits = info.retransmits,
+        "evicted session: {} leg {}",
+        verdict.leg,
+        verdict.reason,
+    );
+}

@@ -1,0 +1,392 @@
+//! The liveness watcher: on-demand keepalive probes and the death rule of
+//! DESIGN.md, applied to both legs of every session of a listener.
+//!
+//! One sweeper task per listener samples TCP_INFO. A quiet leg is put in
+//! *probe mode*: TCP_KEEPIDLE is lowered to `probe_interval`, which makes the
+//! kernel probe at once if the leg has been quiet that long, and again after
+//! every `probe_interval` of quiet. The configured keepalive is restored when
+//! data flows again. The death rule: a leg that owes an ACK (data in flight
+//! or a probe out) and has received none for `dead_after`, counted from when
+//! that debt began, is dead. A peer that keeps ACKing is alive however slowly
+//! it reads. Legs whose verdict cannot change before a known time are not
+//! sampled until then, which keeps the cost of 10,000 idle sessions low.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+
+use crate::config::{Liveness, SocketSettings};
+use crate::evict::{EvictReason, Leg, Verdict};
+use crate::sockopt::{self, TcpInfo};
+
+/// Milliseconds on a monotonic clock that starts at 1 (0 means "unset").
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// The parts of a session that the relay and the watcher share.
+pub struct Watched {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    /// Per leg (index [`leg_index`]): when the relay first wrote to it since
+    /// the watcher last saw it owe nothing. 0 = nothing written since.
+    pending_since: [AtomicU64; 2],
+    /// Last time a byte was read from either leg.
+    last_activity: AtomicU64,
+    verdict: OnceLock<Verdict>,
+    wake: Notify,
+}
+
+/// Array index of a leg in [`Watched`].
+pub fn leg_index(leg: Leg) -> usize {
+    match leg {
+        Leg::Client => 0,
+        Leg::Upstream => 1,
+    }
+}
+
+impl Watched {
+    pub fn new(client: TcpStream, upstream: TcpStream) -> Self {
+        let now = now_ms();
+        Watched {
+            client,
+            upstream,
+            pending_since: [AtomicU64::new(0), AtomicU64::new(0)],
+            last_activity: AtomicU64::new(now),
+            verdict: OnceLock::new(),
+            wake: Notify::new(),
+        }
+    }
+
+    pub fn socket(&self, leg: Leg) -> &TcpStream {
+        match leg {
+            Leg::Client => &self.client,
+            Leg::Upstream => &self.upstream,
+        }
+    }
+
+    /// Called by the relay before it writes to `leg`.
+    pub fn note_write(&self, leg: Leg) {
+        let slot = &self.pending_since[leg_index(leg)];
+        if slot.load(Ordering::Relaxed) == 0 {
+            slot.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Called by the relay after it read bytes.
+    pub fn note_read(&self) {
+        self.last_activity.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.last_activity.load(Ordering::Relaxed)))
+    }
+
+    /// Records a verdict (the first one wins) and wakes the session.
+    pub fn evict(&self, verdict: Verdict) {
+        if self.verdict.set(verdict).is_ok() {
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn verdict(&self) -> Option<Verdict> {
+        self.verdict.get().copied()
+    }
+
+    /// Resolves once a verdict was recorded.
+    pub async fn evicted(&self) -> Verdict {
+        loop {
+            if let Some(v) = self.verdict() {
+                return v;
+            }
+            self.wake.notified().await;
+        }
+    }
+}
+
+/// Durations of the death rule in milliseconds, for cheap arithmetic.
+#[derive(Debug, Clone, Copy)]
+pub struct Rule {
+    pub probe_ms: u64,
+    pub dead_after_ms: u64,
+    pub sweep_ms: u64,
+    /// The configured TCP_KEEPIDLE of this leg, restored after probe mode.
+    pub keepidle_ms: u64,
+}
+
+impl Rule {
+    pub fn new(liveness: &Liveness, socket: &SocketSettings) -> Self {
+        Rule {
+            probe_ms: liveness.probe_interval.as_millis() as u64,
+            dead_after_ms: liveness.dead_after.as_millis() as u64,
+            sweep_ms: liveness.sweep_period().as_millis() as u64,
+            keepidle_ms: socket.keepalive_idle.as_millis() as u64,
+        }
+    }
+}
+
+/// What the watcher must do to a leg after assessing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    None,
+    /// Lower TCP_KEEPIDLE to `probe_interval`: probe now and while quiet.
+    Arm,
+    /// Restore the configured TCP_KEEPIDLE: data flows again.
+    Restore,
+}
+
+/// The outcome of one assessment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assessment {
+    pub action: Action,
+    pub dead: Option<EvictReason>,
+    /// The leg owes nothing: the relay's pending mark may be cleared.
+    pub clear_pending: bool,
+}
+
+/// The watcher's memory of one leg.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LegState {
+    /// TCP_KEEPIDLE is lowered to probe_interval.
+    probing: bool,
+    armed_at_ms: u64,
+    /// When the current ACK debt began, once known.
+    debt_start_ms: Option<u64>,
+    /// The verdict cannot change before this time unless the relay writes.
+    next_check_ms: u64,
+}
+
+impl LegState {
+    pub fn due(&self, now_ms: u64) -> bool {
+        now_ms >= self.next_check_ms
+    }
+
+    /// Applies the death rule to one TCP_INFO sample taken at `now_ms`;
+    /// `pending_ms` is the relay's first write since the leg was clear.
+    pub fn assess(
+        &mut self,
+        info: &TcpInfo,
+        now_ms: u64,
+        pending_ms: u64,
+        rule: &Rule,
+    ) -> Assessment {
+        let owes_data = info.unacked > 0;
+        let owes_probe = info.probes > 0;
+        let last_recv_ago = u64::from(info.last_data_recv_ms.min(info.last_ack_recv_ms));
+        if !owes_data && !owes_probe {
+            return self.assess_clear(info, now_ms, pending_ms, last_recv_ago, rule);
+        }
+        self.next_check_ms = now_ms + rule.sweep_ms;
+        let window_probe = !owes_data && info.notsent_bytes > 0;
+        let start = *self.debt_start_ms.get_or_insert_with(|| {
+            if owes_data && pending_ms != 0 {
+                pending_ms
+            } else if owes_probe && !window_probe {
+                // A keepalive probe leaves `keepidle` after the last thing
+                // received, or at once when armed on a leg quiet longer.
+                let keepidle = if self.probing {
+                    rule.probe_ms
+                } else {
+                    rule.keepidle_ms
+                };
+                let fired = (now_ms.saturating_sub(last_recv_ago) + keepidle).max(self.armed_at_ms);
+                fired.min(now_ms)
+            } else {
+                now_ms
+            }
+        });
+        let silence = now_ms
+            .saturating_sub(start)
+            .min(u64::from(info.last_ack_recv_ms));
+        // A live receiver answers zero-window probes only every ~0.5-0.9 s,
+        // so a window probe needs a second unanswered one as well.
+        let enough_probes = !window_probe || info.probes >= 2;
+        let dead = (silence >= rule.dead_after_ms && enough_probes).then_some(if owes_data {
+            EvictReason::RetransmitUnanswered
+        } else {
+            EvictReason::ProbeUnanswered
+        });
+        Assessment {
+            action: Action::None,
+            dead,
+            clear_pending: false,
+        }
+    }
+
+    fn assess_clear(
+        &mut self,
+        info: &TcpInfo,
+        now_ms: u64,
+        pending_ms: u64,
+        last_recv_ago: u64,
+        rule: &Rule,
+    ) -> Assessment {
+        self.debt_start_ms = None;
+        // Quiet means no data either way; probe ACKs do not count as traffic.
+        let quiet_ms = u64::from(info.last_data_recv_ms.min(info.last_data_sent_ms));
+        let quiet = quiet_ms >= rule.probe_ms;
+        let action = match (quiet, self.probing) {
+            (true, false) => {
+                self.probing = true;
+                self.armed_at_ms = now_ms;
+                Action::Arm
+            }
+            (false, true) => {
+                self.probing = false;
+                Action::Restore
+            }
+            _ => Action::None,
+        };
+        self.next_check_ms = if self.probing && info.notsent_bytes == 0 {
+            // Nothing can be declared dead before the next probe has gone
+            // unanswered for dead_after.
+            let next_probe = (now_ms.saturating_sub(last_recv_ago) + rule.probe_ms).max(now_ms);
+            next_probe + rule.dead_after_ms
+        } else if info.notsent_bytes == 0 {
+            // Active: arm once the leg has been quiet for probe_interval.
+            now_ms + rule.probe_ms.saturating_sub(quiet_ms).max(rule.sweep_ms)
+        } else {
+            now_ms + rule.sweep_ms
+        };
+        Assessment {
+            action,
+            dead: None,
+            clear_pending: pending_ms != 0,
+        }
+    }
+}
+
+/// Registers sessions with a listener's watcher.
+#[derive(Clone)]
+pub struct WatcherHandle {
+    tx: mpsc::UnboundedSender<Weak<Watched>>,
+}
+
+impl WatcherHandle {
+    pub fn watch(&self, session: &Arc<Watched>) {
+        // The watcher only stops after the listener's sessions ended.
+        let _ = self.tx.send(Arc::downgrade(session));
+    }
+}
+
+struct Entry {
+    session: Weak<Watched>,
+    legs: [LegState; 2],
+}
+
+/// Starts the sweeper of one listener. It stops by itself once every
+/// [`WatcherHandle`] is dropped and every watched session has ended.
+pub fn spawn_watcher(
+    liveness: Liveness,
+    upstream: SocketSettings,
+    client: SocketSettings,
+) -> WatcherHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let rules = [
+        Rule::new(&liveness, &client),
+        Rule::new(&liveness, &upstream),
+    ];
+    tokio::spawn(sweep_loop(rx, rules, liveness));
+    WatcherHandle { tx }
+}
+
+async fn sweep_loop(
+    mut rx: mpsc::UnboundedReceiver<Weak<Watched>>,
+    rules: [Rule; 2],
+    liveness: Liveness,
+) {
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut tick = tokio::time::interval(liveness.sweep_period());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        loop {
+            match rx.try_recv() {
+                Ok(session) => entries.push(Entry {
+                    session,
+                    legs: [LegState::default(); 2],
+                }),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) if entries.is_empty() => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+        }
+        sweep(&mut entries, &rules, &liveness).await;
+    }
+}
+
+async fn sweep(entries: &mut Vec<Entry>, rules: &[Rule; 2], liveness: &Liveness) {
+    let mut i = 0;
+    let mut visited = 0u32;
+    while i < entries.len() {
+        let Some(session) = entries[i].session.upgrade() else {
+            entries.swap_remove(i);
+            continue;
+        };
+        if session.verdict().is_none() {
+            check_session(&session, &mut entries[i].legs, rules, liveness);
+        }
+        drop(session);
+        i += 1;
+        visited += 1;
+        if visited % 1024 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+fn check_session(
+    session: &Watched,
+    legs: &mut [LegState; 2],
+    rules: &[Rule; 2],
+    liveness: &Liveness,
+) {
+    let now = now_ms();
+    for leg in [Leg::Upstream, Leg::Client] {
+        let idx = leg_index(leg);
+        let pending = session.pending_since[idx].load(Ordering::Relaxed);
+        let state = &mut legs[idx];
+        if !state.due(now) && pending == 0 {
+            continue;
+        }
+        let socket = session.socket(leg);
+        // An error means the socket is already closed; the relay reports it.
+        let Ok(info) = sockopt::tcp_info(socket) else {
+            continue;
+        };
+        let a = state.assess(&info, now, pending, &rules[idx]);
+        let result = match a.action {
+            Action::None => Ok(()),
+            Action::Arm => sockopt::set_keepalive_idle(socket, liveness.probe_interval),
+            Action::Restore => {
+                sockopt::set_keepalive_idle(socket, Duration::from_millis(rules[idx].keepidle_ms))
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(leg = %leg, error = %e, "cannot re-arm keepalive");
+        }
+        if a.clear_pending {
+            let _ = session.pending_since[idx].compare_exchange(
+                pending,
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        if let Some(reason) = a.dead {
+            session.evict(Verdict {
+                leg,
+                reason,
+                evidence: Some(info),
+            });
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,109 @@
+//! One proxied session: connect upstream, relay both ways under the
+//! watcher's eye, and end it cleanly or by eviction.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Listener, OnEvict};
+use crate::evict::{self, EvictReason, Leg, SessionLabels, Verdict};
+use crate::liveness::{Watched, WatcherHandle};
+use crate::relay;
+use crate::sockopt;
+use crate::upstream;
+
+/// What every session of a listener shares.
+pub struct ListenerContext {
+    pub config: Listener,
+    pub name: Arc<str>,
+    pub watcher: WatcherHandle,
+    /// Cancelled when the drain deadline passes.
+    pub drain_deadline: CancellationToken,
+}
+
+/// Runs one session to its end. Never panics on network input; every way
+/// it ends is logged.
+pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerContext>) {
+    let started = Instant::now();
+    let cfg = &ctx.config;
+    if let Err(e) = sockopt::apply(&client, &cfg.settings.client) {
+        tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
+            "cannot set client socket options; closing");
+        return;
+    }
+    let upstream = tokio::select! {
+        result = upstream::connect(&cfg.backends, &cfg.settings.upstream, cfg.settings.connect_timeout) => result,
+        _ = ctx.drain_deadline.cancelled() => return,
+    };
+    let upstream = match upstream {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
+                "closing client: no backend available");
+            let _ = sockopt::set_reset_on_close(&client);
+            return;
+        }
+    };
+    let labels = SessionLabels {
+        listener: ctx.name.clone(),
+        backend: cfg.backends[upstream.backend].to_string(),
+        client: client_addr,
+        upstream_local: upstream.stream.local_addr().ok(),
+    };
+    tracing::debug!(listener = %ctx.name, client = %client_addr, backend = %labels.backend,
+        upstream = %upstream.peer, "session started");
+    let session = Arc::new(Watched::new(client, upstream.stream));
+    ctx.watcher.watch(&session);
+
+    let outcome = tokio::select! {
+        result = relay_both(&session) => result.err(),
+        verdict = session.evicted() => Some(verdict),
+        _ = ctx.drain_deadline.cancelled() => Some(Verdict {
+            leg: Leg::Client,
+            reason: EvictReason::Drain,
+            evidence: None,
+        }),
+    };
+    match outcome {
+        None => tracing::debug!(listener = %ctx.name, client = %client_addr,
+            duration_ms = started.elapsed().as_millis() as u64, "session ended"),
+        Some(verdict) => {
+            evict::log_eviction(&labels, &verdict, started.elapsed(), session.idle_for());
+            close_legs(&session, &verdict, cfg.settings.on_evict);
+        }
+    }
+    // Dropping the last reference closes both sockets now: the watcher only
+    // holds a weak one.
+}
+
+/// Relays both directions until both have ended; the first socket error
+/// ends the session with a verdict against the leg it happened on.
+async fn relay_both(session: &Watched) -> Result<(), Verdict> {
+    let up = relay::pump(session, Leg::Client, Leg::Upstream);
+    let down = relay::pump(session, Leg::Upstream, Leg::Client);
+    match tokio::try_join!(up, down) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(Verdict {
+            leg: e.leg,
+            reason: EvictReason::from_io(&e.error),
+            evidence: sockopt::tcp_info(session.socket(e.leg)).ok(),
+        }),
+    }
+}
+
+/// The dead leg is aborted (its peer is gone; RST frees the socket at once
+/// instead of retransmitting a FIN into the void); the surviving leg is
+/// reset or closed as `on_evict` says. A drain has no dead leg.
+fn close_legs(session: &Watched, verdict: &Verdict, on_evict: OnEvict) {
+    for leg in [Leg::Client, Leg::Upstream] {
+        let dead = leg == verdict.leg && verdict.reason != EvictReason::Drain;
+        if dead || on_evict == OnEvict::Reset {
+            if let Err(e) = sockopt::set_reset_on_close(session.socket(leg)) {
+                tracing::debug!(leg = %leg, error = %e, "cannot set SO_LINGER 0");
+            }
+        }
+    }
+}

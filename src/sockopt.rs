@@ -1,0 +1,185 @@
+//! Every socket option pulsegate sets, in one place, and the one `unsafe`
+//! call: reading `struct tcp_info` with getsockopt(TCP_INFO).
+//!
+//! Failure policy: options that carry the liveness contract (keepalive,
+//! TCP_USER_TIMEOUT, the probe re-arm) are errors the caller must handle;
+//! TCP_NODELAY is a latency nicety and only warns.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+
+use crate::config::SocketSettings;
+
+/// Applies keepalive, TCP_USER_TIMEOUT and TCP_NODELAY from config.
+pub fn apply(socket: &impl AsFd, settings: &SocketSettings) -> io::Result<()> {
+    let sock = SockRef::from(socket);
+    let keepalive = TcpKeepalive::new()
+        .with_time(settings.keepalive_idle)
+        .with_interval(settings.keepalive_interval)
+        .with_retries(settings.keepalive_count);
+    sock.set_tcp_keepalive(&keepalive)?;
+    sock.set_tcp_user_timeout(Some(settings.user_timeout))?;
+    if let Err(e) = sock.set_tcp_nodelay(settings.nodelay) {
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY; continuing without it");
+    }
+    Ok(())
+}
+
+/// Sets TCP_KEEPIDLE. Lowering it on an idle socket with keepalive on
+/// re-arms the kernel's keepalive timer: if the socket has been quiet longer
+/// than `idle`, a probe leaves at once (DESIGN.md, the on-demand probe).
+pub fn set_keepalive_idle(socket: &impl AsFd, idle: Duration) -> io::Result<()> {
+    SockRef::from(socket).set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))
+}
+
+/// SO_LINGER 0: the next close sends RST instead of FIN.
+pub fn set_reset_on_close(socket: &impl AsFd) -> io::Result<()> {
+    SockRef::from(socket).set_linger(Some(Duration::ZERO))
+}
+
+/// The fields of the kernel's `struct tcp_info` that pulsegate reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpInfo {
+    /// Kernel TCP state (1 = ESTABLISHED, 7 = CLOSE, 8 = CLOSE_WAIT, ...).
+    pub state: u8,
+    /// Retransmissions of the oldest unACKed segment (icsk_retransmits).
+    pub retransmits: u8,
+    /// Keepalive or zero-window probes sent and not answered.
+    pub probes: u8,
+    pub backoff: u8,
+    /// Segments sent and not yet ACKed.
+    pub unacked: u32,
+    pub last_data_sent_ms: u32,
+    pub last_data_recv_ms: u32,
+    pub last_ack_recv_ms: u32,
+    pub rtt_us: u32,
+    pub total_retrans: u32,
+    /// Bytes queued but not yet sent (e.g. held back by a zero window).
+    pub notsent_bytes: u32,
+}
+
+impl TcpInfo {
+    pub const ESTABLISHED: u8 = 1;
+}
+
+/// Mirror of the start of the kernel's `struct tcp_info`
+/// (include/uapi/linux/tcp.h), up to `tcpi_min_rtt`. The kernel copies
+/// min(our length, its length), so newer kernels with more fields are fine.
+#[repr(C)]
+#[derive(Default)]
+struct RawTcpInfo {
+    state: u8,
+    ca_state: u8,
+    retransmits: u8,
+    probes: u8,
+    backoff: u8,
+    options: u8,
+    wscale: u8,
+    flags: u8,
+    rto: u32,
+    ato: u32,
+    snd_mss: u32,
+    rcv_mss: u32,
+    unacked: u32,
+    sacked: u32,
+    lost: u32,
+    retrans: u32,
+    fackets: u32,
+    last_data_sent: u32,
+    last_ack_sent: u32,
+    last_data_recv: u32,
+    last_ack_recv: u32,
+    pmtu: u32,
+    rcv_ssthresh: u32,
+    rtt: u32,
+    rttvar: u32,
+    snd_ssthresh: u32,
+    snd_cwnd: u32,
+    advmss: u32,
+    reordering: u32,
+    rcv_rtt: u32,
+    rcv_space: u32,
+    total_retrans: u32,
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+    segs_out: u32,
+    segs_in: u32,
+    notsent_bytes: u32,
+    min_rtt: u32,
+}
+
+/// Reads TCP_INFO for a connected TCP socket.
+#[allow(unsafe_code)]
+pub fn tcp_info(socket: &impl AsFd) -> io::Result<TcpInfo> {
+    use std::os::fd::AsRawFd;
+
+    let fd = socket.as_fd().as_raw_fd();
+    let mut raw = RawTcpInfo::default();
+    let mut len = std::mem::size_of::<RawTcpInfo>() as libc::socklen_t;
+    // SAFETY: `fd` is a live descriptor borrowed from `socket` for the whole
+    // call; `raw` is a properly aligned, writable `RawTcpInfo` and `len` is
+    // its exact size, so the kernel writes at most `len` bytes into it and
+    // stores the number written back in `len`. Every bit pattern is a valid
+    // value of its plain-integer fields.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut raw as *mut RawTcpInfo).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpInfo {
+        state: raw.state,
+        retransmits: raw.retransmits,
+        probes: raw.probes,
+        backoff: raw.backoff,
+        unacked: raw.unacked,
+        last_data_sent_ms: raw.last_data_sent,
+        last_data_recv_ms: raw.last_data_recv,
+        last_ack_recv_ms: raw.last_ack_recv,
+        rtt_us: raw.rtt,
+        total_retrans: raw.total_retrans,
+        // Older kernels (< 4.6) stop before this field; len tells.
+        notsent_bytes: if (len as usize) >= std::mem::size_of::<RawTcpInfo>() - 4 {
+            raw.notsent_bytes
+        } else {
+            0
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn tcp_info_of_a_live_loopback_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        apply(&client, &SocketSettings::default()).unwrap();
+        let info = tcp_info(&client).unwrap();
+        assert_eq!(info.state, TcpInfo::ESTABLISHED);
+        assert_eq!(info.unacked, 0);
+        assert_eq!(info.probes, 0);
+        let sock = SockRef::from(&client);
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(5));
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(120))
+        );
+        set_keepalive_idle(&client, Duration::from_secs(1)).unwrap();
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(1));
+    }
+}

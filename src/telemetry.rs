@@ -1,0 +1,26 @@
+//! Logging setup: human-readable text or one JSON object per line.
+
+use clap::ValueEnum;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber, writing to stderr. `level` is a tracing
+/// filter such as `info` or `pulsegate=debug`.
+pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
+    let filter = EnvFilter::try_new(level)
+        .map_err(|e| format!("--log-level `{level}` is not a valid filter ({e}); use e.g. info, debug or pulsegate=debug"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|e| format!("cannot install the logger: {e}"))
+}

@@ -1,0 +1,97 @@
+//! Connecting to a backend: the first one, in configured order, that
+//! accepts within `connect_timeout`, with socket options set before the SYN.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::config::{BackendAddr, SocketSettings};
+use crate::sockopt;
+
+/// Every backend refused or timed out.
+#[derive(Debug, thiserror::Error)]
+#[error("no backend accepted the connection: {}", .attempts.join("; "))]
+pub struct ConnectError {
+    /// One line per address tried: `address: what happened`.
+    pub attempts: Vec<String>,
+}
+
+/// A connected upstream socket and which backend it belongs to.
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub backend: usize,
+    pub peer: SocketAddr,
+}
+
+/// Tries the backends in order; each address gets `timeout`.
+pub async fn connect(
+    backends: &[BackendAddr],
+    settings: &SocketSettings,
+    timeout: Duration,
+) -> Result<Upstream, ConnectError> {
+    let mut attempts = Vec::new();
+    for (index, backend) in backends.iter().enumerate() {
+        let addrs = match resolve(backend, timeout).await {
+            Ok(addrs) => addrs,
+            Err(e) => {
+                attempts.push(format!("{backend}: cannot resolve: {e}"));
+                continue;
+            }
+        };
+        for addr in addrs {
+            match connect_one(addr, settings, timeout).await {
+                Ok(stream) => {
+                    return Ok(Upstream {
+                        stream,
+                        backend: index,
+                        peer: addr,
+                    })
+                }
+                Err(e) => attempts.push(format!("{backend} ({addr}): {e}")),
+            }
+        }
+    }
+    Err(ConnectError { attempts })
+}
+
+async fn resolve(backend: &BackendAddr, timeout: Duration) -> io::Result<Vec<SocketAddr>> {
+    match backend {
+        BackendAddr::Ip(addr) => Ok(vec![*addr]),
+        BackendAddr::Dns { host, port } => {
+            let lookup = tokio::net::lookup_host((host.as_str(), *port));
+            let addrs: Vec<_> = tokio::time::timeout(timeout, lookup)
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "DNS lookup timed out"))??
+                .collect();
+            if addrs.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::NotFound, "no addresses"));
+            }
+            Ok(addrs)
+        }
+    }
+}
+
+async fn connect_one(
+    addr: SocketAddr,
+    settings: &SocketSettings,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sockopt::apply(&socket, settings)?;
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no answer within connect_timeout ({})",
+                humantime::format_duration(timeout)
+            ),
+        )),
+    }
+}
