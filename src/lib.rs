@@ -3,20 +3,20 @@
 //!
 //! Modules follow the data's path (see DESIGN.md):
 //!
-//! - [`config`]: the TOML file, its defaults, validation and the detection
+//! - [`config`] — the TOML file, its defaults, validation and the detection
 //!   bounds it promises; [`check`] renders them for `pulsegate check`.
-//! - [`proxy`]: binds every listener, then serves them until shutdown.
-//! - [`listener`]: the accept loop, `max_connections`, drain on shutdown.
-//! - [`session`]: one client: upstream connect, relay, eviction.
-//! - [`upstream`]: connect to the first backend that accepts.
-//! - [`relay`]: exact byte copy both ways with half-close.
-//! - [`liveness`]: the watcher — on-demand probes and the death rule.
-//! - [`evict`]: eviction reasons and the structured eviction event.
-//! - [`sockopt`]: every socket option, and the one `unsafe` TCP_INFO read.
-//! - [`telemetry`]: logging.
-//! - [`lab`]: network namespaces, firewall rules and processes for the
+//! - [`proxy`] — binds every listener, then serves them until shutdown.
+//! - [`listener`] — the accept loop, `max_connections`, drain on shutdown.
+//! - [`session`] — one client: upstream connect, relay, eviction.
+//! - [`upstream`] — connect to the first backend that accepts.
+//! - [`relay`] — exact byte copy both ways with half-close.
+//! - [`liveness`] — the watcher: on-demand probes and the death rule.
+//! - [`evict`] — eviction reasons and the structured eviction event.
+//! - [`sockopt`] — every socket option, and the one `unsafe` TCP_INFO read.
+//! - [`telemetry`] — logging.
+//! - [`lab`] — network namespaces, firewall rules and processes for the
 //!   demo, the tests and the failover bench (not on the proxy path).
-//! - [`demo`]: `pulsegate demo`, the seed experiment in one command.
+//! - [`demo`] — `pulsegate demo`, the seed experiment in one command.
 #![deny(unsafe_code)]
 
 pub mod check;

@@ -278,6 +278,14 @@ struct Entry {
     legs: [LegState; 2],
 }
 
+/// Each sweep period is cut into this many slices, and every session is
+/// visited in its own slice. Arming in one burst would synchronise the
+/// kernel's keepalive timers of every idle leg: 10,000 probes leaving in the
+/// same jiffy overflow the receive backlog (`netdev_max_backlog`, 1000 by
+/// default) and get dropped, which reads as unanswered probes. Spread over
+/// the slices, each leg keeps its own phase.
+const SLICES: usize = 16;
+
 /// Starts the sweeper of one listener. It stops by itself once every
 /// [`WatcherHandle`] is dropped and every watched session has ended.
 pub fn spawn_watcher(
@@ -299,23 +307,31 @@ async fn sweep_loop(
     rules: [Rule; 2],
     liveness: Liveness,
 ) {
-    let mut entries: Vec<Entry> = Vec::new();
-    let mut tick = tokio::time::interval(liveness.sweep_period());
+    let mut slots: Vec<Vec<Entry>> = (0..SLICES).map(|_| Vec::new()).collect();
+    let mut registered = 0usize;
+    let mut tick = tokio::time::interval(liveness.sweep_period() / SLICES as u32);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for slice in (0..SLICES).cycle() {
         tick.tick().await;
         loop {
             match rx.try_recv() {
-                Ok(session) => entries.push(Entry {
-                    session,
-                    legs: [LegState::default(); 2],
-                }),
+                Ok(session) => {
+                    slots[registered % SLICES].push(Entry {
+                        session,
+                        legs: [LegState::default(); 2],
+                    });
+                    registered += 1;
+                }
                 Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) if entries.is_empty() => return,
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    if slots.iter().all(Vec::is_empty) {
+                        return;
+                    }
+                    break;
+                }
             }
         }
-        sweep(&mut entries, &rules, &liveness).await;
+        sweep(&mut slots[slice], &rules, &liveness).await;
     }
 }
 

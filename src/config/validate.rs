@@ -99,13 +99,22 @@ pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<ValidConfig
 
 fn decode_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
     let line = e.span().map(|s| line_at(text, s.start)).unwrap_or(1);
-    let message = e.message().trim().to_string();
+    let mut message = e.message().trim().to_string();
+    if let Some(key) = e.span().and_then(|s| key_on_line(text, s.start)) {
+        if !message.contains(&format!("`{key}`")) {
+            message = format!("key `{key}`: {message}");
+        }
+    }
     let fix = if message.contains("unknown field") {
         "remove this key or correct its spelling (the keys each table accepts are listed in README.md, section Configuration)"
     } else if message.contains("missing field") {
         "add the missing key to this table"
     } else if message.contains("duration") || message.contains("time unit") {
         "write durations as a number with a unit, e.g. \"500ms\", \"3s\", \"2m\""
+    } else if message.contains("unknown variant") {
+        "use one of the values listed in the message"
+    } else if message.contains("nonzero") {
+        "use a number of 1 or more"
     } else if message.contains("invalid type") {
         "give the value the type shown in README.md (durations and addresses are quoted strings)"
     } else {
@@ -117,6 +126,20 @@ fn decode_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
         message,
         fix: fix.to_string(),
     }
+}
+
+/// The key assigned on the line holding `offset`, if that line is `key = ...`.
+fn key_on_line(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    let plain = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+    plain.then(|| key.to_string())
 }
 
 fn line_at(text: &str, offset: usize) -> usize {

@@ -1,0 +1,166 @@
+//! Config validation: every bad fixture is refused with its key named, the
+//! shipped examples pass `pulsegate check`, and problems are reported
+//! together.
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pulsegate");
+
+fn check(path: &Path) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(path)
+        .output()
+        .expect("run pulsegate check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_bad_fixture_is_refused_naming_its_key_line_and_fix() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bad");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} lacks an `# expect:` first line", path.display()))
+            .to_string();
+        let (code, stdout, stderr) = check(&path);
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(code, 2, "{name} should exit 2; stderr: {stderr}");
+        assert!(
+            stdout.is_empty(),
+            "{name}: nothing on stdout for a refused config"
+        );
+        assert!(
+            stderr.contains(&expect),
+            "{name}: expected `{expect}` in:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(&name),
+            "{name}: the file is named in:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("fix:"),
+            "{name}: a fix is proposed in:\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+        seen += 1;
+    }
+    assert!(seen >= 8, "at least 8 bad fixtures, found {seen}");
+}
+
+#[test]
+fn several_problems_are_reported_together_with_their_lines() {
+    let text = "[[listener]]\nname = \"a\"\nbind = \"nowhere\"\nbackends = []\n\
+                [listener.liveness]\nprobe_interval = \"1500ms\"\n";
+    let err = pulsegate::config::parse(text, "inline.toml").unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("3 problem(s)"), "{msg}");
+    assert!(msg.contains("inline.toml:3: listener[0].bind"), "{msg}");
+    assert!(msg.contains("inline.toml:4: listener[0].backends"), "{msg}");
+    assert!(
+        msg.contains("inline.toml:6: listener[0].liveness.probe_interval"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn shipped_examples_pass_check_with_defaults_and_bounds() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (file, listener, idle, busy) in [
+        ("config/pulsegate.toml", "app", "4s 500ms", "3s 500ms"),
+        ("config/postgres.toml", "postgres", "4s 500ms", "3s 500ms"),
+        ("config/redis.toml", "redis", "3s 500ms", "2s 500ms"),
+    ] {
+        let (code, stdout, stderr) = check(&root.join(file));
+        assert_eq!(code, 0, "{file}: {stderr}");
+        // Every default is filled in, even where the file leaves it out.
+        for key in [
+            "connect_timeout",
+            "max_connections",
+            "on_evict",
+            "drain_timeout",
+            "probe_interval",
+            "dead_after",
+            "keepalive_idle",
+            "keepalive_interval",
+            "keepalive_count",
+            "user_timeout",
+            "nodelay",
+        ] {
+            assert!(
+                stdout.contains(&format!("{key} = ")),
+                "{file}: {key} missing:\n{stdout}"
+            );
+        }
+        assert!(
+            stdout.contains(&format!("listener \"{listener}\"")),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("idle session:     {idle}")),
+            "{file}:\n{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("data in flight:   {busy}")),
+            "{file}:\n{stdout}"
+        );
+        assert!(
+            !stdout.contains("warning:"),
+            "{file} should not warn:\n{stdout}"
+        );
+        // The printed effective config is itself valid and equivalent.
+        let effective: String = stdout
+            .split("# worst-case detection")
+            .next()
+            .unwrap()
+            .to_string();
+        let reparsed = pulsegate::config::parse(&effective, "effective").unwrap();
+        let original = pulsegate::config::load(&root.join(file)).unwrap();
+        assert_eq!(
+            reparsed.raw, original.raw,
+            "{file}: effective config round-trips"
+        );
+    }
+}
+
+#[test]
+fn short_user_timeout_is_accepted_with_a_slow_reader_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("short.toml");
+    std::fs::write(
+        &path,
+        "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:7000\"\nbackends = [\"127.0.0.1:7001\"]\n\
+         [listener.upstream]\nuser_timeout = \"5s\"\n",
+    )
+    .unwrap();
+    let (code, stdout, _) = check(&path);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("warning: listener[0].upstream.user_timeout"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("stops reading"),
+        "explains the trade-off:\n{stdout}"
+    );
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let (code, _, stderr) = check(Path::new("/nonexistent/pulsegate.toml"));
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("cannot read config file /nonexistent/pulsegate.toml"),
+        "{stderr}"
+    );
+}
