@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -59,7 +59,7 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
     ctx.watcher.watch(&session);
 
     let outcome = tokio::select! {
-        result = relay_both(&session) => result.err(),
+        result = relay_both(&session, cfg.settings.liveness.probe_interval) => result.err(),
         verdict = session.evicted() => Some(verdict),
         _ = ctx.drain_deadline.cancelled() => Some(Verdict {
             leg: Leg::Client,
@@ -81,16 +81,42 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
 
 /// Relays both directions until both have ended; the first socket error
 /// ends the session with a verdict against the leg it happened on.
-async fn relay_both(session: &Watched) -> Result<(), Verdict> {
+///
+/// A FIN is forwarded and the other direction keeps flowing (half-close),
+/// except when the upstream closes a session that was idle for `idle_after`:
+/// that is a backend dropping a pooled connection (idle timeout, restart),
+/// and the session ends at once so the client's pool sees the close and no
+/// half-closed socket is left behind.
+async fn relay_both(session: &Watched, idle_after: Duration) -> Result<(), Verdict> {
     let up = relay::pump(session, Leg::Client, Leg::Upstream);
     let down = relay::pump(session, Leg::Upstream, Leg::Client);
-    match tokio::try_join!(up, down) {
-        Ok(_) => Ok(()),
-        Err(e) => Err(Verdict {
-            leg: e.leg,
-            reason: EvictReason::from_io(&e.error),
-            evidence: sockopt::tcp_info(session.socket(e.leg)).ok(),
-        }),
+    tokio::pin!(up, down);
+    let idle_before_fin = tokio::select! {
+        result = &mut up => {
+            result.map_err(|e| verdict_of(session, e))?;
+            return down.await.map(drop).map_err(|e| verdict_of(session, e));
+        }
+        result = &mut down => {
+            let idle = session.idle_for();
+            result.map_err(|e| verdict_of(session, e))?;
+            idle
+        }
+    };
+    if idle_before_fin >= idle_after {
+        tracing::debug!(
+            idle_ms = idle_before_fin.as_millis() as u64,
+            "upstream closed an idle session; ending it"
+        );
+        return Ok(());
+    }
+    up.await.map(drop).map_err(|e| verdict_of(session, e))
+}
+
+fn verdict_of(session: &Watched, e: relay::LegError) -> Verdict {
+    Verdict {
+        leg: e.leg,
+        reason: EvictReason::from_io(&e.error),
+        evidence: sockopt::tcp_info(session.socket(e.leg)).ok(),
     }
 }
 

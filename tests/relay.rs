@@ -311,3 +311,42 @@ async fn shutdown_drains_live_sessions_then_resets_the_rest() {
         .expect("serve returns after the drain")
         .unwrap();
 }
+
+#[tokio::test]
+async fn backend_closing_an_idle_session_ends_it() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backend = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).await.unwrap();
+        s.write_all(b"ok").await.unwrap();
+        // Idle longer than probe_interval, then an idle timeout closes it
+        // (write side only: the socket stays open to tell the cases apart).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        s.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(s);
+    });
+    let p = proxy(&[addr], "[listener.liveness]\nprobe_interval = \"1s\"").await;
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"hi").await.unwrap();
+    let mut b = [0u8; 2];
+    c.read_exact(&mut b).await.unwrap();
+    let mut rest = [0u8; 8];
+    let eof = tokio::time::timeout(Duration::from_secs(3), c.read(&mut rest))
+        .await
+        .expect("the backend's close reaches the client");
+    assert_eq!(eof.unwrap(), 0);
+    // The session is over: the proxy's socket is closed, so the client's
+    // next write is answered with RST instead of being relayed.
+    let _ = c.write_all(b"more").await;
+    let after = tokio::time::timeout(Duration::from_secs(2), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.write_all(b"more").await
+    })
+    .await
+    .expect("no hang");
+    assert!(after.is_err(), "write after the session ended must fail");
+    backend.abort();
+}
