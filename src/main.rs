@@ -55,6 +55,10 @@ enum Command {
     /// namespace, a direct client hangs on a vanished backend while a client
     /// through pulsegate is reset within seconds. Needs root.
     Demo,
+    /// Lab helper process (echo server or idle client) for the demo and
+    /// the namespace tests.
+    #[command(hide = true)]
+    LabBackend(pulsegate::lab::BackendArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +75,13 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ExitCode::from(pulsegate::demo::exit_code(&e))
+            }
+        },
+        Command::LabBackend(args) => match pulsegate::lab::run_backend(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: lab-backend: {e}");
+                ExitCode::from(EXIT_RUNTIME)
             }
         },
     }

@@ -1,1 +1,0 @@
-//! Lab machinery (being written).

@@ -1,0 +1,241 @@
+//! The lab: private network namespaces with real sockets, real processes
+//! and real packet drops, for `pulsegate demo`, the half-open tests and the
+//! failover bench. Not on the proxy path.
+//!
+//! A [`Lab`] owns one namespace with only `lo` in it, so every experiment
+//! has its own ports and firewall and can run beside the others:
+//!
+//! - [`Lab::enter`] runs a closure on a thread inside the namespace; the
+//!   sockets it creates live there and may then be used from any thread;
+//! - [`Lab::spawn`] starts a program inside it (`ip netns exec`), with its
+//!   output captured in the lab's work directory;
+//! - [`Lab::drop_port`] blackholes every TCP segment to or from a port,
+//!   which on loopback makes both ends of its connections vanish silently;
+//! - [`Lab::tcp_state`] reads a socket's kernel state, as `ss` would;
+//! - [`Lab::start_pulsegate`] runs the proxy with a [`ProxyConfig`], and
+//!   [`run_backend`] is the echo server (or idle client) process to kill;
+//! - dropping the `Lab` kills its processes and deletes the namespace (its
+//!   firewall rules go with it), also while a test panics.
+//!
+//! The lab needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and the `ip`
+//! (iproute2) and `iptables` commands; [`Lab::new`] checks them first and
+//! says what is missing with [`LabError::Unavailable`].
+
+mod backend;
+mod netns;
+mod process;
+mod proxy;
+mod sockets;
+
+pub use backend::{echo_server, run_backend, BackendArgs, ReadPause};
+pub use process::LabProcess;
+pub use proxy::{read_evictions, EvictionLine, ProxyConfig};
+pub use sockets::{TcpEntry, TcpState};
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use nix::sched::CloneFlags;
+
+use netns::Tools;
+
+/// Why the lab could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// This machine or user cannot run the lab; the text says what is needed.
+    #[error("the network-namespace lab is unavailable: {0}")]
+    Unavailable(String),
+    /// A helper command (`ip`, `iptables`) failed.
+    #[error("`{command}` failed: {detail}")]
+    Command { command: String, detail: String },
+    /// A file or process operation failed; `what` says which.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    /// `setns` into the lab's namespace failed.
+    #[error("cannot enter network namespace {namespace}: {source}")]
+    Enter {
+        namespace: String,
+        #[source]
+        source: nix::Error,
+    },
+    /// A bounded wait ran out.
+    #[error("timed out after {waited:?}: {what}")]
+    Timeout { what: String, waited: Duration },
+}
+
+impl LabError {
+    fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> LabError {
+        let what = what.into();
+        move |source| LabError::Io { what, source }
+    }
+}
+
+/// One private network namespace and everything started in it.
+pub struct Lab {
+    name: String,
+    tools: Tools,
+    /// Holds the processes' output and generated files.
+    dir: PathBuf,
+    children: Mutex<Vec<Arc<Mutex<std::process::Child>>>>,
+    spawned: AtomicU32,
+}
+
+impl Lab {
+    /// Checks privileges and tools, removes namespaces left by dead
+    /// processes, then creates a namespace `pg-<pid>-<n>-<tag>` with `lo` up.
+    pub fn new(tag: &str) -> Result<Lab, LabError> {
+        let tools = netns::check_prerequisites()?;
+        netns::remove_stale(&tools);
+        let name = netns::unique_name(tag);
+        netns::create(&tools, &name)?;
+        // From here on, Drop deletes the namespace whatever fails next.
+        let lab = Lab {
+            dir: std::env::temp_dir().join("pulsegate-lab").join(&name),
+            name,
+            tools,
+            children: Mutex::new(Vec::new()),
+            spawned: AtomicU32::new(0),
+        };
+        std::fs::create_dir_all(&lab.dir)
+            .map_err(LabError::io(format!("cannot create {}", lab.dir.display())))?;
+        netns::check_firewall(&lab.tools, &lab.name)?;
+        Ok(lab)
+    }
+
+    /// The namespace's name, as `ip netns list` shows it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The lab's work directory (process output, configs). Removed on drop
+    /// unless a panic is unwinding, so a failed test leaves its logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Runs `f` on a new thread that has joined the namespace and returns
+    /// its result. A panic in `f` is resumed on the caller's thread.
+    pub fn enter<T, F>(&self, f: F) -> Result<T, LabError>
+    where
+        F: FnOnce() -> T + Send,
+        T: Send,
+    {
+        let path = netns::path(&self.name);
+        let ns = File::open(&path).map_err(LabError::io(format!("cannot open {path}")))?;
+        let joined = std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
+                        .map_err(|source| LabError::Enter {
+                            namespace: self.name.clone(),
+                            source,
+                        })
+                        .map(|()| f())
+                })
+                .join()
+        });
+        joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
+    /// Starts `command` inside the namespace. The child's pid is the
+    /// program's own (`ip netns exec` execs it); its stdout and stderr go
+    /// to files in [`Lab::dir`] named after the program. The lab kills it
+    /// when dropped.
+    pub fn spawn(&self, command: Command) -> Result<LabProcess, LabError> {
+        let program = Path::new(command.get_program())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "process".into());
+        self.spawn_as(&program, command)
+    }
+
+    /// [`Lab::spawn`], with output files named `<n>-<label>.stdout|.stderr`.
+    pub fn spawn_as(&self, label: &str, command: Command) -> Result<LabProcess, LabError> {
+        let seq = self.spawned.fetch_add(1, Ordering::Relaxed) + 1;
+        let output = self.dir.join(format!("{seq}-{label}"));
+        let process = process::spawn(&self.tools.ip, &self.name, &output, command)?;
+        self.children
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(process.child_handle());
+        Ok(process)
+    }
+
+    /// Blackholes TCP to and from `port` (iptables DROP in INPUT on
+    /// `--dport` and `--sport`): on loopback both ends of every connection
+    /// of that port stop hearing each other, with no FIN or RST.
+    pub fn drop_port(&self, port: u16) -> Result<(), LabError> {
+        self.port_rules("-A", port)
+    }
+
+    /// Removes the rules [`Lab::drop_port`] added.
+    pub fn undrop_port(&self, port: u16) -> Result<(), LabError> {
+        self.port_rules("-D", port)
+    }
+
+    fn port_rules(&self, op: &str, port: u16) -> Result<(), LabError> {
+        let port = port.to_string();
+        for direction in ["--dport", "--sport"] {
+            let args = [
+                "-w", op, "INPUT", "-p", "tcp", direction, &port, "-j", "DROP",
+            ];
+            netns::run_in(&self.tools, &self.name, &self.tools.iptables, &args)?;
+        }
+        Ok(())
+    }
+
+    /// Every TCP socket of the namespace (IPv4 and IPv6), as in `ss -tan`.
+    pub fn tcp_sockets(&self) -> Result<Vec<TcpEntry>, LabError> {
+        self.enter(sockets::read_own_namespace)?
+    }
+
+    /// The state of the TCP socket bound to `local` (a listening socket
+    /// only if no connection has that local address), or `None` if the
+    /// kernel no longer has one.
+    pub fn tcp_state(&self, local: SocketAddr) -> Result<Option<TcpState>, LabError> {
+        let entries = self.tcp_sockets()?;
+        Ok(sockets::state_of(&entries, local))
+    }
+
+    /// Writes a file into the lab's work directory and returns its path.
+    pub fn write_file(&self, name: &str, contents: &str) -> Result<PathBuf, LabError> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, contents)
+            .map_err(LabError::io(format!("cannot write {}", path.display())))?;
+        Ok(path)
+    }
+
+    fn kill_children(&self) {
+        let children =
+            std::mem::take(&mut *self.children.lock().unwrap_or_else(PoisonError::into_inner));
+        for child in children {
+            process::kill_and_reap(&child);
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.kill_children();
+        netns::delete(&self.tools, &self.name);
+        if std::thread::panicking() {
+            eprintln!(
+                "lab {}: keeping its files in {}",
+                self.name,
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
