@@ -22,6 +22,14 @@ use crate::config::{Liveness, SocketSettings};
 use crate::evict::{EvictReason, Leg, Verdict};
 use crate::sockopt::{self, TcpInfo};
 
+/// Tolerance for timing decisions. A session's visit comes round every sweep
+/// period ± a millisecond, and a deadline set at one visit tends to fall a
+/// few ms after a later one (probes leave at the phase of the visit that
+/// armed them): without slack the verdict slips a whole sweep, about half
+/// the time. 25 ms is 2.5 % of the smallest allowed `dead_after` and far
+/// from the 0.86 s gaps of a live zero-window reader.
+const SLACK_MS: u64 = 25;
+
 /// Milliseconds on a monotonic clock that starts at 1 (0 means "unset").
 pub fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -162,7 +170,7 @@ pub struct LegState {
 
 impl LegState {
     pub fn due(&self, now_ms: u64) -> bool {
-        now_ms >= self.next_check_ms
+        now_ms + SLACK_MS >= self.next_check_ms
     }
 
     /// Applies the death rule to one TCP_INFO sample taken at `now_ms`;
@@ -205,11 +213,12 @@ impl LegState {
         // A live receiver answers zero-window probes only every ~0.5-0.9 s,
         // so a window probe needs a second unanswered one as well.
         let enough_probes = !window_probe || info.probes >= 2;
-        let dead = (silence >= rule.dead_after_ms && enough_probes).then_some(if owes_data {
-            EvictReason::RetransmitUnanswered
-        } else {
-            EvictReason::ProbeUnanswered
-        });
+        let dead =
+            (silence + SLACK_MS >= rule.dead_after_ms && enough_probes).then_some(if owes_data {
+                EvictReason::RetransmitUnanswered
+            } else {
+                EvictReason::ProbeUnanswered
+            });
         Assessment {
             action: Action::None,
             dead,

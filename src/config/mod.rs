@@ -2,7 +2,7 @@
 //!
 //! The shape (`[[listener]]`, `[listener.liveness]`, `[listener.upstream]`,
 //! `[listener.client]`) is the contract of DESIGN.md section 4. serde checks
-//! keys and types (unknown keys are refused); [`validate`] checks values and
+//! keys and types (unknown keys are refused); `validate` checks values and
 //! cross-field rules and reports every problem at once, each with the file,
 //! line, key and a one-line fix.
 
@@ -35,7 +35,7 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub name: String,
-    /// Kept as text until [`validate`] so that a bad address is reported with
+    /// Kept as text until `validate` so that a bad address is reported with
     /// the others instead of stopping the decoder.
     pub bind: String,
     /// Backends in failover order: `host:port`, `[v6]:port` or `name:port`.
@@ -230,7 +230,7 @@ pub struct Listener {
     pub settings: ListenerConfig,
 }
 
-/// A config that passed [`validate`]: the only kind the proxy accepts.
+/// A config that passed `validate`: the only kind the proxy accepts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidConfig {
     pub raw: Config,

@@ -146,3 +146,19 @@ fn quiet_leg_is_not_sampled_before_a_death_could_be_declared() {
     assert!(!leg.due(11_900));
     assert!(leg.due(12_002));
 }
+
+#[test]
+fn a_deadline_a_few_ms_after_a_visit_is_not_put_off_a_whole_sweep() {
+    // Seen on a real run: silence 996 ms at a visit, next visit 499 ms later
+    // was "not due" by 1 ms, so the eviction came a full second late.
+    let mut leg = LegState::default();
+    let a = leg.assess(&info(1, 0, 996, 996), 11_000, 10_004, &rule());
+    assert_eq!(a.dead, Some(EvictReason::RetransmitUnanswered));
+    let mut leg = LegState {
+        next_check_ms: 3884,
+        ..LegState::default()
+    };
+    assert!(leg.due(3883));
+    leg.next_check_ms = 4000;
+    assert!(!leg.due(3883));
+}
