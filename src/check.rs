@@ -17,10 +17,11 @@ pub fn report(config: &ValidConfig) -> String {
         let _ = writeln!(out, "listener \"{}\" ({}):", l.name, l.bind);
         let _ = writeln!(
             out,
-            "  dead upstream or client, idle session:     {} (probe_interval {} + dead_after {} + sweep {})",
+            "  dead upstream or client, idle session:     {} (probe_interval {} + max(dead_after {}, keepalive_interval {}) + sweep {})",
             fmt(b.idle),
             fmt(lv.probe_interval),
             fmt(lv.dead_after),
+            fmt(l.settings.upstream.keepalive_interval.max(l.settings.client.keepalive_interval)),
             fmt(lv.sweep_period())
         );
         let _ = writeln!(

@@ -7,7 +7,8 @@
 //! every `probe_interval` of quiet. The configured keepalive is restored when
 //! data flows again. The death rule: a leg that owes an ACK (data in flight
 //! or a probe out) and has received none for `dead_after`, counted from when
-//! that debt began, is dead. A peer that keeps ACKing is alive however slowly
+//! that debt began, is dead; a probe debt also needs a second probe out, so
+//! one lost probe never evicts. A peer that keeps ACKing is alive however slowly
 //! it reads. Legs whose verdict cannot change before a known time are not
 //! sampled until then, which keeps the cost of 10,000 idle sessions low.
 
@@ -210,9 +211,13 @@ impl LegState {
         let silence = now_ms
             .saturating_sub(start)
             .min(u64::from(info.last_ack_recv_ms));
-        // A live receiver answers zero-window probes only every ~0.5-0.9 s,
-        // so a window probe needs a second unanswered one as well.
-        let enough_probes = !window_probe || info.probes >= 2;
+        // A probe owes a verdict only once a second one went unanswered too:
+        // a live receiver answers zero-window probes only every ~0.5-0.9 s,
+        // and one keepalive probe can be lost (with 10,000 idle legs the
+        // kernel's timer wheel sends ~1,250 probes in one 64 ms bucket, which
+        // can overflow loopback's netdev_max_backlog). Data in flight needs
+        // no such rule: the kernel retransmits it every RTO.
+        let enough_probes = owes_data || info.probes >= 2;
         let dead =
             (silence + SLACK_MS >= rule.dead_after_ms && enough_probes).then_some(if owes_data {
                 EvictReason::RetransmitUnanswered

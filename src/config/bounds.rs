@@ -15,8 +15,9 @@ pub const SLOW_READER_ALLOWANCE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DetectionBounds {
     /// A quiet connection whose peer vanished: the next probe goes out within
-    /// `probe_interval`, is unanswered for `dead_after`, and the watcher's
-    /// sweep sees it within one sweep period.
+    /// `probe_interval`; it is dead once it is unanswered for `dead_after`
+    /// and its retry (sent `keepalive_interval` later) is out too, and the
+    /// watcher's sweep sees it within one sweep period.
     pub idle: Duration,
     /// Data in flight to a vanished peer: unACKed for `dead_after`, plus one
     /// sweep period.
@@ -30,8 +31,13 @@ impl DetectionBounds {
     pub fn of(listener: &Listener) -> Self {
         let lv = &listener.settings.liveness;
         let sweep = lv.sweep_period();
+        let retry = listener
+            .settings
+            .upstream
+            .keepalive_interval
+            .max(listener.settings.client.keepalive_interval);
         DetectionBounds {
-            idle: lv.probe_interval + lv.dead_after + sweep,
+            idle: lv.probe_interval + lv.dead_after.max(retry) + sweep,
             busy: lv.dead_after + sweep,
             backstop: (
                 listener.settings.upstream.user_timeout,

@@ -162,3 +162,20 @@ fn a_deadline_a_few_ms_after_a_visit_is_not_put_off_a_whole_sweep() {
     leg.next_check_ms = 4000;
     assert!(!leg.due(3883));
 }
+
+#[test]
+fn one_lost_keepalive_probe_does_not_evict() {
+    let mut leg = LegState::default();
+    leg.assess(&info(0, 0, 4000, 4000), 10_000, 0, &rule());
+    // The probe that left at 10_000 was dropped; its retry leaves at 11_000.
+    let a = leg.assess(&info(0, 1, 5400, 5400), 10_900, 0, &rule());
+    assert_eq!(a.dead, None);
+    let a = leg.assess(&info(0, 1, 5500, 5500), 11_000, 0, &rule());
+    assert_eq!(
+        a.dead, None,
+        "silent for dead_after, but only one probe out"
+    );
+    // The retry was answered.
+    let a = leg.assess(&info(0, 0, 2, 6000), 11_500, 0, &rule());
+    assert_eq!(a.dead, None);
+}
