@@ -23,6 +23,7 @@ pub mod check;
 pub mod config;
 pub mod demo;
 pub mod evict;
+pub mod health;
 pub mod lab;
 pub mod listener;
 pub mod liveness;

@@ -54,6 +54,126 @@ pub struct ListenerConfig {
     pub upstream: SocketSettings,
     #[serde(default)]
     pub client: SocketSettings,
+    /// `[listener.check]`: health checks of each backend (absent: none, every
+    /// backend counts as up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckConfig>,
+    #[serde(default)]
+    pub routing: Routing,
+}
+
+/// `[listener.check]`: how each backend is health-checked, on a fresh
+/// connection every `interval` (± `jitter`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    pub kind: CheckKind,
+    #[serde(default = "defaults::check_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "defaults::check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend up.
+    #[serde(default = "defaults::rise")]
+    pub rise: NonZeroU32,
+    /// Consecutive failures that bring an up backend down.
+    #[serde(default = "defaults::fall")]
+    pub fall: NonZeroU32,
+    /// Each check waits `interval` ± a random part of this, so checks of
+    /// many proxies do not hit a backend in lockstep.
+    #[serde(default = "defaults::check_jitter", with = "humantime_serde")]
+    pub jitter: Duration,
+    /// postgres / mysql / redis: log in as this user (redis: ACL user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The password, inline. Prefer `password_env` or `password_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Name of an environment variable holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// A file holding the password (trailing newline ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<std::path::PathBuf>,
+    /// postgres / mysql: the database to connect to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// http: the path to GET.
+    #[serde(default = "defaults::http_path")]
+    pub path: String,
+    /// http: accepted status codes, e.g. "200-399" or "200".
+    #[serde(default = "defaults::expect_status")]
+    pub expect_status: String,
+    /// http: the Host header (default: the backend address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+/// What a check speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Tcp,
+    Postgres,
+    Mysql,
+    Redis,
+    Http,
+}
+
+/// `[listener.routing]`: where new connections go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Routing {
+    #[serde(default)]
+    pub balance: Balance,
+    /// Only backends whose last check reported this role (postgres, redis).
+    #[serde(default)]
+    pub role: RoleWanted,
+    #[serde(default)]
+    pub on_down: OnDown,
+    /// Sessions with data in flight to a down backend get this long.
+    #[serde(default = "defaults::down_grace", with = "humantime_serde")]
+    pub down_grace: Duration,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            balance: Balance::default(),
+            role: RoleWanted::default(),
+            on_down: OnDown::default(),
+            down_grace: defaults::down_grace(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// The first healthy backend in configured order (failover).
+    #[default]
+    FirstHealthy,
+    RoundRobin,
+    LeastConnections,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleWanted {
+    #[default]
+    Any,
+    Primary,
+    Replica,
+}
+
+/// What happens to the sessions of a backend that goes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    /// Idle sessions at once, sessions with data in flight after `down_grace`.
+    #[default]
+    Evict,
+    /// Leave sessions alone (only new connections go elsewhere).
+    Keep,
 }
 
 /// `[listener.liveness]`: the watcher's on-demand probes and death rule.
@@ -218,6 +338,30 @@ pub mod defaults {
     }
     pub fn nodelay() -> bool {
         true
+    }
+    pub fn check_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn check_timeout() -> Duration {
+        Duration::from_millis(800)
+    }
+    pub fn check_jitter() -> Duration {
+        Duration::from_millis(100)
+    }
+    pub fn rise() -> NonZeroU32 {
+        NonZeroU32::new(2).expect("non-zero literal")
+    }
+    pub fn fall() -> NonZeroU32 {
+        NonZeroU32::new(2).expect("non-zero literal")
+    }
+    pub fn down_grace() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn http_path() -> String {
+        "/".to_string()
+    }
+    pub fn expect_status() -> String {
+        "200-399".to_string()
     }
 }
 
