@@ -1,0 +1,796 @@
+//! Protocol health checks against real servers: redis-server, PostgreSQL and
+//! MariaDB, each started by the test on a free loopback port with its data in
+//! a temporary directory (never the system services), and in-test HTTP and
+//! TCP servers, including ones that speak the wrong protocol or garbage.
+//!
+//! A missing server binary (or, for PostgreSQL, not being root) prints
+//! "skipping: <reason>"; under `CI=true` it fails the test instead.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pulsegate::config::CheckConfig;
+use pulsegate::health::check::{check, parse_status_ranges, CheckOutcome, CheckStatus, Role};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long a server may take to start before the test gives up.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// A check's timeout in these tests: roomy for a loaded CI machine.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+// ---------------------------------------------------------------- helpers
+
+/// `Some(())` when `available`; else skips (or fails under `CI=true`).
+fn require(available: bool, reason: &str) -> Option<()> {
+    if available {
+        return Some(());
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but {reason}");
+    }
+    eprintln!("skipping: {reason}");
+    None
+}
+
+fn is_root() -> bool {
+    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A port nobody listens on right now (the server may still lose a race
+/// for it; `Server::start` retries with another one).
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local addr").port()
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A check config of `kind` with every other setting at its default, as a
+/// user would write it.
+fn config(kind: &str) -> CheckConfig {
+    let mut config: CheckConfig =
+        toml::from_str(&format!("kind = \"{kind}\"")).expect("minimal check config");
+    config.timeout = CHECK_TIMEOUT;
+    config
+}
+
+fn assert_status(outcome: &CheckOutcome, status: CheckStatus) {
+    assert_eq!(outcome.status, status, "{outcome:?}");
+}
+
+/// Runs `config`'s check until it gives `status` or `within` passes.
+async fn wait_for(
+    config: &CheckConfig,
+    addr: SocketAddr,
+    status: CheckStatus,
+    within: Duration,
+) -> CheckOutcome {
+    let deadline = Instant::now() + within;
+    loop {
+        let outcome = check(config, addr).await;
+        if outcome.status == status || Instant::now() > deadline {
+            return outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A server process of the test, stopped (and continued first, if the test
+/// stopped it) when dropped, before its directory is removed.
+struct Server {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    dir: TempDir,
+}
+
+impl Server {
+    /// Starts `command(port)` with output to a log in `dir`, retrying with
+    /// another port if it exits before listening (someone took the port).
+    fn start(dir: TempDir, name: &str, mut command: impl FnMut(u16) -> Command) -> Server {
+        let log = dir.path().join(format!("{name}.log"));
+        for _ in 0..3 {
+            let port = free_port();
+            let out = fs::File::create(&log).expect("create the server log");
+            let mut child = command(port)
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().expect("dup the log file"))
+                .stderr(out)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+            if wait_listening(&mut child, loopback(port), &log) {
+                return Server {
+                    child,
+                    port,
+                    log,
+                    dir,
+                };
+            }
+            let _ = child.wait();
+            eprintln!("{name} on port {port} did not start:\n{}", read_log(&log));
+        }
+        panic!("{name} did not start after 3 tries");
+    }
+
+    fn addr(&self) -> SocketAddr {
+        loopback(self.port)
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal the server");
+    }
+
+    fn signal_quietly(&self, signal: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.signal_quietly(Signal::SIGCONT);
+        // SIGINT: PostgreSQL's fast shutdown; redis and MariaDB stop on it too.
+        self.signal_quietly(Signal::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "server did not stop on SIGINT; killing it:\n{}",
+            read_log(&self.log)
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_log(log: &Path) -> String {
+    fs::read_to_string(log).unwrap_or_default()
+}
+
+/// True once `addr` accepts; false if the process exits first.
+fn wait_listening(child: &mut Child, addr: SocketAddr, log: &Path) -> bool {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!(
+        "not listening on {addr} after {START_TIMEOUT:?}:\n{}",
+        read_log(log)
+    );
+}
+
+fn temp_dir() -> TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+// ------------------------------------------------------------------ redis
+
+const REDIS_SERVER: &str = "/usr/bin/redis-server";
+
+/// redis-server on a free port, nothing persisted, `extra` arguments added.
+fn start_redis(extra: &[&str]) -> Option<Server> {
+    require(
+        Path::new(REDIS_SERVER).exists(),
+        "redis-server is not installed (apt-get install redis-server)",
+    )?;
+    let dir = temp_dir();
+    let data = dir.path().to_path_buf();
+    Some(Server::start(dir, "redis", |port| {
+        let mut command = Command::new(REDIS_SERVER);
+        command.arg("--port").arg(port.to_string());
+        command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        command.args(["--daemonize", "no", "--logfile", ""]);
+        command.arg("--dir").arg(&data);
+        command.args(extra);
+        command
+    }))
+}
+
+#[tokio::test]
+async fn redis_primary_and_replica_report_their_roles() {
+    let Some(primary) = start_redis(&[]) else {
+        return;
+    };
+    let primary_port = primary.port.to_string();
+    let Some(replica) = start_redis(&["--replicaof", "127.0.0.1", &primary_port]) else {
+        return;
+    };
+    let config = config("redis");
+    let outcome = check(&config, primary.addr()).await;
+    assert_status(&outcome, CheckStatus::Up);
+    assert_eq!(outcome.role, Some(Role::Primary), "{outcome:?}");
+
+    let outcome = wait_for(&config, replica.addr(), CheckStatus::Up, START_TIMEOUT).await;
+    assert_status(&outcome, CheckStatus::Up);
+    assert_eq!(outcome.role, Some(Role::Replica), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn redis_requirepass_needs_the_right_password() {
+    let Some(redis) = start_redis(&["--requirepass", "s3cret"]) else {
+        return;
+    };
+    let mut config = config("redis");
+    let missing = check(&config, redis.addr()).await;
+    assert_status(&missing, CheckStatus::Down);
+    assert!(missing.detail.contains("NOAUTH"), "{missing:?}");
+
+    config.password = Some("wrong".into());
+    let wrong = check(&config, redis.addr()).await;
+    assert_status(&wrong, CheckStatus::Down);
+    assert!(wrong.detail.contains("AUTH refused"), "{wrong:?}");
+
+    config.password = Some("s3cret".into());
+    let right = check(&config, redis.addr()).await;
+    assert_status(&right, CheckStatus::Up);
+    assert_eq!(right.role, Some(Role::Primary));
+
+    // The same password from a file, with the newline editors add.
+    let file = tempfile::NamedTempFile::new().expect("password file");
+    fs::write(file.path(), "s3cret\n").expect("write password file");
+    config.password = None;
+    config.password_file = Some(file.path().to_path_buf());
+    assert_status(&check(&config, redis.addr()).await, CheckStatus::Up);
+}
+
+#[tokio::test]
+async fn redis_acl_user_without_role_permission_is_up_without_a_role() {
+    let user = ["--user", "pinger", "on", ">pingpw", "+ping", "+auth"];
+    let Some(redis) = start_redis(&user) else {
+        return;
+    };
+    let mut config = config("redis");
+    config.user = Some("pinger".into());
+    config.password_env = Some("PULSEGATE_TEST_REDIS_ACL_PASSWORD".into());
+    let unset = check(&config, redis.addr()).await;
+    assert_status(&unset, CheckStatus::Down);
+    assert!(unset.detail.contains("password_env"), "{unset:?}");
+
+    std::env::set_var("PULSEGATE_TEST_REDIS_ACL_PASSWORD", "pingpw");
+    let outcome = check(&config, redis.addr()).await;
+    assert_status(&outcome, CheckStatus::Up);
+    assert_eq!(outcome.role, None, "{outcome:?}");
+    assert!(outcome.detail.contains("NOPERM"), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn redis_stopped_is_down_within_the_timeout() {
+    let Some(redis) = start_redis(&[]) else {
+        return;
+    };
+    let mut config = config("redis");
+    config.timeout = Duration::from_millis(500);
+    assert_status(&check(&config, redis.addr()).await, CheckStatus::Up);
+
+    redis.signal(Signal::SIGSTOP);
+    let started = Instant::now();
+    let outcome = check(&config, redis.addr()).await;
+    let took = started.elapsed();
+    assert_status(&outcome, CheckStatus::Down);
+    assert!(outcome.detail.contains("timeout"), "{outcome:?}");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+
+    redis.signal(Signal::SIGCONT);
+    assert_status(&check(&config, redis.addr()).await, CheckStatus::Up);
+}
+
+#[tokio::test]
+async fn redis_sentinel_is_down_with_a_clear_detail() {
+    let Some(()) = require(
+        Path::new(REDIS_SERVER).exists(),
+        "redis-server is not installed (apt-get install redis-server)",
+    ) else {
+        return;
+    };
+    let dir = temp_dir();
+    // Sentinel rewrites its config file, so it must be its own and writable.
+    let conf = dir.path().join("sentinel.conf");
+    fs::write(&conf, "").expect("write sentinel.conf");
+    let sentinel = Server::start(dir, "sentinel", |port| {
+        let mut command = Command::new(REDIS_SERVER);
+        command.arg(&conf).arg("--sentinel");
+        command.arg("--port").arg(port.to_string());
+        command.args(["--bind", "127.0.0.1", "--daemonize", "no", "--logfile", ""]);
+        command
+    });
+    let outcome = check(&config("redis"), sentinel.addr()).await;
+    assert_status(&outcome, CheckStatus::Down);
+    assert!(outcome.detail.contains("Sentinel"), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn redis_loading_is_not_ready() {
+    let loading = b"-LOADING Redis is loading the dataset in memory\r\n".repeat(2);
+    let addr = peer_sending(loading, false).await;
+    let outcome = check(&config("redis"), addr).await;
+    assert_status(&outcome, CheckStatus::NotReady);
+    assert!(outcome.detail.contains("LOADING"), "{outcome:?}");
+}
+
+// --------------------------------------------------------------- postgres
+
+/// The newest installed PostgreSQL's `bin` directory.
+fn postgres_bin() -> Option<PathBuf> {
+    let mut bins: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    bins.sort();
+    bins.pop().map(|(_, bin)| bin)
+}
+
+/// The uid and gid of the `postgres` account, which runs the server.
+fn postgres_account() -> Option<(u32, u32)> {
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    let line = passwd.lines().find(|l| l.starts_with("postgres:"))?;
+    let fields: Vec<&str> = line.split(':').collect();
+    Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?))
+}
+
+const PG_USER: &str = "checker";
+const PG_PASSWORD: &str = "pg-s3cret";
+
+/// initdb (SCRAM, superuser `checker`) and postgres, as the `postgres`
+/// account, in a temp dir that account owns.
+fn start_postgres() -> Option<Server> {
+    let bin = postgres_bin();
+    require(
+        bin.is_some(),
+        "PostgreSQL is not installed (apt-get install postgresql)",
+    )?;
+    require(is_root(), "the PostgreSQL tests must run as root")?;
+    let account = postgres_account();
+    require(account.is_some(), "there is no `postgres` account")?;
+    let (bin, (uid, gid)) = (bin?, account?);
+    let dir = temp_dir();
+    let path = dir.path().to_path_buf();
+    let as_postgres = |program: &str| {
+        let mut command = Command::new(bin.join(program));
+        command.uid(uid).gid(gid).current_dir(&path);
+        command
+    };
+    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown the temp dir");
+    fs::write(path.join("pwfile"), format!("{PG_PASSWORD}\n")).expect("write pwfile");
+    std::os::unix::fs::chown(path.join("pwfile"), Some(uid), Some(gid)).expect("chown pwfile");
+    let initdb = as_postgres("initdb")
+        .arg("-D")
+        .arg(path.join("data"))
+        .args(["--auth=scram-sha-256", "--pwfile=pwfile", "-U", PG_USER])
+        .args(["--no-sync", "--no-instructions", "-E", "UTF8", "--locale=C"])
+        .output()
+        .expect("run initdb");
+    assert!(initdb.status.success(), "initdb: {initdb:?}");
+    Some(Server::start(dir, "postgres", |port| {
+        let mut command = as_postgres("postgres");
+        command.arg("-D").arg(path.join("data"));
+        command.arg("-p").arg(port.to_string());
+        command.arg("-k").arg(&path);
+        for setting in [
+            "listen_addresses=127.0.0.1",
+            "fsync=off",
+            "shared_buffers=16MB",
+            "max_connections=20",
+        ] {
+            command.args(["-c", setting]);
+        }
+        command
+    }))
+}
+
+fn postgres_login(password: &str) -> CheckConfig {
+    let mut config = config("postgres");
+    config.user = Some(PG_USER.into());
+    config.password = Some(password.into());
+    config.database = Some("postgres".into());
+    config
+}
+
+#[tokio::test]
+async fn postgres_sslrequest_and_login() {
+    let Some(pg) = start_postgres() else {
+        return;
+    };
+    let login = postgres_login(PG_PASSWORD);
+    let ready = wait_for(&login, pg.addr(), CheckStatus::Up, START_TIMEOUT).await;
+    assert_status(&ready, CheckStatus::Up);
+    assert_eq!(ready.role, Some(Role::Primary), "{ready:?}");
+
+    let ssl = check(&config("postgres"), pg.addr()).await;
+    assert_status(&ssl, CheckStatus::Up);
+    assert!(ssl.detail.contains('N'), "{ssl:?}");
+
+    let wrong = check(&postgres_login("not-the-password"), pg.addr()).await;
+    assert_status(&wrong, CheckStatus::Down);
+    assert!(
+        wrong.detail.contains("password authentication failed"),
+        "{wrong:?}"
+    );
+
+    // database defaults to the user's name, which does not exist here.
+    let mut no_db = postgres_login(PG_PASSWORD);
+    no_db.database = None;
+    let no_db = check(&no_db, pg.addr()).await;
+    assert_status(&no_db, CheckStatus::Down);
+    assert!(
+        no_db.detail.contains("\"checker\" does not exist"),
+        "{no_db:?}"
+    );
+
+    let mut from_file = postgres_login("");
+    from_file.password = None;
+    from_file.password_file = Some(pg.dir.path().join("pwfile"));
+    assert_status(&check(&from_file, pg.addr()).await, CheckStatus::Up);
+}
+
+// ------------------------------------------------------------------ mysql
+
+const MARIADBD: &str = "/usr/sbin/mariadbd";
+const MARIADB_INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
+
+/// mariadbd with its data in `dir/data` and its temporary files in `dir/tmp`.
+fn mariadbd(dir: &Path, port: u16, extra: &[&str]) -> Command {
+    let data = dir.join("data");
+    let mut command = Command::new(MARIADBD);
+    command.arg("--no-defaults");
+    command.arg(format!("--datadir={}", data.display()));
+    command.arg(format!("--socket={}", data.join("mysqld.sock").display()));
+    command.arg(format!("--pid-file={}", data.join("mysqld.pid").display()));
+    command.arg(format!("--port={port}"));
+    command.arg(format!("--tmpdir={}", dir.join("tmp").display()));
+    command.args([
+        "--bind-address=127.0.0.1",
+        "--skip-log-bin",
+        "--skip-name-resolve",
+    ]);
+    command.arg("--innodb-buffer-pool-size=16M");
+    if is_root() {
+        command.arg("--user=root");
+    }
+    command.args(extra);
+    command
+}
+
+fn mariadb_installed() -> Option<()> {
+    require(
+        Path::new(MARIADBD).exists() && Path::new(MARIADB_INSTALL_DB).exists(),
+        "MariaDB is not installed (apt-get install mariadb-server)",
+    )
+}
+
+/// mariadb-install-db into a temp dir, then mariadbd with `init_sql` run
+/// at start (one statement per line).
+fn start_mariadb(init_sql: &str) -> Server {
+    let dir = temp_dir();
+    let path = dir.path().to_path_buf();
+    let data = path.join("data");
+    // Its own tmpdir: a starting server removes the temporary tables that
+    // another one, bootstrapping beside it, is using in a shared /tmp.
+    fs::create_dir(path.join("tmp")).expect("tmp dir");
+    let mut install = Command::new(MARIADB_INSTALL_DB);
+    install.arg("--no-defaults");
+    install.arg(format!("--datadir={}", data.display()));
+    install.arg(format!("--tmpdir={}", path.join("tmp").display()));
+    install.args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
+    if is_root() {
+        install.arg("--user=root");
+    }
+    let installed = install.output().expect("run mariadb-install-db");
+    assert!(
+        installed.status.success(),
+        "mariadb-install-db: {installed:?}"
+    );
+    let init = path.join("init.sql");
+    fs::write(&init, init_sql).expect("write init.sql");
+    let init_arg = format!("--init-file={}", init.display());
+    Server::start(dir, "mariadb", |port| mariadbd(&path, port, &[&init_arg]))
+}
+
+fn mysql_user(user: &str) -> CheckConfig {
+    let mut config = config("mysql");
+    config.user = Some(user.into());
+    config
+}
+
+fn aborted_connections(server: &Server) -> usize {
+    read_log(&server.log).matches("Aborted connection").count()
+}
+
+#[tokio::test]
+async fn mysql_greeting_and_login_against_mariadb() {
+    let Some(()) = mariadb_installed() else {
+        return;
+    };
+    let server = start_mariadb(
+        "CREATE USER 'pulsegate_check'@'127.0.0.1';\n\
+         CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY 'app-pw';\n",
+    );
+    let greeting = wait_for(
+        &config("mysql"),
+        server.addr(),
+        CheckStatus::Up,
+        START_TIMEOUT,
+    )
+    .await;
+    assert_status(&greeting, CheckStatus::Up);
+    assert!(greeting.detail.contains("MariaDB"), "{greeting:?}");
+
+    // A login that ends in COM_QUIT leaves nothing in the server's log (a
+    // greeting-only check logs an aborted connection every time).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let aborted = aborted_connections(&server);
+    for _ in 0..3 {
+        let login = check(&mysql_user("pulsegate_check"), server.addr()).await;
+        assert_status(&login, CheckStatus::Up);
+        assert!(
+            login.detail.contains("logged in as pulsegate_check"),
+            "{login:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        aborted_connections(&server),
+        aborted,
+        "{}",
+        read_log(&server.log)
+    );
+
+    for user in ["app", "nosuchuser"] {
+        let refused = check(&mysql_user(user), server.addr()).await;
+        assert_status(&refused, CheckStatus::Down);
+        assert!(refused.detail.contains("error 1045"), "{refused:?}");
+    }
+    let mut with_password = mysql_user("app");
+    with_password.password = Some("app-pw".into());
+    let unsupported = check(&with_password, server.addr()).await;
+    assert_status(&unsupported, CheckStatus::Down);
+    assert!(
+        unsupported.detail.contains("without a password"),
+        "{unsupported:?}"
+    );
+}
+
+#[tokio::test]
+async fn mysql_refusal_of_mariadb_is_down_with_its_error() {
+    let Some(()) = mariadb_installed() else {
+        return;
+    };
+    // Only a user at another host: 127.0.0.1 gets ERR 1130 instead of a greeting.
+    let server = start_mariadb(
+        "DELETE FROM mysql.global_priv;\nDELETE FROM mysql.proxies_priv;\n\
+         FLUSH PRIVILEGES;\nCREATE USER 'app'@'192.0.2.1';\n",
+    );
+    let deadline = Instant::now() + START_TIMEOUT;
+    let outcome = loop {
+        let outcome = check(&config("mysql"), server.addr()).await;
+        if outcome.detail.contains("refused") || Instant::now() > deadline {
+            break outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_status(&outcome, CheckStatus::Down);
+    assert!(outcome.detail.contains("error 1130"), "{outcome:?}");
+    assert!(
+        outcome.detail.contains("not allowed to connect"),
+        "{outcome:?}"
+    );
+}
+
+// ------------------------------------------------------------------- http
+
+/// An HTTP/1.1 server answering every request with `status`; it returns
+/// its address and the request heads it received.
+async fn http_server(status: u16) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let (heads, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                match stream.read(&mut byte).await {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let _ = heads.send(String::from_utf8_lossy(&head).into_owned());
+            let answer = format!(
+                "HTTP/1.1 {status} Whatever\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    (addr, received)
+}
+
+#[tokio::test]
+async fn http_status_decides() {
+    let (ok, mut heads) = http_server(200).await;
+    let mut config = config("http");
+    config.path = "/healthz?full=1".into();
+    assert_status(&check(&config, ok).await, CheckStatus::Up);
+    let head = heads.recv().await.expect("a request");
+    assert!(
+        head.starts_with("GET /healthz?full=1 HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("host: {ok}\r\n")),
+        "{head}"
+    );
+
+    config.host = Some("api.internal".into());
+    assert_status(&check(&config, ok).await, CheckStatus::Up);
+    let head = heads.recv().await.expect("a request");
+    assert!(
+        head.to_ascii_lowercase().contains("host: api.internal\r\n"),
+        "{head}"
+    );
+
+    let (unavailable, _) = http_server(503).await;
+    let down = check(&config, unavailable).await;
+    assert_status(&down, CheckStatus::Down);
+    assert!(down.detail.contains("503"), "{down:?}");
+
+    let (found, _) = http_server(302).await;
+    config.expect_status = "200,204,300-302".into();
+    assert_status(&check(&config, found).await, CheckStatus::Up);
+    config.expect_status = "200".into();
+    assert_status(&check(&config, found).await, CheckStatus::Down);
+}
+
+#[tokio::test]
+async fn http_bad_expect_status_is_refused() {
+    for bad in ["", "2xx", "200-", "399-200", "200,,204", "42", "200;204"] {
+        assert!(parse_status_ranges(bad).is_err(), "{bad:?} was accepted");
+    }
+    let (ok, _) = http_server(200).await;
+    let mut config = config("http");
+    config.expect_status = "2xx".into();
+    let outcome = check(&config, ok).await;
+    assert_status(&outcome, CheckStatus::Down);
+    assert!(outcome.detail.contains("`2xx`"), "{outcome:?}");
+}
+
+// -------------------------------------------- tcp, wrong peers, garbage
+
+#[tokio::test]
+async fn tcp_up_when_listening_down_when_refused() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    assert_status(&check(&config("tcp"), addr).await, CheckStatus::Up);
+    drop(listener);
+    for kind in ["tcp", "postgres", "mysql", "redis", "http"] {
+        let outcome = check(&config(kind), addr).await;
+        assert_status(&outcome, CheckStatus::Down);
+        assert!(outcome.detail.contains("connect"), "{kind}: {outcome:?}");
+    }
+}
+
+/// A server that sends `bytes` to every connection, then reads and
+/// discards until the peer closes (or closes at once if `close`).
+async fn peer_sending(bytes: Vec<u8>, close: bool) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let bytes = bytes.clone();
+            tokio::spawn(async move {
+                let _ = stream.write_all(&bytes).await;
+                if close {
+                    return;
+                }
+                let mut sink = [0u8; 1024];
+                while let Ok(1..) = stream.read(&mut sink).await {}
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn wrong_protocols_and_garbage_are_down_never_a_panic() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut payloads: Vec<Vec<u8>> = vec![
+        b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n".to_vec(),
+        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        b"-ERR unknown command\r\n".to_vec(),
+        b"*3\r\n$6\r\nmaster\r\n".to_vec(), // cut short, then closed
+        b"$99999999\r\n".to_vec(),
+        b"\xff\xff\xff\x00garbage".to_vec(),
+        b"E\x00\x00\x00\x08".to_vec(),
+        vec![],
+    ];
+    for _ in 0..6 {
+        let len = rng.random_range(1..300);
+        payloads.push((0..len).map(|_| rng.random()).collect());
+    }
+    let mut postgres_login = config("postgres");
+    postgres_login.user = Some("app".into());
+    postgres_login.password = Some("pw".into());
+    let mut redis_auth = config("redis");
+    redis_auth.password = Some("pw".into());
+    let configs = [
+        config("postgres"),
+        postgres_login,
+        config("mysql"),
+        config("redis"),
+        redis_auth,
+        config("http"),
+    ];
+    for mut config in configs {
+        config.timeout = Duration::from_millis(700);
+        for payload in &payloads {
+            let addr = peer_sending(payload.clone(), true).await;
+            let outcome = check(&config, addr).await;
+            assert_status(&outcome, CheckStatus::Down);
+            assert!(
+                outcome.latency < Duration::from_millis(1500),
+                "{:?} {payload:?}: {outcome:?}",
+                config.kind
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_down_at_the_timeout() {
+    let addr = peer_sending(Vec::new(), false).await;
+    for kind in ["postgres", "mysql", "redis", "http"] {
+        let mut config = config(kind);
+        config.timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let outcome = check(&config, addr).await;
+        assert_status(&outcome, CheckStatus::Down);
+        assert!(outcome.detail.contains("timeout"), "{kind}: {outcome:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "{kind}: {outcome:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_foreign_banner_is_named_in_the_detail() {
+    // A plain-text banner is named in the detail, so a misconfigured kind is
+    // obvious from /status.
+    let addr = peer_sending(b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(), false).await;
+    for kind in ["postgres", "mysql", "redis"] {
+        let outcome = check(&config(kind), addr).await;
+        assert_status(&outcome, CheckStatus::Down);
+        assert!(outcome.detail.contains("SSH-2.0"), "{kind}: {outcome:?}");
+    }
+}
