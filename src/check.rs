@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::config::{DetectionBounds, ValidConfig};
+use crate::config::{DetectionBounds, FailoverBounds, ValidConfig};
 
 /// Renders the report printed by `pulsegate check`.
 pub fn report(config: &ValidConfig) -> String {
@@ -37,6 +37,24 @@ pub fn report(config: &ValidConfig) -> String {
             fmt(b.backstop.0),
             fmt(b.backstop.1)
         );
+        match FailoverBounds::of(l) {
+            Some(f) => {
+                let _ = writeln!(
+                    out,
+                    "  leaving a dead backend (checks):           new connections {}, idle sessions {}, busy sessions {}",
+                    fmt(f.new_connections),
+                    fmt(f.idle_sessions),
+                    fmt(f.busy_sessions)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  leaving a dead backend:                    no [listener.check]: every new connection tries backends in order, a silent one costs connect_timeout ({})",
+                    fmt(l.settings.connect_timeout)
+                );
+            }
+        }
     }
     for w in &config.warnings {
         let _ = writeln!(out, "\n{w}");

@@ -20,6 +20,8 @@ pub enum EvictReason {
     PeerClosed,
     /// The kernel aborted the connection (TCP_USER_TIMEOUT or keepalive).
     UserTimeout,
+    /// Its backend went down (health checks) and `on_down = "evict"`.
+    BackendDown,
     /// Still open when the drain deadline passed during shutdown.
     Drain,
     /// Any other socket error.
@@ -27,12 +29,13 @@ pub enum EvictReason {
 }
 
 impl EvictReason {
-    pub const ALL: [EvictReason; 7] = [
+    pub const ALL: [EvictReason; 8] = [
         EvictReason::ProbeUnanswered,
         EvictReason::RetransmitUnanswered,
         EvictReason::PeerReset,
         EvictReason::PeerClosed,
         EvictReason::UserTimeout,
+        EvictReason::BackendDown,
         EvictReason::Drain,
         EvictReason::SocketError,
     ];
@@ -44,6 +47,7 @@ impl EvictReason {
             EvictReason::PeerReset => "peer_reset",
             EvictReason::PeerClosed => "peer_closed",
             EvictReason::UserTimeout => "user_timeout",
+            EvictReason::BackendDown => "backend_down",
             EvictReason::Drain => "drain",
             EvictReason::SocketError => "socket_error",
         }

@@ -8,6 +8,8 @@
 //! - [`proxy`] — binds every listener, then serves them until shutdown.
 //! - [`listener`] — the accept loop, `max_connections`, drain on shutdown.
 //! - [`session`] — one client: upstream connect, relay, eviction.
+//! - [`backend`] — a listener's backends, their health and the routing
+//!   decision; [`health`] runs their checks and state machine.
 //! - [`upstream`] — connect to the first backend that accepts.
 //! - [`relay`] — exact byte copy both ways with half-close.
 //! - [`liveness`] — the watcher: on-demand probes and the death rule.
@@ -19,6 +21,7 @@
 //! - [`demo`] — `pulsegate demo`, the seed experiment in one command.
 #![deny(unsafe_code)]
 
+pub mod backend;
 pub mod check;
 pub mod config;
 pub mod demo;

@@ -10,7 +10,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::BackendSet;
 use crate::config::Listener;
+use crate::health::monitor::Monitor;
 use crate::liveness;
 use crate::session::{self, ListenerContext};
 use crate::sockopt;
@@ -25,12 +27,21 @@ const LOG_EVERY: Duration = Duration::from_secs(1);
 /// evicted with reason `drain`. Returns when every session has ended.
 pub async fn serve(config: Listener, tcp: TcpListener, shutdown: CancellationToken) {
     let settings = &config.settings;
+    let backends = Arc::new(BackendSet::new(&config));
     let ctx = Arc::new(ListenerContext {
         name: Arc::from(config.name.as_str()),
-        watcher: liveness::spawn_watcher(settings.liveness, settings.upstream, settings.client),
+        watcher: liveness::spawn_watcher(
+            settings.liveness,
+            settings.upstream,
+            settings.client,
+            backends.clone(),
+        ),
+        backends,
         drain_deadline: CancellationToken::new(),
         config: config.clone(),
     });
+    let checks_stop = CancellationToken::new();
+    start_monitors(&ctx, &checks_stop);
     let limit = Arc::new(Semaphore::new(settings.max_connections.get() as usize));
     let sessions = TaskTracker::new();
     tracing::info!(listener = %ctx.name, bind = %config.bind,
@@ -54,7 +65,26 @@ pub async fn serve(config: Listener, tcp: TcpListener, shutdown: CancellationTok
         ctx.drain_deadline.cancel();
         sessions.wait().await;
     }
+    checks_stop.cancel();
     tracing::info!(listener = %ctx.name, "listener stopped");
+}
+
+/// One check loop per backend, when `[listener.check]` is configured.
+fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken) {
+    let Some(check) = &ctx.config.settings.check else {
+        return;
+    };
+    for backend in 0..ctx.backends.len() {
+        let monitor = Monitor {
+            listener: ctx.name.clone(),
+            backends: ctx.backends.clone(),
+            backend,
+            check: check.clone(),
+            routing: ctx.config.settings.routing,
+            watcher: ctx.watcher.clone(),
+        };
+        tokio::spawn(monitor.run(stop.clone()));
+    }
 }
 
 async fn accept_loop(

@@ -13,15 +13,15 @@
 //! sampled until then, which keeps the cost of 10,000 idle sessions low.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::config::{Liveness, SocketSettings};
 use crate::evict::{EvictReason, Leg, Verdict};
-use crate::sockopt::{self, TcpInfo};
+use crate::sockopt::TcpInfo;
 
 /// Tolerance for timing decisions. A session's visit comes round every sweep
 /// period ± a millisecond, and a deadline set at one visit tends to fall a
@@ -46,6 +46,11 @@ pub struct Watched {
     pending_since: [AtomicU64; 2],
     /// Last time a byte was read from either leg.
     last_activity: AtomicU64,
+    /// Which leg the last bytes came from ([`leg_index`]): bytes from the
+    /// client last mean a request may be waiting for its answer.
+    last_read_from: AtomicU64,
+    /// Index of the backend this session is connected to.
+    pub backend: usize,
     verdict: OnceLock<Verdict>,
     wake: Notify,
 }
@@ -59,13 +64,15 @@ pub fn leg_index(leg: Leg) -> usize {
 }
 
 impl Watched {
-    pub fn new(client: TcpStream, upstream: TcpStream) -> Self {
+    pub fn new(client: TcpStream, upstream: TcpStream, backend: usize) -> Self {
         let now = now_ms();
         Watched {
             client,
             upstream,
             pending_since: [AtomicU64::new(0), AtomicU64::new(0)],
             last_activity: AtomicU64::new(now),
+            last_read_from: AtomicU64::new(leg_index(Leg::Upstream) as u64),
+            backend,
             verdict: OnceLock::new(),
             wake: Notify::new(),
         }
@@ -86,9 +93,23 @@ impl Watched {
         }
     }
 
-    /// Called by the relay after it read bytes.
-    pub fn note_read(&self) {
+    /// Called by the relay after it read bytes from `leg`.
+    pub fn note_read(&self, leg: Leg) {
         self.last_activity.store(now_ms(), Ordering::Relaxed);
+        self.last_read_from
+            .store(leg_index(leg) as u64, Ordering::Relaxed);
+    }
+
+    /// Data is in flight, or the client spoke last (a request may be
+    /// waiting for its answer): the session is busy, not idle.
+    pub fn busy(&self) -> bool {
+        let client_spoke_last =
+            self.last_read_from.load(Ordering::Relaxed) == leg_index(Leg::Client) as u64;
+        client_spoke_last
+            || self
+                .pending_since
+                .iter()
+                .any(|p| p.load(Ordering::Relaxed) != 0)
     }
 
     pub fn idle_for(&self) -> Duration {
@@ -160,9 +181,12 @@ pub struct Assessment {
 /// The watcher's memory of one leg.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LegState {
-    /// TCP_KEEPIDLE is lowered to probe_interval.
+    /// TCP_KEEPIDLE is lowered (to `probe_idle_ms`).
     probing: bool,
     armed_at_ms: u64,
+    /// The TCP_KEEPIDLE in effect while probing: `probe_interval`, or the
+    /// kernel's minimum of 1 s when a suspect backend is probed on order.
+    probe_idle_ms: u64,
     /// When the current ACK debt began, once known.
     debt_start_ms: Option<u64>,
     /// The verdict cannot change before this time unless the relay writes.
@@ -170,6 +194,15 @@ pub struct LegState {
 }
 
 impl LegState {
+    /// The on-demand probe was just armed by order (a suspect backend) with
+    /// TCP_KEEPIDLE = `idle_ms`: probe mode, and sample at the next visit.
+    pub fn force_probe(&mut self, now_ms: u64, idle_ms: u64) {
+        self.probing = true;
+        self.armed_at_ms = now_ms;
+        self.probe_idle_ms = idle_ms;
+        self.next_check_ms = 0;
+    }
+
     pub fn due(&self, now_ms: u64) -> bool {
         now_ms + SLACK_MS >= self.next_check_ms
     }
@@ -198,7 +231,7 @@ impl LegState {
                 // A keepalive probe leaves `keepidle` after the last thing
                 // received, or at once when armed on a leg quiet longer.
                 let keepidle = if self.probing {
-                    rule.probe_ms
+                    self.probe_idle_ms
                 } else {
                     rule.keepidle_ms
                 };
@@ -247,6 +280,7 @@ impl LegState {
             (true, false) => {
                 self.probing = true;
                 self.armed_at_ms = now_ms;
+                self.probe_idle_ms = rule.probe_ms;
                 Action::Arm
             }
             (false, true) => {
@@ -258,7 +292,8 @@ impl LegState {
         self.next_check_ms = if self.probing && info.notsent_bytes == 0 {
             // Nothing can be declared dead before the next probe has gone
             // unanswered for dead_after.
-            let next_probe = (now_ms.saturating_sub(last_recv_ago) + rule.probe_ms).max(now_ms);
+            let next_probe =
+                (now_ms.saturating_sub(last_recv_ago) + self.probe_idle_ms).max(now_ms);
             next_probe + rule.dead_after_ms
         } else if info.notsent_bytes == 0 {
             // Active: arm once the leg has been quiet for probe_interval.
@@ -274,149 +309,9 @@ impl LegState {
     }
 }
 
-/// Registers sessions with a listener's watcher.
-#[derive(Clone)]
-pub struct WatcherHandle {
-    tx: mpsc::UnboundedSender<Weak<Watched>>,
-}
+mod watcher;
 
-impl WatcherHandle {
-    pub fn watch(&self, session: &Arc<Watched>) {
-        // The watcher only stops after the listener's sessions ended.
-        let _ = self.tx.send(Arc::downgrade(session));
-    }
-}
-
-struct Entry {
-    session: Weak<Watched>,
-    legs: [LegState; 2],
-}
-
-/// Each sweep period is cut into this many slices, and every session is
-/// visited in its own slice. Arming in one burst would synchronise the
-/// kernel's keepalive timers of every idle leg: 10,000 probes leaving in the
-/// same jiffy overflow the receive backlog (`netdev_max_backlog`, 1000 by
-/// default) and get dropped, which reads as unanswered probes. Spread over
-/// the slices, each leg keeps its own phase.
-const SLICES: usize = 16;
-
-/// Starts the sweeper of one listener. It stops by itself once every
-/// [`WatcherHandle`] is dropped and every watched session has ended.
-pub fn spawn_watcher(
-    liveness: Liveness,
-    upstream: SocketSettings,
-    client: SocketSettings,
-) -> WatcherHandle {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let rules = [
-        Rule::new(&liveness, &client),
-        Rule::new(&liveness, &upstream),
-    ];
-    tokio::spawn(sweep_loop(rx, rules, liveness));
-    WatcherHandle { tx }
-}
-
-async fn sweep_loop(
-    mut rx: mpsc::UnboundedReceiver<Weak<Watched>>,
-    rules: [Rule; 2],
-    liveness: Liveness,
-) {
-    let mut slots: Vec<Vec<Entry>> = (0..SLICES).map(|_| Vec::new()).collect();
-    let mut registered = 0usize;
-    let mut tick = tokio::time::interval(liveness.sweep_period() / SLICES as u32);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for slice in (0..SLICES).cycle() {
-        tick.tick().await;
-        loop {
-            match rx.try_recv() {
-                Ok(session) => {
-                    slots[registered % SLICES].push(Entry {
-                        session,
-                        legs: [LegState::default(); 2],
-                    });
-                    registered += 1;
-                }
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    if slots.iter().all(Vec::is_empty) {
-                        return;
-                    }
-                    break;
-                }
-            }
-        }
-        sweep(&mut slots[slice], &rules, &liveness).await;
-    }
-}
-
-async fn sweep(entries: &mut Vec<Entry>, rules: &[Rule; 2], liveness: &Liveness) {
-    let mut i = 0;
-    let mut visited = 0u32;
-    while i < entries.len() {
-        let Some(session) = entries[i].session.upgrade() else {
-            entries.swap_remove(i);
-            continue;
-        };
-        if session.verdict().is_none() {
-            check_session(&session, &mut entries[i].legs, rules, liveness);
-        }
-        drop(session);
-        i += 1;
-        visited += 1;
-        if visited % 1024 == 0 {
-            tokio::task::yield_now().await;
-        }
-    }
-}
-
-fn check_session(
-    session: &Watched,
-    legs: &mut [LegState; 2],
-    rules: &[Rule; 2],
-    liveness: &Liveness,
-) {
-    let now = now_ms();
-    for leg in [Leg::Upstream, Leg::Client] {
-        let idx = leg_index(leg);
-        let pending = session.pending_since[idx].load(Ordering::Relaxed);
-        let state = &mut legs[idx];
-        if !state.due(now) && pending == 0 {
-            continue;
-        }
-        let socket = session.socket(leg);
-        // An error means the socket is already closed; the relay reports it.
-        let Ok(info) = sockopt::tcp_info(socket) else {
-            continue;
-        };
-        let a = state.assess(&info, now, pending, &rules[idx]);
-        let result = match a.action {
-            Action::None => Ok(()),
-            Action::Arm => sockopt::set_keepalive_idle(socket, liveness.probe_interval),
-            Action::Restore => {
-                sockopt::set_keepalive_idle(socket, Duration::from_millis(rules[idx].keepidle_ms))
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(leg = %leg, error = %e, "cannot re-arm keepalive");
-        }
-        if a.clear_pending {
-            let _ = session.pending_since[idx].compare_exchange(
-                pending,
-                0,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-        }
-        if let Some(reason) = a.dead {
-            session.evict(Verdict {
-                leg,
-                reason,
-                evidence: Some(info),
-            });
-            return;
-        }
-    }
-}
+pub use watcher::{spawn_watcher, WatcherHandle};
 
 #[cfg(test)]
 mod tests;

@@ -41,7 +41,7 @@ pub async fn pump(session: &Watched, from: Leg, to: Leg) -> Result<u64, LegError
                 return Ok(total);
             }
             Ok(n) => {
-                session.note_read();
+                session.note_read(from);
                 session.note_write(to);
                 write_all(dst, &buf[..n])
                     .await

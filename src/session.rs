@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::BackendSet;
 use crate::config::{Listener, OnEvict};
 use crate::evict::{self, EvictReason, Leg, SessionLabels, Verdict};
 use crate::liveness::{Watched, WatcherHandle};
@@ -20,6 +21,7 @@ pub struct ListenerContext {
     pub config: Listener,
     pub name: Arc<str>,
     pub watcher: WatcherHandle,
+    pub backends: Arc<BackendSet>,
     /// Cancelled when the drain deadline passes.
     pub drain_deadline: CancellationToken,
 }
@@ -34,8 +36,18 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
             "cannot set client socket options; closing");
         return;
     }
+    let order = match ctx.backends.route() {
+        Ok(order) => order,
+        Err(e) => {
+            tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
+                "refusing client: no backend to send it to");
+            let _ = sockopt::set_reset_on_close(&client);
+            return;
+        }
+    };
+    let candidates: Vec<_> = order.iter().map(|&i| (i, ctx.backends.addr(i))).collect();
     let upstream = tokio::select! {
-        result = upstream::connect(&cfg.backends, &cfg.settings.upstream, cfg.settings.connect_timeout) => result,
+        result = upstream::connect(&candidates, &cfg.settings.upstream, cfg.settings.connect_timeout) => result,
         _ = ctx.drain_deadline.cancelled() => return,
     };
     let upstream = match upstream {
@@ -49,13 +61,14 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
     };
     let labels = SessionLabels {
         listener: ctx.name.clone(),
-        backend: cfg.backends[upstream.backend].to_string(),
+        backend: ctx.backends.label(upstream.backend).to_string(),
         client: client_addr,
         upstream_local: upstream.stream.local_addr().ok(),
     };
     tracing::debug!(listener = %ctx.name, client = %client_addr, backend = %labels.backend,
         upstream = %upstream.peer, "session started");
-    let session = Arc::new(Watched::new(client, upstream.stream));
+    let _counted = ctx.backends.opened(upstream.backend);
+    let session = Arc::new(Watched::new(client, upstream.stream, upstream.backend));
     ctx.watcher.watch(&session);
 
     let outcome = tokio::select! {

@@ -25,14 +25,15 @@ pub struct Upstream {
     pub peer: SocketAddr,
 }
 
-/// Tries the backends in order; each address gets `timeout`.
+/// Tries the backends in the order given (`(index, address)` pairs, as
+/// routing chose them); each address gets `timeout`.
 pub async fn connect(
-    backends: &[BackendAddr],
+    backends: &[(usize, &BackendAddr)],
     settings: &SocketSettings,
     timeout: Duration,
 ) -> Result<Upstream, ConnectError> {
     let mut attempts = Vec::new();
-    for (index, backend) in backends.iter().enumerate() {
+    for &(index, backend) in backends {
         let addrs = match resolve(backend, timeout).await {
             Ok(addrs) => addrs,
             Err(e) => {

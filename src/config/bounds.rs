@@ -47,6 +47,41 @@ impl DetectionBounds {
     }
 }
 
+/// Worst-case times to leave a dead backend, from its health checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailoverBounds {
+    /// Until new connections avoid it: `fall` failed checks, each up to
+    /// `interval + jitter` apart, the last one taking `timeout`.
+    pub new_connections: Duration,
+    /// Until an idle session to it is evicted: the first failed check makes
+    /// the backend suspect and probes its sessions at once (kernel minimum
+    /// TCP_KEEPIDLE 1 s), dead once the probe and its retry go unanswered —
+    /// or the watcher's own bound, if smaller.
+    pub idle_sessions: Duration,
+    /// Until a session with data in flight is evicted (the watcher's own).
+    pub busy_sessions: Duration,
+}
+
+impl FailoverBounds {
+    pub fn of(listener: &Listener) -> Option<Self> {
+        let check = listener.settings.check.as_ref()?;
+        let detection = DetectionBounds::of(listener);
+        let lv = &listener.settings.liveness;
+        let period = check.interval + check.jitter;
+        let retry = listener.settings.upstream.keepalive_interval;
+        let suspect_path = period
+            + check.timeout
+            + Duration::from_secs(1)
+            + lv.dead_after.max(retry)
+            + lv.sweep_period();
+        Some(FailoverBounds {
+            new_connections: period * check.fall.get() + check.timeout,
+            idle_sessions: suspect_path.min(detection.idle),
+            busy_sessions: detection.busy,
+        })
+    }
+}
+
 /// A setting that is valid but probably not what the operator wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Warning {

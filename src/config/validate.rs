@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use toml::de::{DeTable, DeValue};
 
-use super::{bounds, BackendAddr, Config, Listener, ListenerConfig, SocketSettings, ValidConfig};
+use super::{
+    bounds, BackendAddr, CheckKind, Config, Listener, ListenerConfig, RoleWanted, SocketSettings,
+    ValidConfig,
+};
 
 /// Why a config was refused.
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +228,69 @@ impl Checker<'_> {
     }
 }
 
+impl Checker<'_> {
+    fn health(&mut self, l: &ListenerConfig) {
+        let role_needs = match (&l.check, l.routing.role) {
+            (_, RoleWanted::Any) => None,
+            (Some(c), _) if matches!(c.kind, CheckKind::Postgres | CheckKind::Redis) => None,
+            (Some(c), _) => Some(format!("a `{:?}` check reports no role", c.kind).to_lowercase()),
+            (None, _) => Some("there is no [listener.check] to learn roles from".to_string()),
+        };
+        if let Some(why) = role_needs {
+            self.problem(
+                "routing.role",
+                why,
+                "add [listener.check] with kind = \"postgres\" or \"redis\", or set role = \"any\"",
+            );
+        }
+        let Some(check) = &l.check else { return };
+        if check.interval.is_zero() {
+            self.problem("check.interval", "is zero", "use e.g. \"1s\"");
+        }
+        if check.timeout.is_zero() {
+            self.problem("check.timeout", "is zero", "use e.g. \"800ms\"");
+        }
+        if check.jitter >= check.interval && !check.interval.is_zero() {
+            self.problem(
+                "check.jitter",
+                "is not below interval",
+                "use e.g. a tenth of interval",
+            );
+        }
+        let sources = [
+            check.password.is_some(),
+            check.password_env.is_some(),
+            check.password_file.is_some(),
+        ];
+        if sources.iter().filter(|&&s| s).count() > 1 {
+            self.problem(
+                "check.password",
+                "password, password_env and password_file are exclusive",
+                "keep only one of them (password_file or password_env keep it out of the config)",
+            );
+        }
+        if check.kind == CheckKind::Mysql && sources.iter().any(|&s| s) {
+            self.problem(
+                "check.password",
+                "the mysql check logs in without a password (as HAProxy's mysql-check does); password login is not supported",
+                "create a passwordless user that may only connect from pulsegate's host and set only `user`",
+            );
+        }
+        if check.kind == CheckKind::Http {
+            if let Err(e) = crate::health::check::parse_status_ranges(&check.expect_status) {
+                self.problem(
+                    "check.expect_status",
+                    e,
+                    "write e.g. \"200-399\" or \"200,204\"",
+                );
+            }
+            if !check.path.starts_with('/') {
+                self.problem("check.path", "must start with /", "write e.g. \"/healthz\"");
+            }
+        }
+    }
+}
+
 fn validate(config: &Config, problems: &mut Vec<Problem>) -> Vec<Listener> {
     if config.listeners.is_empty() {
         problems.push(Problem {
@@ -338,6 +404,7 @@ fn check_listener<'a>(
     }
     c.socket("upstream", &l.upstream, lv.dead_after);
     c.socket("client", &l.client, lv.dead_after);
+    c.health(l);
     if c.problems.len() > before {
         return None;
     }

@@ -21,6 +21,8 @@ pub struct ProxyConfig {
     /// TCP_USER_TIMEOUT on both legs: kept high so that only the watcher
     /// decides within an experiment.
     pub user_timeout: Duration,
+    /// More TOML appended to the listener (e.g. `[listener.check]`).
+    pub extra: String,
 }
 
 impl ProxyConfig {
@@ -32,6 +34,7 @@ impl ProxyConfig {
             probe_interval: Duration::from_secs(1),
             dead_after: Duration::from_secs(1),
             user_timeout: Duration::from_secs(60),
+            extra: String::new(),
         }
     }
 
@@ -52,12 +55,14 @@ impl ProxyConfig {
              user_timeout = \"{ut}\"\n\
              \n\
              [listener.client]\n\
-             user_timeout = \"{ut}\"\n",
+             user_timeout = \"{ut}\"\n\
+             {extra}\n",
             bind = self.bind,
             backend = self.backend,
             probe = d(self.probe_interval),
             dead = d(self.dead_after),
             ut = d(self.user_timeout),
+            extra = self.extra,
         )
     }
 }

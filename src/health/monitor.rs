@@ -1,0 +1,101 @@
+//! The check loop of one backend: every `interval` (± `jitter`) resolve its
+//! address, run the check on a fresh connection, feed the outcome to the
+//! backend's state machine, and act on what changed.
+
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{check, Change, CheckOutcome, CheckStatus, State};
+use crate::backend::BackendSet;
+use crate::config::{BackendAddr, CheckConfig, OnDown, Routing};
+use crate::liveness::WatcherHandle;
+
+/// Everything a backend's check loop needs.
+pub struct Monitor {
+    pub listener: Arc<str>,
+    pub backends: Arc<BackendSet>,
+    pub backend: usize,
+    pub check: CheckConfig,
+    pub routing: Routing,
+    pub watcher: WatcherHandle,
+}
+
+impl Monitor {
+    /// Checks at once, then every interval, until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) {
+        loop {
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                outcome = self.check_once() => outcome,
+            };
+            let status = outcome.status;
+            let detail = outcome.detail.clone();
+            let change = self.backends.record(self.backend, outcome);
+            self.react(change, status, &detail);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.next_delay()) => {}
+            }
+        }
+    }
+
+    fn next_delay(&self) -> Duration {
+        let jitter_ms = self.check.jitter.as_millis() as u64;
+        if jitter_ms == 0 {
+            return self.check.interval;
+        }
+        let noise = std::collections::hash_map::RandomState::new().hash_one(self.backend);
+        let offset = Duration::from_millis(noise % (2 * jitter_ms + 1));
+        (self.check.interval + offset).saturating_sub(self.check.jitter)
+    }
+
+    async fn check_once(&self) -> CheckOutcome {
+        match resolve(self.backends.addr(self.backend)).await {
+            Ok(addr) => check::check(&self.check, addr).await,
+            Err(e) => CheckOutcome {
+                status: CheckStatus::Down,
+                role: None,
+                latency: Duration::ZERO,
+                detail: format!("cannot resolve: {e}"),
+            },
+        }
+    }
+
+    fn react(&self, change: Change, status: CheckStatus, detail: &str) {
+        let label = self.backends.label(self.backend);
+        let role = self.backends.role(self.backend);
+        if change.state_changed() {
+            tracing::warn!(listener = %self.listener, backend = %label, from = %change.from,
+                to = %change.to, check = ?status, detail, "backend state changed");
+        } else if change.role_changed {
+            tracing::warn!(listener = %self.listener, backend = %label, role = ?role,
+                "backend role changed");
+        }
+        if change.from == State::Up && change.to == State::Suspect {
+            self.watcher.probe_backend(self.backend);
+        }
+        let lost_role = change.role_changed && !self.backends.wants(role);
+        let went_down = change.state_changed() && change.to == State::Down;
+        if (went_down || (lost_role && change.to != State::Down))
+            && self.routing.on_down == OnDown::Evict
+        {
+            self.watcher
+                .evict_backend(self.backend, self.routing.down_grace);
+        }
+    }
+}
+
+/// The address to check: the first one a DNS name resolves to today.
+async fn resolve(addr: &BackendAddr) -> std::io::Result<SocketAddr> {
+    match addr {
+        BackendAddr::Ip(ip) => Ok(*ip),
+        BackendAddr::Dns { host, port } => tokio::net::lookup_host((host.as_str(), *port))
+            .await?
+            .next()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses")),
+    }
+}

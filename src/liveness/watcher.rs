@@ -1,0 +1,274 @@
+//! The sweeper: one task per listener that visits every session's legs,
+//! applies the death rule, and carries out the health subsystem's orders
+//! (probe every session of a suspect backend now; evict the sessions of a
+//! down backend).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::{leg_index, now_ms, Action, LegState, Rule, Watched};
+use crate::backend::BackendSet;
+use crate::config::{Liveness, SocketSettings};
+use crate::evict::{EvictReason, Leg, Verdict};
+use crate::sockopt;
+
+/// Each sweep period is cut into this many slices, and every session is
+/// visited in its own slice. Arming in one burst would synchronise the
+/// kernel's keepalive timers of every idle leg: 10,000 probes leaving in the
+/// same jiffy overflow the receive backlog (`netdev_max_backlog`, 1000 by
+/// default) and get dropped, which reads as unanswered probes. Spread over
+/// the slices, each leg keeps its own phase.
+const SLICES: usize = 16;
+
+enum Order {
+    Watch(Weak<Watched>),
+    /// Probe every session of this backend now.
+    ProbeBackend(usize),
+    /// The backend is down: evict its idle sessions now and its busy ones
+    /// after `grace`.
+    EvictBackend {
+        backend: usize,
+        grace: Duration,
+    },
+}
+
+/// Talks to a listener's watcher.
+#[derive(Clone)]
+pub struct WatcherHandle {
+    tx: mpsc::UnboundedSender<Order>,
+}
+
+impl WatcherHandle {
+    pub fn watch(&self, session: &Arc<Watched>) {
+        // Sends fail only once the watcher stopped, after every session ended.
+        let _ = self.tx.send(Order::Watch(Arc::downgrade(session)));
+    }
+
+    /// Probes every session of `backend` at once (the on-demand probe).
+    pub fn probe_backend(&self, backend: usize) {
+        let _ = self.tx.send(Order::ProbeBackend(backend));
+    }
+
+    /// Evicts the sessions of a down backend: idle ones now, busy ones
+    /// (data in flight, or a request waiting for its answer) after `grace`.
+    pub fn evict_backend(&self, backend: usize, grace: Duration) {
+        let _ = self.tx.send(Order::EvictBackend { backend, grace });
+    }
+}
+
+struct Entry {
+    session: Weak<Watched>,
+    legs: [LegState; 2],
+    /// Set by a backend going down while this session was busy.
+    evict_at_ms: Option<u64>,
+}
+
+struct Sweeper {
+    slots: Vec<Vec<Entry>>,
+    registered: usize,
+    rules: [Rule; 2],
+    liveness: Liveness,
+    backends: Arc<BackendSet>,
+    /// Backends found with a dead connection during this sweep.
+    suspects: Vec<usize>,
+}
+
+/// Starts the sweeper of one listener. It stops by itself once every
+/// [`WatcherHandle`] is dropped and every watched session has ended.
+pub fn spawn_watcher(
+    liveness: Liveness,
+    upstream: SocketSettings,
+    client: SocketSettings,
+    backends: Arc<BackendSet>,
+) -> WatcherHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sweeper = Sweeper {
+        slots: (0..SLICES).map(|_| Vec::new()).collect(),
+        registered: 0,
+        rules: [
+            Rule::new(&liveness, &client),
+            Rule::new(&liveness, &upstream),
+        ],
+        liveness,
+        backends,
+        suspects: Vec::new(),
+    };
+    tokio::spawn(sweeper.run(rx));
+    WatcherHandle { tx }
+}
+
+impl Sweeper {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Order>) {
+        let mut tick = tokio::time::interval(self.liveness.sweep_period() / SLICES as u32);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for slice in (0..SLICES).cycle() {
+            tick.tick().await;
+            loop {
+                match rx.try_recv() {
+                    Ok(order) => self.obey(order),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        if self.slots.iter().all(Vec::is_empty) {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.sweep(slice).await;
+            for backend in std::mem::take(&mut self.suspects) {
+                if self.backends.connection_dead(backend).state_changed() {
+                    self.obey(Order::ProbeBackend(backend));
+                }
+            }
+        }
+    }
+
+    fn obey(&mut self, order: Order) {
+        match order {
+            Order::Watch(session) => {
+                self.slots[self.registered % SLICES].push(Entry {
+                    session,
+                    legs: [LegState::default(); 2],
+                    evict_at_ms: None,
+                });
+                self.registered += 1;
+            }
+            Order::ProbeBackend(backend) => self.probe_backend(backend),
+            Order::EvictBackend { backend, grace } => self.evict_backend(backend, grace),
+        }
+    }
+
+    fn sessions_of(&mut self, backend: usize) -> impl Iterator<Item = (&mut Entry, Arc<Watched>)> {
+        self.slots.iter_mut().flatten().filter_map(move |e| {
+            let session = e.session.upgrade()?;
+            (session.backend == backend && session.verdict().is_none()).then_some((e, session))
+        })
+    }
+
+    /// The on-demand probe of every session of a suspect backend: the
+    /// kernel's minimum TCP_KEEPIDLE (1 s) makes every leg quiet for a second
+    /// or more send its probe at once, whatever `probe_interval` is.
+    fn probe_backend(&mut self, backend: usize) {
+        const MIN_KEEPIDLE: Duration = Duration::from_secs(1);
+        let mut probed = 0;
+        for (entry, session) in self.sessions_of(backend) {
+            for leg in [Leg::Upstream, Leg::Client] {
+                let socket = session.socket(leg);
+                if sockopt::set_keepalive_idle(socket, MIN_KEEPIDLE).is_ok() {
+                    entry.legs[leg_index(leg)]
+                        .force_probe(now_ms(), MIN_KEEPIDLE.as_millis() as u64);
+                }
+            }
+            probed += 1;
+        }
+        tracing::info!(backend = %self.backends.label(backend), sessions = probed,
+            "backend suspect: probing all its sessions now");
+    }
+
+    fn evict_backend(&mut self, backend: usize, grace: Duration) {
+        let now = now_ms();
+        let (mut now_count, mut later) = (0, 0);
+        for (entry, session) in self.sessions_of(backend) {
+            if session.busy() {
+                entry.evict_at_ms = Some(now + grace.as_millis() as u64);
+                later += 1;
+            } else {
+                session.evict(backend_down());
+                now_count += 1;
+            }
+        }
+        tracing::warn!(backend = %self.backends.label(backend), idle_evicted = now_count,
+            busy_after_grace = later, grace = %humantime::format_duration(grace),
+            "backend down: evicting its sessions");
+    }
+
+    async fn sweep(&mut self, slice: usize) {
+        let mut i = 0;
+        while i < self.slots[slice].len() {
+            let entry = &mut self.slots[slice][i];
+            let Some(session) = entry.session.upgrade() else {
+                self.slots[slice].swap_remove(i);
+                continue;
+            };
+            if session.verdict().is_none() {
+                if entry.evict_at_ms.is_some_and(|t| now_ms() >= t) {
+                    session.evict(backend_down());
+                } else if let Some(leg) =
+                    check_session(&session, &mut entry.legs, &self.rules, &self.liveness)
+                {
+                    if leg == Leg::Upstream {
+                        self.suspects.push(session.backend);
+                    }
+                }
+            }
+            drop(session);
+            i += 1;
+            if i % 1024 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+fn backend_down() -> Verdict {
+    Verdict {
+        leg: Leg::Upstream,
+        reason: EvictReason::BackendDown,
+        evidence: None,
+    }
+}
+
+/// Visits both legs of a session; returns the leg it found dead, if any.
+fn check_session(
+    session: &Watched,
+    legs: &mut [LegState; 2],
+    rules: &[Rule; 2],
+    liveness: &Liveness,
+) -> Option<Leg> {
+    let now = now_ms();
+    for leg in [Leg::Upstream, Leg::Client] {
+        let idx = leg_index(leg);
+        let pending = session.pending_since[idx].load(Ordering::Relaxed);
+        let state = &mut legs[idx];
+        if !state.due(now) && pending == 0 {
+            continue;
+        }
+        let socket = session.socket(leg);
+        // An error means the socket is already closed; the relay reports it.
+        let Ok(info) = sockopt::tcp_info(socket) else {
+            continue;
+        };
+        let a = state.assess(&info, now, pending, &rules[idx]);
+        let result = match a.action {
+            Action::None => Ok(()),
+            Action::Arm => sockopt::set_keepalive_idle(socket, liveness.probe_interval),
+            Action::Restore => {
+                sockopt::set_keepalive_idle(socket, Duration::from_millis(rules[idx].keepidle_ms))
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(leg = %leg, error = %e, "cannot re-arm keepalive");
+        }
+        if a.clear_pending {
+            let _ = session.pending_since[idx].compare_exchange(
+                pending,
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        if let Some(reason) = a.dead {
+            session.evict(Verdict {
+                leg,
+                reason,
+                evidence: Some(info),
+            });
+            return Some(leg);
+        }
+    }
+    None
+}

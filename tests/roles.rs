@@ -1,0 +1,352 @@
+//! Role-aware failover with real redis-server processes: pulsegate routes
+//! to the master only; when the replica is promoted and the old master
+//! demoted, new connections follow within two check intervals and sessions
+//! to the demoted node are evicted.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+const CHECK_INTERVAL: Duration = Duration::from_millis(300);
+
+/// A redis-server on a free loopback port, killed on drop.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    fn start(replica_of: Option<u16>) -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
+        cmd.args(["--enable-debug-command", "yes"]);
+        if let Some(master) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let redis = Redis { port, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis.cmd(&["PING"]).as_deref() != Some("PONG") {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        redis
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Runs one command with redis-cli; its trimmed output.
+    fn cmd(&self, args: &[&str]) -> Option<String> {
+        cli(self.port, args)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cli(port: u16, args: &[&str]) -> Option<String> {
+    // `timeout`: a connection routed to a frozen server must not hang the test.
+    let out = Command::new("timeout")
+        .args(["2", "redis-cli", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn redis_available() -> bool {
+    let ok = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok()
+        && Command::new("redis-cli").arg("--version").output().is_ok();
+    if !ok {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true but redis-server / redis-cli are not installed (apt-get install redis-server)"
+        );
+        eprintln!(
+            "skipping: redis-server / redis-cli not installed (apt-get install redis-server)"
+        );
+    }
+    ok
+}
+
+/// The port of the redis-server that answers a new connection through
+/// the proxy.
+fn served_port(proxy: u16) -> Option<String> {
+    cli(proxy, &["CONFIG", "GET", "port"]).and_then(|s| s.lines().nth(1).map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_follow_the_master_and_old_sessions_are_evicted() {
+    if !redis_available() {
+        return;
+    }
+    let a = Redis::start(None);
+    let b = Redis::start(Some(a.port));
+    // b is listed first: role = "primary" must override the order.
+    let text = format!(
+        "[[listener]]\nname = \"redis\"\nbind = \"127.0.0.1:0\"\nbackends = [\"{}\", \"{}\"]\n\
+         [listener.check]\nkind = \"redis\"\ninterval = \"300ms\"\ntimeout = \"300ms\"\njitter = \"0s\"\n\
+         rise = 1\nfall = 2\n[listener.routing]\nrole = \"primary\"\ndown_grace = \"1s\"\n",
+        b.addr(),
+        a.addr()
+    );
+    let config = pulsegate::config::parse(&text, "roles.toml").unwrap();
+    let bound = pulsegate::proxy::bind_all(&config).await.unwrap();
+    let proxy = bound[0].1.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    tokio::spawn(pulsegate::proxy::serve(bound, stop.clone()));
+
+    tokio::task::spawn_blocking(move || {
+        // The first check runs at once; give it a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while served_port(proxy).as_deref() != Some(&a.port.to_string()) {
+            assert!(Instant::now() < deadline, "never routed to the master a");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            cli(proxy, &["SET", "k", "v"]).as_deref(),
+            Some("OK"),
+            "redis-cli through pulsegate"
+        );
+        // A pooled connection, idle on the old master.
+        let mut pooled = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+        pooled.write_all(b"PING\r\n").unwrap();
+        let mut buf = [0u8; 64];
+        let n = pooled.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"+PONG\r\n");
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b.cmd(&["GET", "k"]).as_deref() != Some("v") {
+            assert!(Instant::now() < deadline, "the replica never caught up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Failover: promote b, demote a.
+        assert_eq!(b.cmd(&["REPLICAOF", "NO", "ONE"]).as_deref(), Some("OK"));
+        assert_eq!(
+            a.cmd(&["REPLICAOF", "127.0.0.1", &b.port.to_string()])
+                .as_deref(),
+            Some("OK")
+        );
+        let moved = Instant::now();
+        let deadline = moved + Duration::from_secs(5);
+        while served_port(proxy).as_deref() != Some(&b.port.to_string()) {
+            assert!(Instant::now() < deadline, "never followed the new master b");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let followed = moved.elapsed();
+        eprintln!(
+            "new connections reach the new master {:.2} s after the failover",
+            followed.as_secs_f64()
+        );
+        // Two check intervals (+ the check's own time and scheduling margin).
+        assert!(
+            followed <= 2 * CHECK_INTERVAL + Duration::from_millis(400),
+            "{followed:?}"
+        );
+
+        // The idle pooled session to the demoted node is evicted (RST).
+        pooled
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let r = pooled.read(&mut buf);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the session to the demoted master is reset: {r:?}"
+        );
+        assert_eq!(
+            cli(proxy, &["GET", "k"]).as_deref(),
+            Some("v"),
+            "data written before failover"
+        );
+        drop((a, b));
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+}
+
+async fn start_proxy(backends: &[SocketAddr], check: &str) -> (u16, CancellationToken) {
+    let list = backends
+        .iter()
+        .map(|b| format!("\"{b}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        "[[listener]]\nname = \"redis\"\nbind = \"127.0.0.1:0\"\nbackends = [{list}]\n\
+         [listener.check]\nkind = \"redis\"\njitter = \"0s\"\n{check}\n"
+    );
+    let config = pulsegate::config::parse(&text, "redis.toml").unwrap();
+    let bound = pulsegate::proxy::bind_all(&config).await.unwrap();
+    let port = bound[0].1.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    tokio::spawn(pulsegate::proxy::serve(bound, stop.clone()));
+    (port, stop)
+}
+
+fn pooled_ping(proxy: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+    assert_eq!(ping(&mut s).unwrap(), "+PONG\r\n");
+    s
+}
+
+fn ping(s: &mut TcpStream) -> std::io::Result<String> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"PING\r\n")?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Whether a new connection through the proxy reaches the redis on
+/// `port`, giving up after 150 ms (a frozen server never answers).
+fn quickly_served_by(proxy: u16, port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", proxy)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(150)));
+    if s.write_all(b"CONFIG GET port\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 128];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).contains(&format!("\r\n{port}\r\n"))
+}
+
+fn wait_served_by(proxy: u16, port: u16, within: Duration) -> Duration {
+    let started = Instant::now();
+    while !quickly_served_by(proxy, port) {
+        assert!(
+            started.elapsed() < within,
+            "never served by redis on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_backend_is_marked_down_by_its_check_and_comes_back() {
+    if !redis_available() {
+        return;
+    }
+    let a = Redis::start(None);
+    let b = Redis::start(None);
+    let (proxy, stop) = start_proxy(
+        &[a.addr(), b.addr()],
+        "interval = \"300ms\"\ntimeout = \"300ms\"\nrise = 2\nfall = 2",
+    )
+    .await;
+    tokio::task::spawn_blocking(move || {
+        wait_served_by(proxy, a.port, Duration::from_secs(5));
+        let mut pooled = pooled_ping(proxy);
+        let pid = nix::unistd::Pid::from_raw(a.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let frozen = Instant::now();
+        // Its kernel still ACKs, so only the application check can tell.
+        let moved = wait_served_by(proxy, b.port, Duration::from_secs(5));
+        eprintln!(
+            "frozen redis left for new connections after {:.2} s",
+            moved.as_secs_f64()
+        );
+        // interval × fall + timeout (0.9 s), plus the check client's own time.
+        assert!(moved < Duration::from_millis(1500), "{moved:?}");
+        pooled
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        let r = pooled.read(&mut buf);
+        assert!(
+            r.is_err() || matches!(r, Ok(0)),
+            "idle session of the frozen node evicted: {r:?}"
+        );
+        eprintln!(
+            "its idle session was evicted {:.2} s after the freeze",
+            frozen.elapsed().as_secs_f64()
+        );
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+        // b stays first_healthy's second choice: a comes back first in order.
+        let back = wait_served_by(proxy, a.port, Duration::from_secs(5));
+        eprintln!(
+            "thawed redis serves again after {:.2} s (rise 2)",
+            back.as_secs_f64()
+        );
+        drop((a, b));
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_but_alive_backend_is_not_marked_down() {
+    if !redis_available() {
+        return;
+    }
+    let a = Redis::start(None);
+    let b = Redis::start(None);
+    // The check's timeout is above the 1.5 s that the server will be busy.
+    let (proxy, stop) = start_proxy(
+        &[a.addr(), b.addr()],
+        "interval = \"500ms\"\ntimeout = \"3s\"\nrise = 1\nfall = 1",
+    )
+    .await;
+    tokio::task::spawn_blocking(move || {
+        wait_served_by(proxy, a.port, Duration::from_secs(5));
+        let mut pooled = pooled_ping(proxy);
+        // A slow command on another connection blocks redis for 1.5 s,
+        // across at least two checks.
+        let port = a.port;
+        let slow = std::thread::spawn(move || cli(port, &["DEBUG", "SLEEP", "1.5"]));
+        assert_eq!(slow.join().unwrap().as_deref(), Some("OK"));
+        assert_eq!(
+            ping(&mut pooled).unwrap(),
+            "+PONG\r\n",
+            "the pooled session survived"
+        );
+        assert_eq!(
+            served_port(proxy).as_deref(),
+            Some(a.port.to_string().as_str()),
+            "a stayed up"
+        );
+        drop((a, b));
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+}
