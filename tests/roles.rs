@@ -16,6 +16,8 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(300);
 struct Redis {
     port: u16,
     child: Child,
+    /// Replication writes an RDB file: keep it out of the source tree.
+    _dir: tempfile::TempDir,
 }
 
 impl Redis {
@@ -25,7 +27,9 @@ impl Redis {
             .local_addr()
             .unwrap()
             .port();
+        let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new("redis-server");
+        cmd.arg("--dir").arg(dir.path());
         cmd.args([
             "--port",
             &port.to_string(),
@@ -45,7 +49,11 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
-        let redis = Redis { port, child };
+        let redis = Redis {
+            port,
+            child,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while redis.cmd(&["PING"]).as_deref() != Some("PONG") {
             assert!(
