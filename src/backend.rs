@@ -2,6 +2,7 @@
 //! and the routing decision — which backends a new connection tries, in
 //! which order — made from them.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -11,6 +12,10 @@ use crate::health::{Change, CheckOutcome, Role, State, Tracker};
 /// One backend.
 pub struct Backend {
     pub addr: BackendAddr,
+    /// Its addresses as last resolved (fixed for IP backends).
+    addrs: Mutex<Vec<SocketAddr>>,
+    /// Wakes the resolver of a DNS backend at once (it turned suspect).
+    resolve_now: tokio::sync::Notify,
     label: String,
     tracker: Mutex<Tracker>,
     active: AtomicUsize,
@@ -63,6 +68,11 @@ impl BackendSet {
                 .backends
                 .iter()
                 .map(|addr| Backend {
+                    addrs: Mutex::new(match addr {
+                        BackendAddr::Ip(ip) => vec![*ip],
+                        BackendAddr::Dns { .. } => Vec::new(),
+                    }),
+                    resolve_now: tokio::sync::Notify::new(),
                     addr: addr.clone(),
                     label: addr.to_string(),
                     tracker: Mutex::new(Tracker::new(rise, fall)),
@@ -84,6 +94,38 @@ impl BackendSet {
 
     pub fn addr(&self, backend: usize) -> &BackendAddr {
         &self.backends[backend].addr
+    }
+
+    /// The backend's addresses as last resolved (empty: never resolved).
+    pub fn addresses(&self, backend: usize) -> Vec<SocketAddr> {
+        self.backends[backend]
+            .addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stores a new address set; returns the addresses that left it.
+    pub fn set_addresses(&self, backend: usize, mut new: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        new.sort();
+        new.dedup();
+        let mut addrs = self.backends[backend]
+            .addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let gone = addrs.iter().filter(|a| !new.contains(a)).copied().collect();
+        *addrs = new;
+        gone
+    }
+
+    /// Asks the resolver of `backend` to look its name up now.
+    pub fn resolve_now(&self, backend: usize) {
+        self.backends[backend].resolve_now.notify_one();
+    }
+
+    /// Resolves when [`BackendSet::resolve_now`] is called for `backend`.
+    pub async fn resolve_requested(&self, backend: usize) {
+        self.backends[backend].resolve_now.notified().await;
     }
 
     pub fn label(&self, backend: usize) -> &str {

@@ -22,6 +22,8 @@ pub enum EvictReason {
     UserTimeout,
     /// Its backend went down (health checks) and `on_down = "evict"`.
     BackendDown,
+    /// Its backend's name no longer resolves to the address it is on.
+    AddressRemoved,
     /// Still open when the drain deadline passed during shutdown.
     Drain,
     /// Any other socket error.
@@ -29,13 +31,14 @@ pub enum EvictReason {
 }
 
 impl EvictReason {
-    pub const ALL: [EvictReason; 8] = [
+    pub const ALL: [EvictReason; 9] = [
         EvictReason::ProbeUnanswered,
         EvictReason::RetransmitUnanswered,
         EvictReason::PeerReset,
         EvictReason::PeerClosed,
         EvictReason::UserTimeout,
         EvictReason::BackendDown,
+        EvictReason::AddressRemoved,
         EvictReason::Drain,
         EvictReason::SocketError,
     ];
@@ -48,6 +51,7 @@ impl EvictReason {
             EvictReason::PeerClosed => "peer_closed",
             EvictReason::UserTimeout => "user_timeout",
             EvictReason::BackendDown => "backend_down",
+            EvictReason::AddressRemoved => "address_removed",
             EvictReason::Drain => "drain",
             EvictReason::SocketError => "socket_error",
         }

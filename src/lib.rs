@@ -10,6 +10,7 @@
 //! - [`session`] — one client: upstream connect, relay, eviction.
 //! - [`backend`] — a listener's backends, their health and the routing
 //!   decision; [`health`] runs their checks and state machine.
+//! - [`resolver`] — DNS following for backends named by host name.
 //! - [`upstream`] — connect to the first backend that accepts.
 //! - [`relay`] — exact byte copy both ways with half-close.
 //! - [`liveness`] — the watcher: on-demand probes and the death rule.
@@ -32,6 +33,7 @@ pub mod listener;
 pub mod liveness;
 pub mod proxy;
 pub mod relay;
+pub mod resolver;
 pub mod session;
 pub mod sockopt;
 pub mod telemetry;

@@ -14,6 +14,7 @@ use crate::backend::BackendSet;
 use crate::config::Listener;
 use crate::health::monitor::Monitor;
 use crate::liveness;
+use crate::resolver::Resolver;
 use crate::session::{self, ListenerContext};
 use crate::sockopt;
 
@@ -69,8 +70,20 @@ pub async fn serve(config: Listener, tcp: TcpListener, shutdown: CancellationTok
     tracing::info!(listener = %ctx.name, "listener stopped");
 }
 
-/// One check loop per backend, when `[listener.check]` is configured.
+/// One resolver per DNS-named backend, and one check loop per backend when
+/// `[listener.check]` is configured.
 fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken) {
+    for backend in 0..ctx.backends.len() {
+        let resolver = Resolver {
+            listener: ctx.name.clone(),
+            backends: ctx.backends.clone(),
+            backend,
+            interval: ctx.config.settings.resolve_interval,
+            routing: ctx.config.settings.routing,
+            watcher: ctx.watcher.clone(),
+        };
+        tokio::spawn(resolver.run(stop.clone()));
+    }
     let Some(check) = &ctx.config.settings.check else {
         return;
     };

@@ -100,16 +100,9 @@ impl Watched {
             .store(leg_index(leg) as u64, Ordering::Relaxed);
     }
 
-    /// Data is in flight, or the client spoke last (a request may be
-    /// waiting for its answer): the session is busy, not idle.
-    pub fn busy(&self) -> bool {
-        let client_spoke_last =
-            self.last_read_from.load(Ordering::Relaxed) == leg_index(Leg::Client) as u64;
-        client_spoke_last
-            || self
-                .pending_since
-                .iter()
-                .any(|p| p.load(Ordering::Relaxed) != 0)
+    /// The client spoke last: a request may be waiting for its answer.
+    pub fn client_spoke_last(&self) -> bool {
+        self.last_read_from.load(Ordering::Relaxed) == leg_index(Leg::Client) as u64
     }
 
     pub fn idle_for(&self) -> Duration {

@@ -45,9 +45,16 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
             return;
         }
     };
-    let candidates: Vec<_> = order.iter().map(|&i| (i, ctx.backends.addr(i))).collect();
+    let candidates = order
+        .iter()
+        .map(|&index| upstream::Candidate {
+            index,
+            backend: ctx.backends.addr(index),
+            addrs: ctx.backends.addresses(index),
+        })
+        .collect();
     let upstream = tokio::select! {
-        result = upstream::connect(&candidates, &cfg.settings.upstream, cfg.settings.connect_timeout) => result,
+        result = upstream::connect(candidates, &cfg.settings.upstream, cfg.settings.connect_timeout) => result,
         _ = ctx.drain_deadline.cancelled() => return,
     };
     let upstream = match upstream {

@@ -25,21 +25,38 @@ pub struct Upstream {
     pub peer: SocketAddr,
 }
 
-/// Tries the backends in the order given (`(index, address)` pairs, as
-/// routing chose them); each address gets `timeout`.
+/// A backend to try: its index, how it was written, and its addresses as
+/// last resolved (empty: not resolved yet, look it up now).
+pub struct Candidate<'a> {
+    pub index: usize,
+    pub backend: &'a BackendAddr,
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Tries the backends in the order given (as routing chose them); each
+/// address gets `timeout`.
 pub async fn connect(
-    backends: &[(usize, &BackendAddr)],
+    backends: Vec<Candidate<'_>>,
     settings: &SocketSettings,
     timeout: Duration,
 ) -> Result<Upstream, ConnectError> {
     let mut attempts = Vec::new();
-    for &(index, backend) in backends {
-        let addrs = match resolve(backend, timeout).await {
-            Ok(addrs) => addrs,
-            Err(e) => {
-                attempts.push(format!("{backend}: cannot resolve: {e}"));
-                continue;
+    for Candidate {
+        index,
+        backend,
+        addrs,
+    } in backends
+    {
+        let addrs = if addrs.is_empty() {
+            match resolve(backend, timeout).await {
+                Ok(addrs) => addrs,
+                Err(e) => {
+                    attempts.push(format!("{backend}: cannot resolve: {e}"));
+                    continue;
+                }
             }
+        } else {
+            addrs
         };
         for addr in addrs {
             match connect_one(addr, settings, timeout).await {
@@ -57,7 +74,8 @@ pub async fn connect(
     Err(ConnectError { attempts })
 }
 
-async fn resolve(backend: &BackendAddr, timeout: Duration) -> io::Result<Vec<SocketAddr>> {
+/// The addresses of a backend today (a DNS lookup for names).
+pub async fn resolve(backend: &BackendAddr, timeout: Duration) -> io::Result<Vec<SocketAddr>> {
     match backend {
         BackendAddr::Ip(addr) => Ok(vec![*addr]),
         BackendAddr::Dns { host, port } => {

@@ -48,6 +48,10 @@ pub struct ListenerConfig {
     pub on_evict: OnEvict,
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Backends named by host name are re-resolved this often (and at once
+    /// when one turns suspect); managed databases fail over by moving a name.
+    #[serde(default = "defaults::resolve_interval", with = "humantime_serde")]
+    pub resolve_interval: Duration,
     #[serde(default)]
     pub liveness: Liveness,
     #[serde(default)]
@@ -353,6 +357,9 @@ pub mod defaults {
     }
     pub fn fall() -> NonZeroU32 {
         NonZeroU32::new(2).expect("non-zero literal")
+    }
+    pub fn resolve_interval() -> Duration {
+        Duration::from_secs(5)
     }
     pub fn down_grace() -> Duration {
         Duration::from_secs(5)

@@ -383,6 +383,9 @@ fn check_listener<'a>(
     if l.connect_timeout.is_zero() {
         c.problem("connect_timeout", "is zero", "use e.g. \"2s\"");
     }
+    if l.resolve_interval.is_zero() {
+        c.problem("resolve_interval", "is zero", "use e.g. \"5s\"");
+    }
     if l.drain_timeout.is_zero() {
         c.problem(
             "drain_timeout",

@@ -54,7 +54,12 @@ impl Monitor {
     }
 
     async fn check_once(&self) -> CheckOutcome {
-        match resolve(self.backends.addr(self.backend)).await {
+        let known = self.backends.addresses(self.backend).first().copied();
+        let addr = match known {
+            Some(addr) => Ok(addr),
+            None => resolve(self.backends.addr(self.backend)).await,
+        };
+        match addr {
             Ok(addr) => check::check(&self.check, addr).await,
             Err(e) => CheckOutcome {
                 status: CheckStatus::Down,
@@ -77,6 +82,7 @@ impl Monitor {
         }
         if change.from == State::Up && change.to == State::Suspect {
             self.watcher.probe_backend(self.backend);
+            self.backends.resolve_now(self.backend);
         }
         let lost_role = change.role_changed && !self.backends.wants(role);
         let went_down = change.state_changed() && change.to == State::Down;

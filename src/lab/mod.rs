@@ -171,6 +171,19 @@ impl Lab {
         Ok(process)
     }
 
+    /// Writes the namespace's own `/etc/hosts`: programs started later with
+    /// [`Lab::spawn`] (`ip netns exec` bind-mounts `/etc/netns/<name>/hosts`
+    /// over `/etc/hosts`) resolve names through it. Rewriting it in place
+    /// changes what running programs resolve next, so a test controls DNS.
+    pub fn set_hosts(&self, contents: &str) -> Result<(), LabError> {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).map_err(LabError::io(format!("create {}", dir.display())))?;
+        let hosts = dir.join("hosts");
+        // Truncate and write the same file: a rename would leave running
+        // programs looking at the old, still bind-mounted, inode.
+        std::fs::write(&hosts, contents).map_err(LabError::io(format!("write {}", hosts.display())))
+    }
+
     /// Blackholes TCP to and from `port` (iptables DROP in INPUT on
     /// `--dport` and `--sport`): on loopback both ends of every connection
     /// of that port stop hearing each other, with no FIN or RST.

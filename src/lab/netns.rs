@@ -130,10 +130,13 @@ pub(super) fn check_firewall(tools: &Tools, name: &str) -> Result<(), LabError> 
 }
 
 /// Best effort: a namespace that cannot be deleted is reported, not fatal.
+/// Deletes the namespace, and its `/etc/netns/<name>` files if
+/// [`super::Lab::set_hosts`] made any.
 pub(super) fn delete(tools: &Tools, name: &str) {
     if let Err(e) = run(&tools.ip, &["netns", "del", name]) {
         eprintln!("lab: cannot delete network namespace {name}: {e}");
     }
+    let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(name));
 }
 
 /// Kills what still runs in, and deletes, every `pg-<pid>-*` namespace

@@ -76,16 +76,24 @@ impl Lab {
         exe: &Path,
         config: &ProxyConfig,
     ) -> Result<LabProcess, LabError> {
-        let file = self.write_file(
-            &format!("pulsegate-{}.toml", config.bind.port()),
-            &config.to_toml(),
-        )?;
+        self.start_pulsegate_with(exe, config.bind, &config.to_toml())
+    }
+
+    /// Like [`Lab::start_pulsegate`], with the config file's text as given;
+    /// `bind` is the listener to wait for.
+    pub fn start_pulsegate_with(
+        &self,
+        exe: &Path,
+        bind: SocketAddr,
+        toml: &str,
+    ) -> Result<LabProcess, LabError> {
+        let file = self.write_file(&format!("pulsegate-{}.toml", bind.port()), toml)?;
         let mut command = Command::new(exe);
         command
             .args(["--log-format", "json", "--log-level", "info", "run", "-c"])
             .arg(&file);
-        let process = self.spawn_as(&format!("pulsegate-{}", config.bind.port()), command)?;
-        self.wait_ready(&process, config.bind, START_TIMEOUT)?;
+        let process = self.spawn_as(&format!("pulsegate-{}", bind.port()), command)?;
+        self.wait_ready(&process, bind, START_TIMEOUT)?;
         Ok(process)
     }
 

@@ -3,6 +3,7 @@
 //! (probe every session of a suspect backend now; evict the sessions of a
 //! down backend).
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -33,6 +34,13 @@ enum Order {
         backend: usize,
         grace: Duration,
     },
+    /// The backend's name no longer resolves to these addresses: evict the
+    /// sessions connected to them, like `EvictBackend`.
+    EvictAddresses {
+        backend: usize,
+        gone: Vec<SocketAddr>,
+        grace: Duration,
+    },
 }
 
 /// Talks to a listener's watcher.
@@ -57,13 +65,24 @@ impl WatcherHandle {
     pub fn evict_backend(&self, backend: usize, grace: Duration) {
         let _ = self.tx.send(Order::EvictBackend { backend, grace });
     }
+
+    /// Evicts the sessions of `backend` connected to addresses its name no
+    /// longer resolves to: idle ones now, busy ones after `grace`.
+    pub fn evict_addresses(&self, backend: usize, gone: Vec<SocketAddr>, grace: Duration) {
+        let _ = self.tx.send(Order::EvictAddresses {
+            backend,
+            gone,
+            grace,
+        });
+    }
 }
 
 struct Entry {
     session: Weak<Watched>,
     legs: [LegState; 2],
-    /// Set by a backend going down while this session was busy.
-    evict_at_ms: Option<u64>,
+    /// Set by a backend going down while this session was busy: when, and
+    /// with which reason.
+    evict_at: Option<(u64, EvictReason)>,
 }
 
 struct Sweeper {
@@ -133,12 +152,19 @@ impl Sweeper {
                 self.slots[self.registered % SLICES].push(Entry {
                     session,
                     legs: [LegState::default(); 2],
-                    evict_at_ms: None,
+                    evict_at: None,
                 });
                 self.registered += 1;
             }
             Order::ProbeBackend(backend) => self.probe_backend(backend),
-            Order::EvictBackend { backend, grace } => self.evict_backend(backend, grace),
+            Order::EvictBackend { backend, grace } => {
+                self.evict_sessions(backend, grace, None, EvictReason::BackendDown)
+            }
+            Order::EvictAddresses {
+                backend,
+                gone,
+                grace,
+            } => self.evict_sessions(backend, grace, Some(&gone), EvictReason::AddressRemoved),
         }
     }
 
@@ -169,21 +195,33 @@ impl Sweeper {
             "backend suspect: probing all its sessions now");
     }
 
-    fn evict_backend(&mut self, backend: usize, grace: Duration) {
+    /// Evicts the sessions of `backend` (only those connected to `only`
+    /// addresses, when given): idle ones now, busy ones after `grace`.
+    fn evict_sessions(
+        &mut self,
+        backend: usize,
+        grace: Duration,
+        only: Option<&[SocketAddr]>,
+        reason: EvictReason,
+    ) {
         let now = now_ms();
         let (mut now_count, mut later) = (0, 0);
         for (entry, session) in self.sessions_of(backend) {
-            if session.busy() {
-                entry.evict_at_ms = Some(now + grace.as_millis() as u64);
+            let peer = session.upstream.peer_addr().ok();
+            if only.is_some_and(|only| peer.is_none_or(|p| !only.contains(&p))) {
+                continue;
+            }
+            if busy(&session) {
+                entry.evict_at = Some((now + grace.as_millis() as u64, reason));
                 later += 1;
             } else {
-                session.evict(backend_down());
+                session.evict(decided(reason));
                 now_count += 1;
             }
         }
-        tracing::warn!(backend = %self.backends.label(backend), idle_evicted = now_count,
-            busy_after_grace = later, grace = %humantime::format_duration(grace),
-            "backend down: evicting its sessions");
+        tracing::warn!(backend = %self.backends.label(backend), reason = reason.as_str(),
+            idle_evicted = now_count, busy_after_grace = later,
+            grace = %humantime::format_duration(grace), "evicting sessions of a backend");
     }
 
     async fn sweep(&mut self, slice: usize) {
@@ -195,8 +233,8 @@ impl Sweeper {
                 continue;
             };
             if session.verdict().is_none() {
-                if entry.evict_at_ms.is_some_and(|t| now_ms() >= t) {
-                    session.evict(backend_down());
+                if let Some((_, reason)) = entry.evict_at.filter(|&(t, _)| now_ms() >= t) {
+                    session.evict(decided(reason));
                 } else if let Some(leg) =
                     check_session(&session, &mut entry.legs, &self.rules, &self.liveness)
                 {
@@ -214,10 +252,20 @@ impl Sweeper {
     }
 }
 
-fn backend_down() -> Verdict {
+/// A request waiting for its answer (the client spoke last), or bytes not
+/// yet delivered on either leg: such a session gets `down_grace`.
+fn busy(session: &Watched) -> bool {
+    let in_flight = |leg| {
+        sockopt::tcp_info(session.socket(leg)).is_ok_and(|i| i.unacked > 0 || i.notsent_bytes > 0)
+    };
+    session.client_spoke_last() || in_flight(Leg::Upstream) || in_flight(Leg::Client)
+}
+
+/// A verdict decided by health or DNS, not by this session's own evidence.
+fn decided(reason: EvictReason) -> Verdict {
     Verdict {
         leg: Leg::Upstream,
-        reason: EvictReason::BackendDown,
+        reason,
         evidence: None,
     }
 }
