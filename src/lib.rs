@@ -11,7 +11,8 @@
 //! - [`backend`] — a listener's backends, their health and the routing
 //!   decision; [`health`] runs their checks and state machine.
 //! - [`resolver`] — DNS following for backends named by host name.
-//! - [`upstream`] — connect to the first backend that accepts.
+//! - [`upstream`] — connect to the first backend that accepts; [`pool`]
+//!   keeps probed spare connections ready per backend.
 //! - [`relay`] — exact byte copy both ways with half-close.
 //! - [`liveness`] — the watcher: on-demand probes and the death rule.
 //! - [`evict`] — eviction reasons and the structured eviction event.
@@ -31,6 +32,7 @@ pub mod health;
 pub mod lab;
 pub mod listener;
 pub mod liveness;
+pub mod pool;
 pub mod proxy;
 pub mod relay;
 pub mod resolver;

@@ -14,6 +14,7 @@ use crate::backend::BackendSet;
 use crate::config::Listener;
 use crate::health::monitor::Monitor;
 use crate::liveness;
+use crate::pool::Pool;
 use crate::resolver::Resolver;
 use crate::session::{self, ListenerContext};
 use crate::sockopt;
@@ -37,6 +38,7 @@ pub async fn serve(config: Listener, tcp: TcpListener, shutdown: CancellationTok
             settings.client,
             backends.clone(),
         ),
+        pool: Pool::new(&config),
         backends,
         drain_deadline: CancellationToken::new(),
         config: config.clone(),
@@ -83,6 +85,17 @@ fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken) {
             watcher: ctx.watcher.clone(),
         };
         tokio::spawn(resolver.run(stop.clone()));
+    }
+    if let Some(pool) = &ctx.pool {
+        for backend in 0..ctx.backends.len() {
+            tokio::spawn(pool.clone().tend(
+                ctx.backends.clone(),
+                backend,
+                ctx.config.settings.upstream,
+                ctx.config.settings.connect_timeout,
+                stop.clone(),
+            ));
+        }
     }
     let Some(check) = &ctx.config.settings.check else {
         return;

@@ -12,6 +12,7 @@ use crate::backend::BackendSet;
 use crate::config::{Listener, OnEvict};
 use crate::evict::{self, EvictReason, Leg, SessionLabels, Verdict};
 use crate::liveness::{Watched, WatcherHandle};
+use crate::pool::Pool;
 use crate::relay;
 use crate::sockopt;
 use crate::upstream;
@@ -22,6 +23,8 @@ pub struct ListenerContext {
     pub name: Arc<str>,
     pub watcher: WatcherHandle,
     pub backends: Arc<BackendSet>,
+    /// Spare upstream connections, when `[listener.pool]` asks for them.
+    pub pool: Option<Arc<Pool>>,
     /// Cancelled when the drain deadline passes.
     pub drain_deadline: CancellationToken,
 }
@@ -45,25 +48,38 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
             return;
         }
     };
-    let candidates = order
-        .iter()
-        .map(|&index| upstream::Candidate {
-            index,
-            backend: ctx.backends.addr(index),
-            addrs: ctx.backends.addresses(index),
-        })
-        .collect();
-    let upstream = tokio::select! {
-        result = upstream::connect(candidates, &cfg.settings.upstream, cfg.settings.connect_timeout) => result,
-        _ = ctx.drain_deadline.cancelled() => return,
-    };
-    let upstream = match upstream {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
-                "closing client: no backend available");
-            let _ = sockopt::set_reset_on_close(&client);
-            return;
+    let upstream = match ctx.pool.as_ref().and_then(|pool| pool.take(order[0])) {
+        Some(stream) => upstream::Upstream {
+            peer: stream
+                .peer_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            stream,
+            backend: order[0],
+            pooled: true,
+        },
+        None => {
+            let candidates = order
+                .iter()
+                .map(|&index| upstream::Candidate {
+                    index,
+                    backend: ctx.backends.addr(index),
+                    addrs: ctx.backends.addresses(index),
+                })
+                .collect();
+            let settings = &cfg.settings;
+            let connected = tokio::select! {
+                result = upstream::connect(candidates, &settings.upstream, settings.connect_timeout) => result,
+                _ = ctx.drain_deadline.cancelled() => return,
+            };
+            match connected {
+                Ok(upstream) => upstream,
+                Err(e) => {
+                    tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
+                        "closing client: no backend available");
+                    let _ = sockopt::set_reset_on_close(&client);
+                    return;
+                }
+            }
         }
     };
     let labels = SessionLabels {
@@ -73,7 +89,7 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
         upstream_local: upstream.stream.local_addr().ok(),
     };
     tracing::debug!(listener = %ctx.name, client = %client_addr, backend = %labels.backend,
-        upstream = %upstream.peer, "session started");
+        upstream = %upstream.peer, pooled = upstream.pooled, "session started");
     let _counted = ctx.backends.opened(upstream.backend);
     let session = Arc::new(Watched::new(client, upstream.stream, upstream.backend));
     ctx.watcher.watch(&session);

@@ -23,6 +23,8 @@ pub struct Upstream {
     pub stream: TcpStream,
     pub backend: usize,
     pub peer: SocketAddr,
+    /// Taken from the warm pool rather than connected for this client.
+    pub pooled: bool,
 }
 
 /// A backend to try: its index, how it was written, and its addresses as
@@ -65,6 +67,7 @@ pub async fn connect(
                         stream,
                         backend: index,
                         peer: addr,
+                        pooled: false,
                     })
                 }
                 Err(e) => attempts.push(format!("{backend} ({addr}): {e}")),

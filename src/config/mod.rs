@@ -64,6 +64,32 @@ pub struct ListenerConfig {
     pub check: Option<CheckConfig>,
     #[serde(default)]
     pub routing: Routing,
+    #[serde(default)]
+    pub pool: PoolConfig,
+}
+
+/// `[listener.pool]`: pre-connected spare upstream connections per backend,
+/// probed while idle, handed to new clients without a connect round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Spare connections kept per backend; 0 disables the pool.
+    #[serde(default)]
+    pub min_idle: u32,
+    /// A spare connection older than this is closed and replaced: keep it
+    /// below the backend's own handshake timeout (PostgreSQL's
+    /// `authentication_timeout` is 60 s, MySQL's `connect_timeout` 10 s).
+    #[serde(default = "defaults::max_idle_age", with = "humantime_serde")]
+    pub max_idle_age: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            min_idle: 0,
+            max_idle_age: defaults::max_idle_age(),
+        }
+    }
 }
 
 /// `[listener.check]`: how each backend is health-checked, on a fresh
@@ -357,6 +383,9 @@ pub mod defaults {
     }
     pub fn fall() -> NonZeroU32 {
         NonZeroU32::new(2).expect("non-zero literal")
+    }
+    pub fn max_idle_age() -> Duration {
+        Duration::from_secs(30)
     }
     pub fn resolve_interval() -> Duration {
         Duration::from_secs(5)

@@ -383,6 +383,23 @@ fn check_listener<'a>(
     if l.connect_timeout.is_zero() {
         c.problem("connect_timeout", "is zero", "use e.g. \"2s\"");
     }
+    if l.pool.min_idle > 0 && l.pool.max_idle_age.is_zero() {
+        c.problem(
+            "pool.max_idle_age",
+            "is zero",
+            "use e.g. \"30s\" (below the backend's handshake timeout)",
+        );
+    }
+    if l.pool.min_idle > l.max_connections.get() {
+        c.problem(
+            "pool.min_idle",
+            format!(
+                "{} is above max_connections ({})",
+                l.pool.min_idle, l.max_connections
+            ),
+            "keep a few spares per backend, e.g. 4",
+        );
+    }
     if l.resolve_interval.is_zero() {
         c.problem("resolve_interval", "is zero", "use e.g. \"5s\"");
     }

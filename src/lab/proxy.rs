@@ -87,10 +87,28 @@ impl Lab {
         bind: SocketAddr,
         toml: &str,
     ) -> Result<LabProcess, LabError> {
+        self.start_pulsegate_logging(exe, bind, toml, "info")
+    }
+
+    /// Like [`Lab::start_pulsegate_with`], with a `--log-level` filter.
+    pub fn start_pulsegate_logging(
+        &self,
+        exe: &Path,
+        bind: SocketAddr,
+        toml: &str,
+        log_level: &str,
+    ) -> Result<LabProcess, LabError> {
         let file = self.write_file(&format!("pulsegate-{}.toml", bind.port()), toml)?;
         let mut command = Command::new(exe);
         command
-            .args(["--log-format", "json", "--log-level", "info", "run", "-c"])
+            .args([
+                "--log-format",
+                "json",
+                "--log-level",
+                log_level,
+                "run",
+                "-c",
+            ])
             .arg(&file);
         let process = self.spawn_as(&format!("pulsegate-{}", bind.port()), command)?;
         self.wait_ready(&process, bind, START_TIMEOUT)?;
