@@ -4,6 +4,8 @@
 //! new clients go to the next backend, and the first comes back after
 //! `rise` checks.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -61,12 +63,7 @@ async fn proxy(backends: &[SocketAddr], extra: &str) -> (SocketAddr, Cancellatio
          [listener.check]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\n\
          jitter = \"0s\"\nrise = 2\nfall = 2\n{extra}\n"
     );
-    let config = pulsegate::config::parse(&text, "failover.toml").expect("valid config");
-    let bound = pulsegate::proxy::bind_all(&config).await.unwrap();
-    let addr = bound[0].1.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(pulsegate::proxy::serve(bound, shutdown.clone()));
-    (addr, shutdown)
+    support::in_process_proxy(&text).await
 }
 
 /// Sends `msg` and returns the backend's tag.

@@ -3,6 +3,8 @@
 //! demoted, new connections follow within two check intervals and sessions
 //! to the demoted node are evicted.
 
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -134,11 +136,8 @@ async fn new_connections_follow_the_master_and_old_sessions_are_evicted() {
         b.addr(),
         a.addr()
     );
-    let config = pulsegate::config::parse(&text, "roles.toml").unwrap();
-    let bound = pulsegate::proxy::bind_all(&config).await.unwrap();
-    let proxy = bound[0].1.local_addr().unwrap().port();
-    let stop = CancellationToken::new();
-    tokio::spawn(pulsegate::proxy::serve(bound, stop.clone()));
+    let (proxy, stop) = support::in_process_proxy(&text).await;
+    let proxy = proxy.port();
 
     tokio::task::spawn_blocking(move || {
         // The first check runs at once; give it a moment.
@@ -219,12 +218,8 @@ async fn start_proxy(backends: &[SocketAddr], check: &str) -> (u16, Cancellation
         "[[listener]]\nname = \"redis\"\nbind = \"127.0.0.1:0\"\nbackends = [{list}]\n\
          [listener.check]\nkind = \"redis\"\njitter = \"0s\"\n{check}\n"
     );
-    let config = pulsegate::config::parse(&text, "redis.toml").unwrap();
-    let bound = pulsegate::proxy::bind_all(&config).await.unwrap();
-    let port = bound[0].1.local_addr().unwrap().port();
-    let stop = CancellationToken::new();
-    tokio::spawn(pulsegate::proxy::serve(bound, stop.clone()));
-    (port, stop)
+    let (addr, stop) = support::in_process_proxy(&text).await;
+    (addr.port(), stop)
 }
 
 fn pooled_ping(proxy: u16) -> TcpStream {

@@ -267,3 +267,15 @@ pub fn echo_transfer(stream: TcpStream, total: usize, io_timeout: Duration) -> T
         elapsed: started.elapsed(),
     }
 }
+
+/// Runs pulsegate in this test's process with the config `toml` (one
+/// listener, bound to an ephemeral port when `bind = "127.0.0.1:0"`);
+/// returns the listener's address and the token that shuts it down.
+pub async fn in_process_proxy(toml: &str) -> (SocketAddr, tokio_util::sync::CancellationToken) {
+    let config = pulsegate::config::parse(toml, "test.toml").expect("valid test config");
+    let bound = pulsegate::proxy::bind_all(&config).await.expect("bind");
+    let addr = bound[0].1.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(pulsegate::proxy::serve(bound, shutdown.clone()));
+    (addr, shutdown)
+}
