@@ -53,6 +53,9 @@ pub struct Change {
     pub to: State,
     /// The role moved (including to or from "unknown").
     pub role_changed: bool,
+    /// A role was known before this change (so a change is news, not the
+    /// first check learning it).
+    pub had_role: bool,
 }
 
 impl Change {
@@ -126,6 +129,7 @@ impl Tracker {
             from,
             to: self.state,
             role_changed: old_role != self.role,
+            had_role: old_role.is_some(),
         }
     }
 
@@ -140,6 +144,7 @@ impl Tracker {
             from,
             to: self.state,
             role_changed: false,
+            had_role: self.role.is_some(),
         }
     }
 }

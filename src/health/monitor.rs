@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{check, Change, CheckOutcome, CheckStatus, State};
+use super::{check, Change, CheckOutcome, CheckStatus, Role, State};
 use crate::backend::BackendSet;
 use crate::config::{BackendAddr, CheckConfig, OnDown, Routing};
 use crate::liveness::WatcherHandle;
@@ -73,12 +73,16 @@ impl Monitor {
     fn react(&self, change: Change, status: CheckStatus, detail: &str) {
         let label = self.backends.label(self.backend);
         let role = self.backends.role(self.backend);
+        let role_name = role.map_or("unknown", Role::as_str);
         if change.state_changed() {
             tracing::warn!(listener = %self.listener, backend = %label, from = %change.from,
-                to = %change.to, check = ?status, detail, "backend state changed");
-        } else if change.role_changed {
-            tracing::warn!(listener = %self.listener, backend = %label, role = ?role,
+                to = %change.to, check = ?status, detail, role = role_name, "backend state changed");
+        } else if change.role_changed && change.had_role {
+            tracing::warn!(listener = %self.listener, backend = %label, role = role_name,
                 "backend role changed");
+        } else if change.role_changed {
+            tracing::info!(listener = %self.listener, backend = %label, role = role_name,
+                "backend role learned");
         }
         if change.from == State::Up && change.to == State::Suspect {
             self.watcher.probe_backend(self.backend);

@@ -232,7 +232,11 @@ impl PgCluster {
         command.arg("-p").arg(port.to_string());
         command.arg("-k").arg(self.socket_dir());
         command.args(["-c", &format!("listen_addresses={listen}")]);
-        for setting in ["fsync=off", "synchronous_commit=off", "full_page_writes=off"] {
+        for setting in [
+            "fsync=off",
+            "synchronous_commit=off",
+            "full_page_writes=off",
+        ] {
             command.args(["-c", setting]);
         }
         for setting in extra {
@@ -279,8 +283,13 @@ impl PgServer {
                 .stderr(out)
                 .spawn()
                 .expect("start postgres");
-            let mut server = PgServer { child, addr, log };
+            let mut server = PgServer {
+                child,
+                addr,
+                log: log.clone(),
+            };
             if server.wait_accepting() {
+                server.wait_ready(cluster);
                 return server;
             }
             eprintln!(
@@ -307,6 +316,33 @@ impl PgServer {
             self.addr,
             fs::read_to_string(&self.log).unwrap_or_default()
         );
+    }
+
+    /// Listening is not ready: until recovery ends, logins get "the
+    /// database system is starting up". Waits for `pg_isready`.
+    fn wait_ready(&mut self, cluster: &PgCluster) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let mut command = Command::new(cluster.client("pg_isready"));
+            command.args(["-h", &self.addr.ip().to_string()]).args([
+                "-p",
+                &self.addr.port().to_string(),
+                "-t",
+                "2",
+            ]);
+            let out = run_bounded(command, Duration::from_secs(10));
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres on {} not ready after {START_TIMEOUT:?}: {}\n{}",
+                self.addr,
+                String::from_utf8_lossy(&out.stdout),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn log(&self) -> String {
