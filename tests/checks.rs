@@ -7,8 +7,7 @@
 //! "skipping: <reason>"; under `CI=true` it fails the test instead.
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::MetadataExt;
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,35 +20,16 @@ use pulsegate::health::check::{check, parse_status_ranges, CheckOutcome, CheckSt
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "support/servers.rs"]
+mod servers;
+use servers::{free_port, is_root, postgres_account, postgres_bin, require};
+
 /// How long a server may take to start before the test gives up.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// A check's timeout in these tests: roomy for a loaded CI machine.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 // ---------------------------------------------------------------- helpers
-
-/// `Some(())` when `available`; else skips (or fails under `CI=true`).
-fn require(available: bool, reason: &str) -> Option<()> {
-    if available {
-        return Some(());
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true but {reason}");
-    }
-    eprintln!("skipping: {reason}");
-    None
-}
-
-fn is_root() -> bool {
-    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-/// A port nobody listens on right now (the server may still lose a race
-/// for it; `Server::start` retries with another one).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    listener.local_addr().expect("local addr").port()
-}
 
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -328,29 +308,6 @@ async fn redis_loading_is_not_ready() {
 }
 
 // --------------------------------------------------------------- postgres
-
-/// The newest installed PostgreSQL's `bin` directory.
-fn postgres_bin() -> Option<PathBuf> {
-    let mut bins: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|entry| {
-            let entry = entry.ok()?;
-            let version = entry.file_name().to_str()?.parse().ok()?;
-            let bin = entry.path().join("bin");
-            bin.join("initdb").exists().then_some((version, bin))
-        })
-        .collect();
-    bins.sort();
-    bins.pop().map(|(_, bin)| bin)
-}
-
-/// The uid and gid of the `postgres` account, which runs the server.
-fn postgres_account() -> Option<(u32, u32)> {
-    let passwd = fs::read_to_string("/etc/passwd").ok()?;
-    let line = passwd.lines().find(|l| l.starts_with("postgres:"))?;
-    let fields: Vec<&str> = line.split(':').collect();
-    Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?))
-}
 
 const PG_USER: &str = "checker";
 const PG_PASSWORD: &str = "pg-s3cret";

@@ -128,7 +128,7 @@ pub fn postgres_bin() -> Option<PathBuf> {
 }
 
 /// The uid and gid of the `postgres` account.
-fn postgres_account() -> Option<(u32, u32)> {
+pub fn postgres_account() -> Option<(u32, u32)> {
     let passwd = fs::read_to_string("/etc/passwd").ok()?;
     let line = passwd.lines().find(|l| l.starts_with("postgres:"))?;
     let fields: Vec<&str> = line.split(':').collect();
