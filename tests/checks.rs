@@ -312,9 +312,15 @@ async fn redis_loading_is_not_ready() {
 const PG_USER: &str = "checker";
 const PG_PASSWORD: &str = "pg-s3cret";
 
-/// initdb (SCRAM, superuser `checker`) and postgres, as the `postgres`
+/// initdb (md5 host auth, superuser `checker`) and postgres, as the `postgres`
 /// account, in a temp dir that account owns.
 fn start_postgres() -> Option<Server> {
+    start_postgres_as(false)
+}
+
+/// With `standby`, the cluster starts in standby mode (`standby.signal`,
+/// no primary to follow): a hot standby where `pg_is_in_recovery()` is true.
+fn start_postgres_as(standby: bool) -> Option<Server> {
     let bin = postgres_bin();
     require(
         bin.is_some(),
@@ -337,11 +343,25 @@ fn start_postgres() -> Option<Server> {
     let initdb = as_postgres("initdb")
         .arg("-D")
         .arg(path.join("data"))
-        .args(["--auth=scram-sha-256", "--pwfile=pwfile", "-U", PG_USER])
+        // `md5` in pg_hba.conf: a role whose password is stored as SCRAM
+        // logs in with SCRAM, one stored as md5 with md5, so one cluster
+        // covers both methods.
+        .args([
+            "--auth-host=md5",
+            "--auth-local=trust",
+            "--pwfile=pwfile",
+            "-U",
+            PG_USER,
+        ])
         .args(["--no-sync", "--no-instructions", "-E", "UTF8", "--locale=C"])
         .output()
         .expect("run initdb");
     assert!(initdb.status.success(), "initdb: {initdb:?}");
+    if standby {
+        let signal = path.join("data/standby.signal");
+        fs::write(&signal, "").expect("write standby.signal");
+        std::os::unix::fs::chown(&signal, Some(uid), Some(gid)).expect("chown standby.signal");
+    }
     Some(Server::start(dir, "postgres", |port| {
         let mut command = as_postgres("postgres");
         command.arg("-D").arg(path.join("data"));
@@ -351,9 +371,13 @@ fn start_postgres() -> Option<Server> {
             "listen_addresses=127.0.0.1",
             "fsync=off",
             "shared_buffers=16MB",
-            "max_connections=20",
         ] {
             command.args(["-c", setting]);
+        }
+        // A hot standby refuses fewer connections than its primary had
+        // (initdb's 100, recorded in pg_control).
+        if !standby {
+            command.args(["-c", "max_connections=20"]);
         }
         command
     }))
@@ -402,6 +426,56 @@ async fn postgres_sslrequest_and_login() {
     from_file.password = None;
     from_file.password_file = Some(pg.dir.path().join("pwfile"));
     assert_status(&check(&from_file, pg.addr()).await, CheckStatus::Up);
+
+    // initdb with md5 host auth stores the superuser's password as md5; a
+    // role whose password is stored as SCRAM logs in with SCRAM.
+    let admin = format!(
+        "host=127.0.0.1 port={} user={PG_USER} password={PG_PASSWORD} dbname=postgres",
+        pg.addr().port()
+    );
+    let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("admin login");
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "SET password_encryption = 'scram-sha-256'; \
+             CREATE ROLE scramuser LOGIN PASSWORD 'scram-pass'",
+        )
+        .await
+        .expect("create a SCRAM role");
+    let stored: Vec<(String, String)> = client
+        .query(
+            "SELECT rolname::text, left(rolpassword, 6) FROM pg_authid \
+             WHERE rolname IN ($1, 'scramuser') ORDER BY 1",
+            &[&PG_USER],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    // Both methods are in play: the checks above logged in with md5.
+    assert!(stored[0].1.starts_with("md5"), "{stored:?}");
+    assert!(stored[1].1.starts_with("SCRAM-"), "{stored:?}");
+    let mut scram = postgres_login("scram-pass");
+    scram.user = Some("scramuser".into());
+    let outcome = check(&scram, pg.addr()).await;
+    assert_status(&outcome, CheckStatus::Up);
+    assert_eq!(outcome.role, Some(Role::Primary), "{outcome:?}");
+    scram.password = Some("wrong".into());
+    assert_status(&check(&scram, pg.addr()).await, CheckStatus::Down);
+}
+
+#[tokio::test]
+async fn postgres_standby_reports_the_replica_role() {
+    let Some(pg) = start_postgres_as(true) else {
+        return;
+    };
+    let login = postgres_login(PG_PASSWORD);
+    let ready = wait_for(&login, pg.addr(), CheckStatus::Up, START_TIMEOUT).await;
+    assert_status(&ready, CheckStatus::Up);
+    assert_eq!(ready.role, Some(Role::Replica), "{ready:?}");
 }
 
 // ------------------------------------------------------------------ mysql
