@@ -39,48 +39,8 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
             "cannot set client socket options; closing");
         return;
     }
-    let order = match ctx.backends.route() {
-        Ok(order) => order,
-        Err(e) => {
-            tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
-                "refusing client: no backend to send it to");
-            let _ = sockopt::set_reset_on_close(&client);
-            return;
-        }
-    };
-    let upstream = match ctx.pool.as_ref().and_then(|pool| pool.take(order[0])) {
-        Some(stream) => upstream::Upstream {
-            peer: stream
-                .peer_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
-            stream,
-            backend: order[0],
-            pooled: true,
-        },
-        None => {
-            let candidates = order
-                .iter()
-                .map(|&index| upstream::Candidate {
-                    index,
-                    backend: ctx.backends.addr(index),
-                    addrs: ctx.backends.addresses(index),
-                })
-                .collect();
-            let settings = &cfg.settings;
-            let connected = tokio::select! {
-                result = upstream::connect(candidates, &settings.upstream, settings.connect_timeout) => result,
-                _ = ctx.drain_deadline.cancelled() => return,
-            };
-            match connected {
-                Ok(upstream) => upstream,
-                Err(e) => {
-                    tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
-                        "closing client: no backend available");
-                    let _ = sockopt::set_reset_on_close(&client);
-                    return;
-                }
-            }
-        }
+    let Some(upstream) = acquire_upstream(&ctx, &client, client_addr).await else {
+        return;
     };
     let labels = SessionLabels {
         listener: ctx.name.clone(),
@@ -113,6 +73,57 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
     }
     // Dropping the last reference closes both sockets now: the watcher only
     // holds a weak one.
+}
+
+/// Routes a new client and gets its upstream connection: a spare from the
+/// warm pool, or a connect to the backends in routing order. When there is
+/// none, the client is set to be reset (on drop) and the reason logged.
+async fn acquire_upstream(
+    ctx: &ListenerContext,
+    client: &TcpStream,
+    client_addr: SocketAddr,
+) -> Option<upstream::Upstream> {
+    let order = match ctx.backends.route() {
+        Ok(order) => order,
+        Err(e) => {
+            tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
+                "refusing client: no backend to send it to");
+            let _ = sockopt::set_reset_on_close(client);
+            return None;
+        }
+    };
+    if let Some(stream) = ctx.pool.as_ref().and_then(|pool| pool.take(order[0])) {
+        return Some(upstream::Upstream {
+            peer: stream
+                .peer_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            stream,
+            backend: order[0],
+            pooled: true,
+        });
+    }
+    let candidates = order
+        .iter()
+        .map(|&index| upstream::Candidate {
+            index,
+            backend: ctx.backends.addr(index),
+            addrs: ctx.backends.addresses(index),
+        })
+        .collect();
+    let settings = &ctx.config.settings;
+    let connected = tokio::select! {
+        result = upstream::connect(candidates, &settings.upstream, settings.connect_timeout) => result,
+        _ = ctx.drain_deadline.cancelled() => return None,
+    };
+    match connected {
+        Ok(upstream) => Some(upstream),
+        Err(e) => {
+            tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
+                "closing client: no backend available");
+            let _ = sockopt::set_reset_on_close(client);
+            None
+        }
+    }
 }
 
 /// Relays both directions until both have ended; the first socket error
