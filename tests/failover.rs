@@ -199,3 +199,60 @@ async fn no_healthy_backend_refuses_fast() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn round_robin_alternates_and_least_connections_fills_the_emptier_backend() {
+    let a = Backend::start("a", "127.0.0.1:0".parse().unwrap()).await;
+    let b = Backend::start("b", "127.0.0.1:0".parse().unwrap()).await;
+    let (rr, _stop_rr) = proxy(
+        &[a.addr, b.addr],
+        "[listener.routing]\nbalance = \"round_robin\"",
+    )
+    .await;
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        seen.push(served_by(rr).await.unwrap());
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] != w[1]),
+        "round_robin alternates: {seen:?}"
+    );
+
+    let (lc, _stop_lc) = proxy(
+        &[a.addr, b.addr],
+        "[listener.routing]\nbalance = \"least_connections\"",
+    )
+    .await;
+    // Sessions held open: each new one goes to the backend with fewer, so
+    // four end up two and two (first_healthy would put all four on a).
+    let mut held = Vec::new();
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(lc).await.unwrap();
+        let name = ask(&mut c).await.unwrap();
+        *counts.entry(name).or_insert(0) += 1;
+        held.push(c);
+    }
+    assert_eq!(counts.get("a"), Some(&2), "{counts:?}");
+    assert_eq!(counts.get("b"), Some(&2), "{counts:?}");
+    // Close b's two sessions: a has 2, b none, so the next two both go to
+    // b (round_robin would send one to a, first_healthy both).
+    let mut kept = Vec::new();
+    for mut c in held {
+        if ask(&mut c).await.unwrap() == "a" {
+            kept.push(c);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut next = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(lc).await.unwrap();
+        next.push(ask(&mut c).await.unwrap());
+        kept.push(c);
+    }
+    assert_eq!(
+        next,
+        ["b", "b"],
+        "least_connections fills the emptier backend"
+    );
+}
