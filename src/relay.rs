@@ -32,10 +32,10 @@ pub async fn pump(session: &Watched, from: Leg, to: Leg) -> Result<u64, LegError
     let mut total = 0u64;
     loop {
         src.readable().await.map_err(read_err)?;
-        if buf.is_empty() {
-            buf = vec![0; BUF_SIZE];
-        }
-        match src.try_read(&mut buf) {
+        // Reads go into spare capacity: allocated, never zero-filled.
+        buf.clear();
+        buf.reserve(BUF_SIZE);
+        match src.try_read_buf(&mut buf) {
             Ok(0) => {
                 finish(dst);
                 return Ok(total);
@@ -48,6 +48,7 @@ pub async fn pump(session: &Watched, from: Leg, to: Leg) -> Result<u64, LegError
                     .map_err(|error| LegError { leg: to, error })?;
                 total += n as u64;
             }
+            // Ran dry: give the buffer back, an idle session holds none.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(read_err(e)),
