@@ -28,6 +28,45 @@ pub struct Config {
     /// One `[[listener]]` table per proxied service.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
+    /// `[admin]`: the admin HTTP server (absent: no admin server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: metrics, health, status, drain and reload over HTTP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Loopback by default: the admin API can drain the proxy.
+    #[serde(default = "defaults::admin_bind")]
+    pub bind: String,
+    /// A file holding the bearer token (trailing newline ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// An environment variable holding the bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+    /// Whether `/metrics` needs the token too (`/healthz` and `/readyz`
+    /// never do: kubelet probes send none).
+    #[serde(default = "defaults::yes")]
+    pub token_protects_metrics: bool,
+    /// How many recent evictions `/status` shows.
+    #[serde(default = "defaults::recent_evictions")]
+    pub recent_evictions: usize,
+    /// Deadline for a whole admin request, headers and body included.
+    #[serde(default = "defaults::admin_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// What `/readyz` needs from a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Readiness {
+    /// Ready only while a new connection would find a usable backend.
+    #[default]
+    Backend,
+    /// Ready while listening, whatever its backends' health.
+    Always,
 }
 
 /// One `[[listener]]`: a bind address and the backends it forwards to.
@@ -66,6 +105,9 @@ pub struct ListenerConfig {
     pub routing: Routing,
     #[serde(default)]
     pub pool: PoolConfig,
+    /// What `/readyz` needs from this listener.
+    #[serde(default)]
+    pub readiness: Readiness,
 }
 
 /// `[listener.pool]`: pre-connected spare upstream connections per backend,
@@ -393,6 +435,18 @@ pub mod defaults {
     pub fn down_grace() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn admin_bind() -> String {
+        "127.0.0.1:9900".to_string()
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn recent_evictions() -> usize {
+        100
+    }
+    pub fn admin_request_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
     pub fn http_path() -> String {
         "/".to_string()
     }
@@ -415,6 +469,8 @@ pub struct Listener {
 pub struct ValidConfig {
     pub raw: Config,
     pub listeners: Vec<Listener>,
+    /// The admin server's address, when `[admin]` is present.
+    pub admin_bind: Option<SocketAddr>,
     pub warnings: Vec<Warning>,
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    bounds, BackendAddr, CheckKind, Config, Listener, ListenerConfig, RoleWanted, SocketSettings,
+    bounds, AdminConfig, BackendAddr, CheckKind, Config, Listener, ListenerConfig, RoleWanted, SocketSettings,
     ValidConfig,
 };
 
@@ -83,6 +83,20 @@ pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<ValidConfig
     let spans = KeyLines::new(text);
     let mut problems = Vec::new();
     let listeners = validate(&config, &mut problems);
+    let admin_bind = config
+        .admin
+        .as_ref()
+        .and_then(|admin| check_admin(admin, &mut problems));
+    if let Some(addr) = admin_bind {
+        if let Some(l) = listeners.iter().find(|l| l.bind == addr) {
+            problems.push(Problem {
+                key: "admin.bind".into(),
+                line: None,
+                message: format!("{addr} is also the bind of listener `{}`", l.name),
+                fix: "give the admin server its own port, e.g. 9900".into(),
+            });
+        }
+    }
     if !problems.is_empty() {
         for p in &mut problems {
             p.line = spans.line_of(&p.key);
@@ -96,6 +110,7 @@ pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<ValidConfig
     Ok(ValidConfig {
         raw: config,
         listeners,
+        admin_bind,
         warnings,
     })
 }
@@ -287,6 +302,44 @@ impl Checker<'_> {
             if !check.path.starts_with('/') {
                 self.problem("check.path", "must start with /", "write e.g. \"/healthz\"");
             }
+        }
+    }
+}
+
+fn check_admin(admin: &AdminConfig, problems: &mut Vec<Problem>) -> Option<SocketAddr> {
+    let mut c = Checker {
+        problems,
+        prefix: "admin".to_string(),
+    };
+    if admin.token_file.is_some() && admin.token_env.is_some() {
+        c.problem(
+            "token_file",
+            "token_file and token_env are exclusive",
+            "keep only one of them",
+        );
+    }
+    if admin.token_env.as_deref().is_some_and(|v| v.trim().is_empty()) {
+        c.problem("token_env", "is empty", "name an environment variable, e.g. \"PULSEGATE_ADMIN_TOKEN\"");
+    }
+    if admin.request_timeout.is_zero() {
+        c.problem("request_timeout", "is zero", "use e.g. \"5s\"");
+    }
+    if admin.recent_evictions > 10_000 {
+        c.problem(
+            "recent_evictions",
+            format!("{} would hold too many events in memory", admin.recent_evictions),
+            "use at most 10000 (the default is 100)",
+        );
+    }
+    match admin.bind.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            c.problem(
+                "bind",
+                format!("`{}` is not an IP:port address", admin.bind),
+                "write e.g. \"127.0.0.1:9900\" (loopback only unless a token is set)",
+            );
+            None
         }
     }
 }
