@@ -4,10 +4,11 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::config::{BackendAddr, Balance, Listener, RoleWanted, Routing};
 use crate::health::{Change, CheckOutcome, Role, State, Tracker};
+use crate::telemetry::metrics::BackendMeters;
 
 /// One backend.
 pub struct Backend {
@@ -19,6 +20,7 @@ pub struct Backend {
     label: String,
     tracker: Mutex<Tracker>,
     active: AtomicUsize,
+    meters: BackendMeters,
 }
 
 /// What routing sees of a backend.
@@ -35,25 +37,36 @@ pub struct Candidate {
 pub struct NoBackend(pub String);
 
 /// The backends of a listener.
+///
+/// A backend kept across a config reload (same address as written) is the
+/// same [`Backend`]: its health, role, addresses and session count carry
+/// over, so a reload does not reset what the checks learned.
 pub struct BackendSet {
-    backends: Vec<Backend>,
+    backends: Vec<Arc<Backend>>,
     routing: Routing,
     next: AtomicUsize,
 }
 
 /// Counts a connection to a backend while it lives.
-pub struct ActiveGuard<'a> {
-    backend: &'a Backend,
+pub struct ActiveGuard {
+    backend: Arc<Backend>,
 }
 
-impl Drop for ActiveGuard<'_> {
+impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.backend.active.fetch_sub(1, Ordering::Relaxed);
+        let now = self.backend.active.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.backend.meters.active.set(now as f64);
     }
 }
 
 impl BackendSet {
     pub fn new(listener: &Listener) -> Self {
+        Self::renewed(listener, None)
+    }
+
+    /// The backends of `listener`, reusing those of `previous` that it
+    /// still lists (their rise and fall are updated).
+    pub fn renewed(listener: &Listener, previous: Option<&BackendSet>) -> Self {
         let (rise, fall) = listener
             .settings
             .check
@@ -67,16 +80,30 @@ impl BackendSet {
             backends: listener
                 .backends
                 .iter()
-                .map(|addr| Backend {
-                    addrs: Mutex::new(match addr {
-                        BackendAddr::Ip(ip) => vec![*ip],
-                        BackendAddr::Dns { .. } => Vec::new(),
-                    }),
-                    resolve_now: tokio::sync::Notify::new(),
-                    addr: addr.clone(),
-                    label: addr.to_string(),
-                    tracker: Mutex::new(Tracker::new(rise, fall)),
-                    active: AtomicUsize::new(0),
+                .map(|addr| {
+                    let kept = previous
+                        .and_then(|p| p.backends.iter().find(|b| &b.addr == addr))
+                        .cloned();
+                    if let Some(kept) = &kept {
+                        kept.tracker
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .set_thresholds(rise, fall);
+                    }
+                    kept.unwrap_or_else(|| {
+                        Arc::new(Backend {
+                            addrs: Mutex::new(match addr {
+                                BackendAddr::Ip(ip) => vec![*ip],
+                                BackendAddr::Dns { .. } => Vec::new(),
+                            }),
+                            resolve_now: tokio::sync::Notify::new(),
+                            addr: addr.clone(),
+                            label: addr.to_string(),
+                            tracker: Mutex::new(Tracker::new(rise, fall)),
+                            active: AtomicUsize::new(0),
+                            meters: BackendMeters::new(&listener.name, &addr.to_string()),
+                        })
+                    })
                 })
                 .collect(),
             routing: listener.settings.routing,
@@ -90,6 +117,38 @@ impl BackendSet {
 
     pub fn is_empty(&self) -> bool {
         self.backends.is_empty()
+    }
+
+    /// Where each backend of `self` sits in `next` (by address as written);
+    /// `None` for backends that `next` no longer lists.
+    pub fn remap_to(&self, next: &BackendSet) -> Vec<Option<usize>> {
+        self.backends
+            .iter()
+            .map(|b| next.backends.iter().position(|n| Arc::ptr_eq(n, b)))
+            .collect()
+    }
+
+    /// Backends of `self` that `next` no longer lists: their gauges go to 0.
+    pub fn retire_missing(&self, next: &BackendSet) {
+        for b in &self.backends {
+            if !next.backends.iter().any(|n| Arc::ptr_eq(n, b)) {
+                b.meters.retire();
+            }
+        }
+    }
+
+    pub fn meters(&self, backend: usize) -> &BackendMeters {
+        &self.backends[backend].meters
+    }
+
+    /// Sessions open to `backend` now.
+    pub fn active(&self, backend: usize) -> usize {
+        self.backends[backend].active.load(Ordering::Relaxed)
+    }
+
+    /// The last check's outcome, if one ran.
+    pub fn last_check(&self, backend: usize) -> Option<CheckOutcome> {
+        self.tracker(backend).last().cloned()
     }
 
     pub fn addr(&self, backend: usize) -> &BackendAddr {
@@ -150,17 +209,26 @@ impl BackendSet {
     }
 
     pub fn record(&self, backend: usize, outcome: CheckOutcome) -> Change {
-        self.tracker(backend).record(outcome)
+        let b = &self.backends[backend];
+        b.meters.check(outcome.status, outcome.latency);
+        let mut t = self.tracker(backend);
+        let change = t.record(outcome);
+        b.meters.set_state(t.state(), t.role());
+        change
     }
 
     pub fn connection_dead(&self, backend: usize) -> Change {
-        self.tracker(backend).connection_dead()
+        let mut t = self.tracker(backend);
+        let change = t.connection_dead();
+        self.backends[backend].meters.set_state(t.state(), t.role());
+        change
     }
 
     /// Counts a new connection to `backend` until the guard drops.
-    pub fn opened(&self, backend: usize) -> ActiveGuard<'_> {
-        let backend = &self.backends[backend];
-        backend.active.fetch_add(1, Ordering::Relaxed);
+    pub fn opened(&self, backend: usize) -> ActiveGuard {
+        let backend = self.backends[backend].clone();
+        let now = backend.active.fetch_add(1, Ordering::Relaxed) + 1;
+        backend.meters.active.set(now as f64);
         ActiveGuard { backend }
     }
 

@@ -24,6 +24,8 @@ pub enum EvictReason {
     BackendDown,
     /// Its backend's name no longer resolves to the address it is on.
     AddressRemoved,
+    /// Its backend was removed from the listener by a config reload.
+    BackendRemoved,
     /// Still open when the drain deadline passed during shutdown.
     Drain,
     /// Any other socket error.
@@ -31,7 +33,7 @@ pub enum EvictReason {
 }
 
 impl EvictReason {
-    pub const ALL: [EvictReason; 9] = [
+    pub const ALL: [EvictReason; 10] = [
         EvictReason::ProbeUnanswered,
         EvictReason::RetransmitUnanswered,
         EvictReason::PeerReset,
@@ -39,6 +41,7 @@ impl EvictReason {
         EvictReason::UserTimeout,
         EvictReason::BackendDown,
         EvictReason::AddressRemoved,
+        EvictReason::BackendRemoved,
         EvictReason::Drain,
         EvictReason::SocketError,
     ];
@@ -52,6 +55,7 @@ impl EvictReason {
             EvictReason::UserTimeout => "user_timeout",
             EvictReason::BackendDown => "backend_down",
             EvictReason::AddressRemoved => "address_removed",
+            EvictReason::BackendRemoved => "backend_removed",
             EvictReason::Drain => "drain",
             EvictReason::SocketError => "socket_error",
         }
@@ -106,6 +110,35 @@ pub struct Verdict {
     /// TCP_INFO of the dead leg when it was judged (absent for drain, or
     /// when the socket was already gone).
     pub evidence: Option<TcpInfo>,
+    /// For a verdict of silence: how long the leg had owed an ACK (from
+    /// the first unanswered probe or unACKed byte) when it was judged.
+    pub silent_for: Option<Duration>,
+}
+
+impl Verdict {
+    /// A verdict decided by health, DNS, a reload or a drain, not by the
+    /// session's own evidence.
+    pub fn decided(leg: Leg, reason: EvictReason) -> Self {
+        Verdict {
+            leg,
+            reason,
+            evidence: None,
+            silent_for: None,
+        }
+    }
+
+    /// How long detection took: the watcher's own measure for probe and
+    /// retransmit verdicts; for a kernel abort (TCP_USER_TIMEOUT), the
+    /// time since the last ACK. `None` for verdicts not made from silence.
+    pub fn detection_time(&self) -> Option<Duration> {
+        match self.reason {
+            EvictReason::ProbeUnanswered | EvictReason::RetransmitUnanswered => self.silent_for,
+            EvictReason::UserTimeout => self
+                .silent_for
+                .or_else(|| self.evidence.map(|i| Duration::from_millis(u64::from(i.last_ack_recv_ms)))),
+            _ => None,
+        }
+    }
 }
 
 /// Who the session was between, for the eviction event.

@@ -23,6 +23,7 @@
 //! - [`demo`] — `pulsegate demo`, the seed experiment in one command.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod backend;
 pub mod check;
 pub mod config;
@@ -34,6 +35,7 @@ pub mod listener;
 pub mod liveness;
 pub mod pool;
 pub mod proxy;
+pub mod registry;
 pub mod relay;
 pub mod resolver;
 pub mod session;

@@ -1,12 +1,19 @@
-//! The accept loop of one listener: socket options, `max_connections`, and
-//! survival of EMFILE/ENFILE without spinning.
+//! One listener: the accept loop, `max_connections`, survival of
+//! EMFILE/ENFILE without spinning, config reloads, and the drain.
+//!
+//! A reload that keeps a listener's name and bind address is applied in
+//! place as a new *generation*: new sessions use the new settings and
+//! backend list; backends kept by the reload keep their health state and
+//! their sessions (handed to the new watcher); sessions to removed backends
+//! are evicted with reason `backend_removed`.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -15,65 +22,160 @@ use crate::config::Listener;
 use crate::health::monitor::Monitor;
 use crate::liveness;
 use crate::pool::Pool;
+use crate::registry::Registry;
 use crate::resolver::Resolver;
-use crate::session::{self, ListenerContext};
+use crate::session::{self, ListenerContext, ListenerShared};
 use crate::sockopt;
+use crate::telemetry::metrics::Refusal;
 
 /// How long the accept loop pauses when the process is out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Refusals and accept errors are summarised at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(1);
 
-/// Serves one bound listener until `shutdown` is cancelled, then drains:
-/// sessions may finish until `drain_timeout`, after which the rest are
-/// evicted with reason `drain`. Returns when every session has ended.
-pub async fn serve(config: Listener, tcp: TcpListener, shutdown: CancellationToken) {
-    let settings = &config.settings;
-    let backends = Arc::new(BackendSet::new(&config));
-    let ctx = Arc::new(ListenerContext {
-        name: Arc::from(config.name.as_str()),
-        watcher: liveness::spawn_watcher(
-            settings.liveness,
-            settings.upstream,
-            settings.client,
-            backends.clone(),
-        ),
-        pool: Pool::new(&config),
-        backends,
-        drain_deadline: CancellationToken::new(),
-        config: config.clone(),
-    });
-    let checks_stop = CancellationToken::new();
-    start_monitors(&ctx, &checks_stop);
-    let limit = Arc::new(Semaphore::new(settings.max_connections.get() as usize));
-    let sessions = TaskTracker::new();
-    tracing::info!(listener = %ctx.name, bind = %config.bind,
-        backends = ?config.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(), "listening");
+/// A running listener's instance number, unique in the process.
+static INSTANCES: AtomicU64 = AtomicU64::new(1);
 
-    accept_loop(&ctx, &tcp, &limit, &sessions, &shutdown).await;
+/// What a listener task is given.
+pub struct ListenerTask {
+    pub config: Listener,
+    pub tcp: TcpListener,
+    /// Stop accepting and drain (shutdown, or the listener was removed).
+    pub stop: CancellationToken,
+    /// New configs for this listener (same name and bind).
+    pub updates: mpsc::UnboundedReceiver<Listener>,
+    pub registry: Arc<Registry>,
+}
+
+/// One config generation of a listener and the tasks that serve it.
+struct Generation {
+    ctx: Arc<ListenerContext>,
+    /// Stops its health checks, resolvers and pool tending.
+    monitors: CancellationToken,
+}
+
+impl Generation {
+    fn start(config: Listener, shared: &Arc<ListenerShared>, previous: Option<&Generation>) -> Self {
+        let settings = &config.settings;
+        let backends = Arc::new(BackendSet::renewed(
+            &config,
+            previous.map(|p| &*p.ctx.backends),
+        ));
+        let ctx = Arc::new(ListenerContext {
+            name: shared.name.clone(),
+            watcher: liveness::spawn_watcher(
+                settings.liveness,
+                settings.upstream,
+                settings.client,
+                backends.clone(),
+                shared.meters.clone(),
+            ),
+            pool: Pool::new(&config),
+            backends,
+            shared: shared.clone(),
+            config,
+        });
+        let monitors = CancellationToken::new();
+        start_monitors(&ctx, &monitors);
+        Generation { ctx, monitors }
+    }
+
+    /// Ends this generation in favour of `next`: its sessions move to the
+    /// next watcher, its checks and spares stop.
+    fn retire(self, next: &Generation) {
+        let old = &self.ctx.backends;
+        let new = &next.ctx.backends;
+        let remap = old.remap_to(new);
+        old.retire_missing(new);
+        self.ctx.watcher.hand_over(
+            next.ctx.watcher.clone(),
+            remap,
+            next.ctx.config.settings.routing.down_grace,
+        );
+        self.monitors.cancel();
+        if let Some(pool) = &self.ctx.pool {
+            pool.close_all();
+        }
+    }
+}
+
+/// Serves one bound listener until `stop` is cancelled, applying the
+/// updates it is sent, then drains: sessions may finish until
+/// `drain_timeout`, after which the rest are evicted with reason `drain`.
+/// Returns when every session has ended.
+pub async fn serve(task: ListenerTask) {
+    let ListenerTask {
+        config,
+        tcp,
+        stop,
+        mut updates,
+        registry,
+    } = task;
+    let instance = INSTANCES.fetch_add(1, Ordering::Relaxed);
+    let shared = Arc::new(ListenerShared::new(&config.name, registry.clone()));
+    let mut current = Generation::start(config, &shared, None);
+    registry.publish(instance, current.ctx.clone());
+    let sessions = TaskTracker::new();
+    let cfg = &current.ctx.config;
+    tracing::info!(listener = %shared.name, bind = %cfg.bind,
+        backends = ?cfg.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(), "listening");
+
+    let mut accepting = Accepting::default();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            update = updates.recv() => match update {
+                Some(config) => {
+                    current = apply(current, config, &shared);
+                    registry.publish(instance, current.ctx.clone());
+                }
+                None => break,
+            },
+            _ = accepting.next(&current.ctx, &tcp, &sessions) => {}
+        }
+    }
     drop(tcp);
+    drain(&current.ctx, &sessions).await;
+    current.monitors.cancel();
+    registry.withdraw(instance, &shared.name);
+    tracing::info!(listener = %shared.name, "listener stopped");
+}
+
+/// Moves the listener to a new generation built from `config`.
+fn apply(current: Generation, config: Listener, shared: &Arc<ListenerShared>) -> Generation {
+    let next = Generation::start(config, shared, Some(&current));
+    tracing::info!(listener = %shared.name,
+        backends = ?next.ctx.config.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+        "listener reconfigured");
+    current.retire(&next);
+    next
+}
+
+/// Stops accepting (already done by the caller) and waits for the sessions,
+/// evicting those still open at `drain_timeout`.
+async fn drain(ctx: &ListenerContext, sessions: &TaskTracker) {
+    let drain_timeout = ctx.config.settings.drain_timeout;
     sessions.close();
     let open = sessions.len();
     if open > 0 {
         tracing::info!(listener = %ctx.name, sessions = open,
-            drain_timeout = %humantime::format_duration(settings.drain_timeout),
+            drain_timeout = %humantime::format_duration(drain_timeout),
             "stopped accepting; draining sessions");
     }
-    if tokio::time::timeout(settings.drain_timeout, sessions.wait())
+    if tokio::time::timeout(drain_timeout, sessions.wait())
         .await
         .is_err()
     {
         tracing::warn!(listener = %ctx.name, sessions = sessions.len(),
             "drain_timeout passed; closing remaining sessions");
-        ctx.drain_deadline.cancel();
+        ctx.shared.drain_deadline.cancel();
         sessions.wait().await;
     }
-    checks_stop.cancel();
-    tracing::info!(listener = %ctx.name, "listener stopped");
 }
 
-/// One resolver per DNS-named backend, and one check loop per backend when
-/// `[listener.check]` is configured.
+/// One resolver per DNS-named backend, a pool tender per backend when the
+/// pool is on, and one check loop per backend when `[listener.check]` is
+/// configured.
 fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken) {
     for backend in 0..ctx.backends.len() {
         let resolver = Resolver {
@@ -113,52 +215,48 @@ fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken) {
     }
 }
 
-async fn accept_loop(
-    ctx: &Arc<ListenerContext>,
-    tcp: &TcpListener,
-    limit: &Arc<Semaphore>,
-    sessions: &TaskTracker,
-    shutdown: &CancellationToken,
-) {
-    let mut refused = Burst::default();
-    let mut failures = Burst::default();
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = tcp.accept() => accepted,
-        };
-        let (client, client_addr) = match accepted {
+/// The accept side: what it remembers between accepts (log bursts).
+#[derive(Default)]
+struct Accepting {
+    refused: Burst,
+    failures: Burst,
+}
+
+impl Accepting {
+    /// Accepts one client and starts its session, or refuses it. Cancel
+    /// safe: a `select!` may drop it between accepts.
+    async fn next(&mut self, ctx: &Arc<ListenerContext>, tcp: &TcpListener, sessions: &TaskTracker) {
+        let (client, client_addr) = match tcp.accept().await {
             Ok(pair) => pair,
             Err(e) => {
                 if is_resource_exhaustion(&e) {
-                    if failures.hit() {
-                        tracing::error!(listener = %ctx.name, error = %e, count = failures.take(),
+                    if self.failures.hit() {
+                        tracing::error!(listener = %ctx.name, error = %e, count = self.failures.take(),
                             "cannot accept: out of file descriptors or memory; pausing accepts");
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                 } else {
                     tracing::debug!(listener = %ctx.name, error = %e, "accept failed");
                 }
-                continue;
+                return;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let max = ctx.config.settings.max_connections.get() as usize;
+        if ctx.shared.sessions() >= max {
             let _ = sockopt::set_reset_on_close(&client);
             drop(client);
-            if refused.hit() {
-                tracing::warn!(listener = %ctx.name, refused = refused.take(),
-                    max_connections = ctx.config.settings.max_connections.get(),
-                    "refusing clients: max_connections reached");
+            ctx.shared.meters.refused(Refusal::MaxConnections);
+            if self.refused.hit() {
+                tracing::warn!(listener = %ctx.name, refused = self.refused.take(),
+                    max_connections = max, "refusing clients: max_connections reached");
             }
-            continue;
-        };
+            return;
+        }
+        let counted = ctx.shared.accepted();
         let ctx = ctx.clone();
         sessions.spawn(async move {
             session::run(client, client_addr, ctx).await;
-            drop(permit);
+            drop(counted);
         });
     }
 }

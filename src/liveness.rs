@@ -12,7 +12,7 @@
 //! it reads. Legs whose verdict cannot change before a known time are not
 //! sampled until then, which keeps the cost of 10,000 idle sessions low.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -49,11 +49,16 @@ pub struct Watched {
     /// Which leg the last bytes came from ([`leg_index`]): bytes from the
     /// client last mean a request may be waiting for its answer.
     last_read_from: AtomicU64,
-    /// Index of the backend this session is connected to.
-    pub backend: usize,
+    /// Index of the backend this session is connected to, in the current
+    /// config generation's backend list ([`REMOVED`] once a reload removed
+    /// it).
+    backend: AtomicUsize,
     verdict: OnceLock<Verdict>,
     wake: Notify,
 }
+
+/// The backend index of a session whose backend a reload removed.
+pub const REMOVED: usize = usize::MAX;
 
 /// Array index of a leg in [`Watched`].
 pub fn leg_index(leg: Leg) -> usize {
@@ -72,10 +77,20 @@ impl Watched {
             pending_since: [AtomicU64::new(0), AtomicU64::new(0)],
             last_activity: AtomicU64::new(now),
             last_read_from: AtomicU64::new(leg_index(Leg::Upstream) as u64),
-            backend,
+            backend: AtomicUsize::new(backend),
             verdict: OnceLock::new(),
             wake: Notify::new(),
         }
+    }
+
+    /// Index of its backend in the current generation's list.
+    pub fn backend(&self) -> usize {
+        self.backend.load(Ordering::Relaxed)
+    }
+
+    /// A reload renumbered the backends (or removed this one: [`REMOVED`]).
+    pub fn set_backend(&self, backend: usize) {
+        self.backend.store(backend, Ordering::Relaxed);
     }
 
     pub fn socket(&self, leg: Leg) -> &TcpStream {
@@ -167,6 +182,10 @@ pub enum Action {
 pub struct Assessment {
     pub action: Action,
     pub dead: Option<EvictReason>,
+    /// How long the leg has owed an ACK (0 when it owes none).
+    pub silent_ms: u64,
+    /// A keepalive probe debt began at this sample (for the metrics).
+    pub probe_unanswered: bool,
     /// The leg owes nothing: the relay's pending mark may be cleared.
     pub clear_pending: bool,
 }
@@ -217,6 +236,7 @@ impl LegState {
         }
         self.next_check_ms = now_ms + rule.sweep_ms;
         let window_probe = !owes_data && info.notsent_bytes > 0;
+        let new_debt = self.debt_start_ms.is_none();
         let start = *self.debt_start_ms.get_or_insert_with(|| {
             if owes_data && pending_ms != 0 {
                 pending_ms
@@ -253,6 +273,8 @@ impl LegState {
         Assessment {
             action: Action::None,
             dead,
+            silent_ms: silence,
+            probe_unanswered: new_debt && owes_probe && !owes_data && !window_probe,
             clear_pending: false,
         }
     }
@@ -297,6 +319,8 @@ impl LegState {
         Assessment {
             action,
             dead: None,
+            silent_ms: 0,
+            probe_unanswered: false,
             clear_pending: pending_ms != 0,
         }
     }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use pulsegate::telemetry::{self, LogFormat};
@@ -111,6 +112,13 @@ fn run(path: &std::path::Path) -> ExitCode {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    let admin = match config.raw.admin.as_ref().map(admin_settings).transpose() {
+        Ok(admin) => admin,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -118,28 +126,126 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    runtime.block_on(async {
-        let bound = match pulsegate::proxy::bind_all(&config).await {
-            Ok(bound) => bound,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_RUNTIME);
-            }
-        };
-        let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone()));
-        pulsegate::proxy::serve(bound, shutdown).await;
-        tracing::info!("all listeners drained; exiting");
-        ExitCode::SUCCESS
+    runtime.block_on(serve(config, admin, path.to_path_buf()))
+}
+
+/// The admin server's settings from `[admin]`, with the token read from
+/// its file or environment variable.
+fn admin_settings(
+    admin: &pulsegate::config::AdminConfig,
+) -> Result<pulsegate::admin::AdminSettings, String> {
+    use pulsegate::admin::Token;
+    let token = if let Some(file) = &admin.token_file {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            format!(
+                "admin.token_file {}: cannot read it: {e}; fix the path or its permissions",
+                file.display()
+            )
+        })?;
+        Some(Token::new(&text).ok_or_else(|| {
+            format!(
+                "admin.token_file {} is empty; put the token in it",
+                file.display()
+            )
+        })?)
+    } else if let Some(var) = &admin.token_env {
+        let text = std::env::var(var).map_err(|_| {
+            format!("admin.token_env: the environment variable {var} is not set (or not UTF-8); set it to the token")
+        })?;
+        Some(Token::new(&text).ok_or_else(|| {
+            format!("admin.token_env: the environment variable {var} is empty; set it to the token")
+        })?)
+    } else {
+        None
+    };
+    let bind = admin
+        .bind
+        .parse()
+        .map_err(|_| format!("admin.bind `{}` is not an IP:port address", admin.bind))?;
+    Ok(pulsegate::admin::AdminSettings {
+        bind,
+        token,
+        token_protects_metrics: admin.token_protects_metrics,
+        request_timeout: admin.request_timeout,
+        max_body_bytes: 64 * 1024,
+        max_connections: 64,
     })
 }
 
-/// First SIGTERM/SIGINT: graceful drain. Second: exit at once.
-async fn watch_signals(shutdown: CancellationToken) {
+async fn serve(
+    config: pulsegate::config::ValidConfig,
+    admin: Option<pulsegate::admin::AdminSettings>,
+    path: PathBuf,
+) -> ExitCode {
+    use pulsegate::proxy::Proxy;
+    let metrics = match pulsegate::telemetry::metrics::install() {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::warn!("{e}; /metrics will be empty");
+            None
+        }
+    };
+    if let Some(handle) = &metrics {
+        tokio::spawn(metrics_upkeep(handle.clone()));
+    }
+    let bound = match pulsegate::proxy::bind_all(&config).await {
+        Ok(bound) => bound,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let admin_listener = match &admin {
+        Some(a) => match tokio::net::TcpListener::bind(a.bind).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("error: admin server: cannot bind {}: {e}", a.bind);
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        },
+        None => None,
+    };
+    let proxy = Proxy::start(config, bound, Some(path), metrics);
+    let admin_stop = CancellationToken::new();
+    if let (Some(settings), Some(listener)) = (admin, admin_listener) {
+        let control: Arc<dyn pulsegate::admin::Control> = proxy.clone();
+        tokio::spawn(pulsegate::admin::serve(
+            listener,
+            settings,
+            control,
+            admin_stop.clone(),
+        ));
+    }
+    let exit_now = CancellationToken::new();
+    tokio::spawn(watch_signals(proxy.clone(), exit_now.clone()));
+    proxy.drained().await;
+    tracing::info!("all listeners drained");
+    if !proxy.exit_after_drain() {
+        tracing::info!("staying up drained (POST /drain?then=stay); SIGTERM exits");
+        exit_now.cancelled().await;
+    }
+    admin_stop.cancel();
+    tracing::info!("exiting");
+    ExitCode::SUCCESS
+}
+
+/// Keeps the histograms' memory bounded between scrapes.
+async fn metrics_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+/// SIGHUP: reload. First SIGTERM/SIGINT: graceful drain, then exit (also
+/// when an admin drain said to stay). Second: exit at once.
+async fn watch_signals(proxy: Arc<pulsegate::proxy::Proxy>, exit_now: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!(
             "cannot install signal handlers; SIGTERM will kill pulsegate without draining"
@@ -151,6 +257,12 @@ async fn watch_signals(shutdown: CancellationToken) {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
+            _ = hup.recv() => {
+                tracing::info!(signal = "SIGHUP", "reloading the config");
+                // The outcome is logged and shown in /status by reload().
+                let _ = proxy.reload().await;
+                continue;
+            }
         };
         received += 1;
         if received == 1 {
@@ -158,7 +270,8 @@ async fn watch_signals(shutdown: CancellationToken) {
                 signal = name,
                 "shutting down: draining sessions (send it again to exit at once)"
             );
-            shutdown.cancel();
+            proxy.drain(true);
+            exit_now.cancel();
         } else {
             tracing::warn!(signal = name, "second signal: exiting now");
             std::process::exit(i32::from(EXIT_RUNTIME));

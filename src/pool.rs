@@ -78,6 +78,13 @@ impl Pool {
         None
     }
 
+    /// Closes every spare (a reload replaced this pool).
+    pub fn close_all(&self) {
+        for backend in 0..self.spares.len() {
+            self.spares(backend).clear();
+        }
+    }
+
     /// Spares ready for `backend` now.
     pub fn idle(&self, backend: usize) -> usize {
         self.spares(backend).len()
@@ -135,6 +142,10 @@ impl Pool {
     ) -> Duration {
         let routable = backends.state(backend).routable();
         self.spares(backend).retain(|s| routable && self.fit(s));
+        backends
+            .meters(backend)
+            .pool_idle
+            .set(self.idle(backend) as f64);
         if !routable || self.idle(backend) >= self.config.min_idle as usize {
             return TEND_EVERY;
         }
@@ -142,6 +153,7 @@ impl Pool {
             index: backend,
             backend: backends.addr(backend),
             addrs: backends.addresses(backend),
+            meters: None,
         };
         match upstream::connect(vec![candidate], settings, connect_timeout).await {
             Ok(up) => {

@@ -1,15 +1,30 @@
-//! The proxy as a whole: bind every listener first (so a config that cannot
-//! be served is refused before anything starts), then serve them all until
-//! shutdown.
+//! The proxy as a whole: binds every listener first (so a config that
+//! cannot be served is refused before anything starts), serves them, and
+//! applies reloads and drains — the operations the admin API and the
+//! signals ask for.
 
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use hyper::StatusCode;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::{Listener, ValidConfig};
-use crate::listener;
+use crate::admin::{Control, Reply};
+use crate::config::{self, ConfigError, Listener, ValidConfig};
+use crate::listener::{self, ListenerTask};
+use crate::registry::Registry;
+use crate::telemetry::metrics;
 
 /// A listener's address could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -21,10 +36,41 @@ pub struct BindError {
     pub source: io::Error,
 }
 
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the new config is invalid; the running config stays:\n{0}")]
+    Invalid(#[from] ConfigError),
+    #[error("the new config cannot be applied; the running config stays: {0}")]
+    Bind(#[from] BindError),
+    #[error("draining: reloads are refused once a drain has begun")]
+    Draining,
+    #[error("no config file to reload from (the proxy was started from a config in memory)")]
+    NoFile,
+}
+
+/// What a reload changed, by listener name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadSummary {
+    pub generation: u64,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
+    /// Settings that a reload does not apply (they need a restart).
+    pub notes: Vec<String>,
+}
+
 /// Binds every listener of the config; fails if any one cannot be bound.
 pub async fn bind_all(config: &ValidConfig) -> Result<Vec<(Listener, TcpListener)>, BindError> {
+    bind_each(config.listeners.iter()).await
+}
+
+async fn bind_each<'a>(
+    listeners: impl Iterator<Item = &'a Listener>,
+) -> Result<Vec<(Listener, TcpListener)>, BindError> {
     let mut bound = Vec::new();
-    for l in &config.listeners {
+    for l in listeners {
         let tcp = TcpListener::bind(l.bind)
             .await
             .map_err(|source| BindError {
@@ -37,16 +83,312 @@ pub async fn bind_all(config: &ValidConfig) -> Result<Vec<(Listener, TcpListener
     Ok(bound)
 }
 
-/// Serves already-bound listeners until `shutdown` is cancelled and every
-/// listener has drained.
-pub async fn serve(bound: Vec<(Listener, TcpListener)>, shutdown: CancellationToken) {
-    let mut tasks = tokio::task::JoinSet::new();
-    for (config, tcp) in bound {
-        tasks.spawn(listener::serve(config, tcp, shutdown.clone()));
+/// A listener task the proxy runs.
+struct Running {
+    config: Listener,
+    updates: mpsc::UnboundedSender<Listener>,
+    stop: CancellationToken,
+}
+
+/// The running proxy.
+pub struct Proxy {
+    /// The config file reloads read.
+    path: Option<PathBuf>,
+    registry: Arc<Registry>,
+    /// The running listeners by name, and the config they run; held for a
+    /// whole reload so that reloads apply one at a time.
+    state: Mutex<(HashMap<String, Running>, ValidConfig)>,
+    tasks: TaskTracker,
+    /// Cancelled by a drain: every listener stops accepting.
+    drain: CancellationToken,
+    exit_after_drain: AtomicBool,
+    metrics: Option<PrometheusHandle>,
+}
+
+impl Proxy {
+    /// Starts serving already-bound listeners. `path` is the file that
+    /// reloads re-read; `metrics` renders `/metrics` when installed.
+    pub fn start(
+        config: ValidConfig,
+        bound: Vec<(Listener, TcpListener)>,
+        path: Option<PathBuf>,
+        metrics: Option<PrometheusHandle>,
+    ) -> Arc<Proxy> {
+        let keep = config.raw.admin.as_ref().map_or(
+            crate::config::defaults::recent_evictions(),
+            |a| a.recent_evictions,
+        );
+        let proxy = Arc::new(Proxy {
+            path,
+            registry: Arc::new(Registry::new(keep)),
+            state: Mutex::new((HashMap::new(), config)),
+            tasks: TaskTracker::new(),
+            drain: CancellationToken::new(),
+            exit_after_drain: AtomicBool::new(true),
+            metrics,
+        });
+        metrics::config_generation(proxy.registry.generation());
+        let mut running = HashMap::new();
+        for (config, tcp) in bound {
+            let r = proxy.spawn_listener(config, tcp);
+            running.insert(r.config.name.clone(), r);
+        }
+        // Nobody else can hold the lock yet.
+        if let Ok(mut state) = proxy.state.try_lock() {
+            state.0 = running;
+        }
+        proxy
     }
-    while let Some(result) = tasks.join_next().await {
-        if let Err(e) = result {
-            tracing::error!(error = %e, "a listener task failed");
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    fn spawn_listener(&self, config: Listener, tcp: TcpListener) -> Running {
+        let (updates, rx) = mpsc::unbounded_channel();
+        let stop = self.drain.child_token();
+        self.tasks.spawn(listener::serve(ListenerTask {
+            config: config.clone(),
+            tcp,
+            stop: stop.clone(),
+            updates: rx,
+            registry: self.registry.clone(),
+        }));
+        Running {
+            config,
+            updates,
+            stop,
         }
     }
+
+    /// Re-reads the config file and applies it: listeners added, removed
+    /// (drained) or changed in place. Nothing changes if the file is
+    /// invalid or a new address cannot be bound.
+    pub async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
+        let result = self.try_reload().await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(ReloadError::Invalid(_)) => "invalid",
+            Err(_) => "failed",
+        };
+        metrics::reload_result(outcome);
+        match &result {
+            Ok(summary) => {
+                tracing::info!(generation = summary.generation, added = ?summary.added,
+                    removed = ?summary.removed, changed = ?summary.changed, "config reloaded");
+                for note in &summary.notes {
+                    tracing::warn!("{note}");
+                }
+                self.registry.reload_done(None);
+            }
+            Err(e) => {
+                tracing::error!("reload refused: {e}");
+                self.registry.reload_done(Some(e.to_string()));
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<ReloadSummary, ReloadError> {
+        if self.drain.is_cancelled() {
+            return Err(ReloadError::Draining);
+        }
+        let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;
+        let new = config::load(path)?;
+        let mut state = self.state.lock().await;
+        let (running, current) = &mut *state;
+        let plan = Plan::new(running, &new);
+        // Bind first: if any new address is taken, nothing changes.
+        let bound = bind_each(plan.to_bind.iter()).await?;
+        let mut summary = ReloadSummary {
+            added: plan.added,
+            removed: plan.removed,
+            changed: plan.changed,
+            unchanged: plan.unchanged,
+            ..ReloadSummary::default()
+        };
+        for name in &plan.to_stop {
+            if let Some(old) = running.remove(name) {
+                old.stop.cancel();
+            }
+        }
+        for (config, tcp) in bound {
+            let r = self.spawn_listener(config, tcp);
+            running.insert(r.config.name.clone(), r);
+        }
+        for config in plan.to_update {
+            if let Some(r) = running.get_mut(&config.name) {
+                // A send fails only if the task ended, i.e. it is draining.
+                let _ = r.updates.send(config.clone());
+                r.config = config;
+            }
+        }
+        for w in &new.warnings {
+            tracing::warn!("{w}");
+        }
+        if current.raw.admin != new.raw.admin {
+            summary
+                .notes
+                .push("[admin] changed: admin settings apply at the next restart".to_string());
+        }
+        *current = new;
+        summary.generation = self.registry.next_generation();
+        metrics::config_generation(summary.generation);
+        Ok(summary)
+    }
+
+    /// Stops accepting on every listener and lets sessions finish (each
+    /// listener's `drain_timeout`); [`Proxy::drained`] resolves after.
+    pub fn drain(&self, then_exit: bool) {
+        if !then_exit {
+            self.exit_after_drain.store(false, Ordering::Relaxed);
+        }
+        if !self.drain.is_cancelled() {
+            tracing::info!(then_exit, "draining: stopped accepting, sessions may finish");
+        }
+        self.registry.set_draining();
+        self.drain.cancel();
+    }
+
+    /// Resolves once a drain has begun and every listener has drained.
+    pub async fn drained(&self) {
+        self.drain.cancelled().await;
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Whether the process should exit once drained (`POST /drain?then=stay`
+    /// says no).
+    pub fn exit_after_drain(&self) -> bool {
+        self.exit_after_drain.load(Ordering::Relaxed)
+    }
+}
+
+/// What a reload does to each listener.
+#[derive(Default)]
+struct Plan {
+    added: Vec<String>,
+    removed: Vec<String>,
+    changed: Vec<String>,
+    unchanged: Vec<String>,
+    /// New listeners, and listeners whose bind address moved.
+    to_bind: Vec<Listener>,
+    /// Removed listeners, and the old instance of moved ones.
+    to_stop: Vec<String>,
+    /// Same name and bind, other settings changed: applied in place.
+    to_update: Vec<Listener>,
+}
+
+impl Plan {
+    fn new(running: &HashMap<String, Running>, new: &ValidConfig) -> Self {
+        let mut plan = Plan::default();
+        let wanted: BTreeMap<&str, &Listener> =
+            new.listeners.iter().map(|l| (l.name.as_str(), l)).collect();
+        let mut names: Vec<&String> = running.keys().collect();
+        names.sort();
+        for name in names {
+            if !wanted.contains_key(name.as_str()) {
+                plan.removed.push(name.clone());
+                plan.to_stop.push(name.clone());
+            }
+        }
+        for (name, l) in wanted {
+            match running.get(name) {
+                None => {
+                    plan.added.push(name.to_string());
+                    plan.to_bind.push(l.clone());
+                }
+                Some(r) if r.config == *l => plan.unchanged.push(name.to_string()),
+                Some(r) if r.config.bind != l.bind => {
+                    plan.changed.push(name.to_string());
+                    plan.to_stop.push(name.to_string());
+                    plan.to_bind.push(l.clone());
+                }
+                Some(_) => {
+                    plan.changed.push(name.to_string());
+                    plan.to_update.push(l.clone());
+                }
+            }
+        }
+        plan
+    }
+}
+
+impl Control for Proxy {
+    fn metrics(&self) -> String {
+        match &self.metrics {
+            Some(handle) => handle.render(),
+            None => "# metrics recorder not installed\n".to_string(),
+        }
+    }
+
+    fn status(&self) -> Reply {
+        Reply::ok(self.registry.status())
+    }
+
+    fn ready(&self) -> Reply {
+        match self.registry.readiness() {
+            Ok(()) => Reply::ok(json!({ "ready": true })),
+            Err(reasons) => Reply {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: json!({ "ready": false, "reasons": reasons }),
+            },
+        }
+    }
+
+    fn drain(&self, then_exit: bool) -> Reply {
+        Proxy::drain(self, then_exit);
+        Reply {
+            status: StatusCode::ACCEPTED,
+            body: json!({ "draining": true, "then": if then_exit { "exit" } else { "stay" } }),
+        }
+    }
+
+    fn reload(&self) -> Pin<Box<dyn Future<Output = Reply> + Send + '_>> {
+        Box::pin(async move {
+            match Proxy::reload(self).await {
+                Ok(summary) => Reply::ok(json!(summary)),
+                Err(ReloadError::Invalid(e)) => Reply {
+                    status: StatusCode::BAD_REQUEST,
+                    body: json!({ "error": "invalid config; the running config stays", "problems": problems(&e) }),
+                },
+                Err(e @ ReloadError::Draining) => Reply::error(StatusCode::CONFLICT, e.to_string()),
+                Err(e) => Reply::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        })
+    }
+}
+
+/// The problems of a refused config, one line each.
+fn problems(e: &ConfigError) -> Vec<String> {
+    match e {
+        ConfigError::Invalid { origin, problems } => problems
+            .iter()
+            .map(|p| match p.line {
+                Some(line) => format!("{origin}:{line}: {}: {} (fix: {})", p.key, p.message, p.fix),
+                None => format!("{origin}: {}: {} (fix: {})", p.key, p.message, p.fix),
+            })
+            .collect(),
+        other => vec![other.to_string()],
+    }
+}
+
+/// Serves already-bound listeners until `shutdown` is cancelled and every
+/// listener has drained: the proxy without reloads or admin server, for
+/// tests and embedding.
+pub async fn serve(bound: Vec<(Listener, TcpListener)>, shutdown: CancellationToken) {
+    let listeners: Vec<Listener> = bound.iter().map(|(l, _)| l.clone()).collect();
+    let config = ValidConfig {
+        raw: config::Config {
+            listeners: listeners.iter().map(|l| l.settings.clone()).collect(),
+            admin: None,
+        },
+        listeners,
+        admin_bind: None,
+        warnings: Vec::new(),
+    };
+    let proxy = Proxy::start(config, bound, None, None);
+    shutdown.cancelled().await;
+    proxy.drain(true);
+    proxy.drained().await;
 }

@@ -23,8 +23,14 @@ pub struct LegError {
 }
 
 /// Relays `from` → `to` until `from` sends FIN (forwarded as a write
-/// shutdown of `to`). Returns the number of bytes relayed.
-pub async fn pump(session: &Watched, from: Leg, to: Leg) -> Result<u64, LegError> {
+/// shutdown of `to`), adding each chunk to `bytes`. Returns the number of
+/// bytes relayed.
+pub async fn pump(
+    session: &Watched,
+    from: Leg,
+    to: Leg,
+    bytes: &metrics::Counter,
+) -> Result<u64, LegError> {
     let src = session.socket(from);
     let dst = session.socket(to);
     let read_err = |error| LegError { leg: from, error };
@@ -47,6 +53,7 @@ pub async fn pump(session: &Watched, from: Leg, to: Leg) -> Result<u64, LegError
                     .await
                     .map_err(|error| LegError { leg: to, error })?;
                 total += n as u64;
+                bytes.increment(n as u64);
             }
             // Ran dry: give the buffer back, an idle session holds none.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),

@@ -2,6 +2,7 @@
 //! watcher's eye, and end it cleanly or by eviction.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,11 +14,14 @@ use crate::config::{Listener, OnEvict};
 use crate::evict::{self, EvictReason, Leg, SessionLabels, Verdict};
 use crate::liveness::{Watched, WatcherHandle};
 use crate::pool::Pool;
+use crate::registry::Registry;
 use crate::relay;
 use crate::sockopt;
+use crate::telemetry::metrics::{ListenerMeters, Refusal};
 use crate::upstream;
 
-/// What every session of a listener shares.
+/// What every session of one config generation of a listener shares. A
+/// reload makes a new one; sessions keep the one they started with.
 pub struct ListenerContext {
     pub config: Listener,
     pub name: Arc<str>,
@@ -25,8 +29,56 @@ pub struct ListenerContext {
     pub backends: Arc<BackendSet>,
     /// Spare upstream connections, when `[listener.pool]` asks for them.
     pub pool: Option<Arc<Pool>>,
+    pub shared: Arc<ListenerShared>,
+}
+
+/// What a listener's sessions share across config generations.
+pub struct ListenerShared {
+    pub name: Arc<str>,
     /// Cancelled when the drain deadline passes.
     pub drain_deadline: CancellationToken,
+    pub meters: Arc<ListenerMeters>,
+    pub registry: Arc<Registry>,
+    sessions: AtomicUsize,
+}
+
+impl ListenerShared {
+    pub fn new(name: &str, registry: Arc<Registry>) -> Self {
+        ListenerShared {
+            name: Arc::from(name),
+            drain_deadline: CancellationToken::new(),
+            meters: Arc::new(ListenerMeters::new(name)),
+            registry,
+            sessions: AtomicUsize::new(0),
+        }
+    }
+
+    /// Client connections open now.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Counts an accepted client until the guard drops.
+    pub fn accepted(self: &Arc<Self>) -> SessionGuard {
+        self.meters.accepted.increment(1);
+        let now = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        self.meters.active.set(now as f64);
+        SessionGuard {
+            shared: self.clone(),
+        }
+    }
+}
+
+/// Counts an open client connection (see [`ListenerShared::accepted`]).
+pub struct SessionGuard {
+    shared: Arc<ListenerShared>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let now = self.shared.sessions.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.shared.meters.active.set(now as f64);
+    }
 }
 
 /// Runs one session to its end. Never panics on network input; every way
@@ -53,21 +105,24 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
     let _counted = ctx.backends.opened(upstream.backend);
     let session = Arc::new(Watched::new(client, upstream.stream, upstream.backend));
     ctx.watcher.watch(&session);
+    let meters = &ctx.shared.meters;
 
     let outcome = tokio::select! {
-        result = relay_both(&session, cfg.settings.liveness.probe_interval) => result.err(),
+        result = relay_both(&session, cfg.settings.liveness.probe_interval, meters) => result.err(),
         verdict = session.evicted() => Some(verdict),
-        _ = ctx.drain_deadline.cancelled() => Some(Verdict {
-            leg: Leg::Client,
-            reason: EvictReason::Drain,
-            evidence: None,
-        }),
+        _ = ctx.shared.drain_deadline.cancelled() => Some(Verdict::decided(Leg::Client, EvictReason::Drain)),
     };
+    meters
+        .session_duration
+        .record(started.elapsed().as_secs_f64());
     match outcome {
         None => tracing::debug!(listener = %ctx.name, client = %client_addr,
             duration_ms = started.elapsed().as_millis() as u64, "session ended"),
         Some(verdict) => {
-            evict::log_eviction(&labels, &verdict, started.elapsed(), session.idle_for());
+            let (age, idle) = (started.elapsed(), session.idle_for());
+            evict::log_eviction(&labels, &verdict, age, idle);
+            meters.evicted(verdict.reason, verdict.detection_time());
+            ctx.shared.registry.record_eviction(&labels, &verdict, age, idle);
             close_legs(&session, &verdict, cfg.settings.on_evict);
         }
     }
@@ -88,11 +143,18 @@ async fn acquire_upstream(
         Err(e) => {
             tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
                 "refusing client: no backend to send it to");
+            ctx.shared.meters.refused(Refusal::NoBackend);
             let _ = sockopt::set_reset_on_close(client);
             return None;
         }
     };
-    if let Some(stream) = ctx.pool.as_ref().and_then(|pool| pool.take(order[0])) {
+    if let Some((pool, stream)) = ctx
+        .pool
+        .as_ref()
+        .and_then(|pool| Some((pool, pool.take(order[0])?)))
+    {
+        let meters = ctx.backends.meters(order[0]);
+        meters.pool_idle.set(pool.idle(order[0]) as f64);
         return Some(upstream::Upstream {
             peer: stream
                 .peer_addr()
@@ -108,18 +170,20 @@ async fn acquire_upstream(
             index,
             backend: ctx.backends.addr(index),
             addrs: ctx.backends.addresses(index),
+            meters: Some(ctx.backends.meters(index)),
         })
         .collect();
     let settings = &ctx.config.settings;
     let connected = tokio::select! {
         result = upstream::connect(candidates, &settings.upstream, settings.connect_timeout) => result,
-        _ = ctx.drain_deadline.cancelled() => return None,
+        _ = ctx.shared.drain_deadline.cancelled() => return None,
     };
     match connected {
         Ok(upstream) => Some(upstream),
         Err(e) => {
             tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
                 "closing client: no backend available");
+            ctx.shared.meters.refused(Refusal::ConnectFailed);
             let _ = sockopt::set_reset_on_close(client);
             None
         }
@@ -134,9 +198,13 @@ async fn acquire_upstream(
 /// that is a backend dropping a pooled connection (idle timeout, restart),
 /// and the session ends at once so the client's pool sees the close and no
 /// half-closed socket is left behind.
-async fn relay_both(session: &Watched, idle_after: Duration) -> Result<(), Verdict> {
-    let up = relay::pump(session, Leg::Client, Leg::Upstream);
-    let down = relay::pump(session, Leg::Upstream, Leg::Client);
+async fn relay_both(
+    session: &Watched,
+    idle_after: Duration,
+    meters: &ListenerMeters,
+) -> Result<(), Verdict> {
+    let up = relay::pump(session, Leg::Client, Leg::Upstream, &meters.bytes_up);
+    let down = relay::pump(session, Leg::Upstream, Leg::Client, &meters.bytes_down);
     tokio::pin!(up, down);
     let idle_before_fin = tokio::select! {
         result = &mut up => {
@@ -164,6 +232,7 @@ fn verdict_of(session: &Watched, e: relay::LegError) -> Verdict {
         leg: e.leg,
         reason: EvictReason::from_io(&e.error),
         evidence: sockopt::tcp_info(session.socket(e.leg)).ok(),
+        silent_for: None,
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::{BackendAddr, SocketSettings};
 use crate::sockopt;
+use crate::telemetry::metrics::BackendMeters;
 
 /// Every backend refused or timed out.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,8 @@ pub struct Candidate<'a> {
     pub index: usize,
     pub backend: &'a BackendAddr,
     pub addrs: Vec<SocketAddr>,
+    /// Where connect latency and failures are counted.
+    pub meters: Option<&'a BackendMeters>,
 }
 
 /// Tries the backends in the order given (as routing chose them); each
@@ -47,6 +50,7 @@ pub async fn connect(
         index,
         backend,
         addrs,
+        meters,
     } in backends
     {
         let addrs = if addrs.is_empty() {
@@ -61,7 +65,15 @@ pub async fn connect(
             addrs
         };
         for addr in addrs {
-            match connect_one(addr, settings, timeout).await {
+            let started = std::time::Instant::now();
+            let result = connect_one(addr, settings, timeout).await;
+            if let Some(m) = meters {
+                match &result {
+                    Ok(_) => m.connect_duration.record(started.elapsed().as_secs_f64()),
+                    Err(_) => m.connect_failures.increment(1),
+                }
+            }
+            match result {
                 Ok(stream) => {
                     return Ok(Upstream {
                         stream,

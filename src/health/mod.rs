@@ -93,6 +93,12 @@ impl Tracker {
         self.state
     }
 
+    /// A reload changed `rise` or `fall`; the state and counts stay.
+    pub fn set_thresholds(&mut self, rise: NonZeroU32, fall: NonZeroU32) {
+        self.rise = rise.get();
+        self.fall = fall.get();
+    }
+
     pub fn role(&self) -> Option<Role> {
         self.role
     }

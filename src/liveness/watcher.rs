@@ -2,6 +2,11 @@
 //! applies the death rule, and carries out the health subsystem's orders
 //! (probe every session of a suspect backend now; evict the sessions of a
 //! down backend).
+//!
+//! A config reload hands every session over to the new generation's
+//! sweeper, renumbered to the new backend list and with its legs' probe
+//! state, and the old sweeper then only forwards sessions that were still
+//! starting under the old generation.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -10,11 +15,12 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{leg_index, now_ms, Action, LegState, Rule, Watched};
+use super::{leg_index, now_ms, Action, LegState, Rule, Watched, REMOVED};
 use crate::backend::BackendSet;
 use crate::config::{Liveness, SocketSettings};
 use crate::evict::{EvictReason, Leg, Verdict};
 use crate::sockopt;
+use crate::telemetry::metrics::ListenerMeters;
 
 /// Each sweep period is cut into this many slices, and every session is
 /// visited in its own slice. Arming in one burst would synchronise the
@@ -26,6 +32,16 @@ const SLICES: usize = 16;
 
 enum Order {
     Watch(Weak<Watched>),
+    /// A session handed over by the previous generation's sweeper.
+    Adopt(Entry),
+    /// A reload: give every session to `to`, renumbered by `remap` (old
+    /// index → new index, `None`: the backend was removed, and the session
+    /// is evicted like a down backend's, busy ones after `grace`).
+    HandOver {
+        to: WatcherHandle,
+        remap: Vec<Option<usize>>,
+        grace: Duration,
+    },
     /// Probe every session of this backend now.
     ProbeBackend(usize),
     /// The backend is down: evict its idle sessions now and its busy ones
@@ -66,6 +82,16 @@ impl WatcherHandle {
         let _ = self.tx.send(Order::EvictBackend { backend, grace });
     }
 
+    /// Hands every session over to the sweeper of the new generation (see
+    /// `Order::HandOver`); this one then only forwards late arrivals.
+    pub fn hand_over(&self, to: WatcherHandle, remap: Vec<Option<usize>>, grace: Duration) {
+        let _ = self.tx.send(Order::HandOver { to, remap, grace });
+    }
+
+    fn adopt(&self, entry: Entry) {
+        let _ = self.tx.send(Order::Adopt(entry));
+    }
+
     /// Evicts the sessions of `backend` connected to addresses its name no
     /// longer resolves to: idle ones now, busy ones after `grace`.
     pub fn evict_addresses(&self, backend: usize, gone: Vec<SocketAddr>, grace: Duration) {
@@ -91,8 +117,11 @@ struct Sweeper {
     rules: [Rule; 2],
     liveness: Liveness,
     backends: Arc<BackendSet>,
+    meters: Arc<ListenerMeters>,
     /// Backends found with a dead connection during this sweep.
     suspects: Vec<usize>,
+    /// Set by a hand-over: where sessions go now, and their renumbering.
+    successor: Option<(WatcherHandle, Vec<Option<usize>>)>,
 }
 
 /// Starts the sweeper of one listener. It stops by itself once every
@@ -102,6 +131,7 @@ pub fn spawn_watcher(
     upstream: SocketSettings,
     client: SocketSettings,
     backends: Arc<BackendSet>,
+    meters: Arc<ListenerMeters>,
 ) -> WatcherHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let sweeper = Sweeper {
@@ -113,7 +143,9 @@ pub fn spawn_watcher(
         ],
         liveness,
         backends,
+        meters,
         suspects: Vec::new(),
+        successor: None,
     };
     tokio::spawn(sweeper.run(rx));
     WatcherHandle { tx }
@@ -148,14 +180,13 @@ impl Sweeper {
 
     fn obey(&mut self, order: Order) {
         match order {
-            Order::Watch(session) => {
-                self.slots[self.registered % SLICES].push(Entry {
-                    session,
-                    legs: [LegState::default(); 2],
-                    evict_at: None,
-                });
-                self.registered += 1;
-            }
+            Order::Watch(session) => self.add(Entry {
+                session,
+                legs: [LegState::default(); 2],
+                evict_at: None,
+            }),
+            Order::Adopt(entry) => self.add(entry),
+            Order::HandOver { to, remap, grace } => self.hand_over(to, remap, grace),
             Order::ProbeBackend(backend) => self.probe_backend(backend),
             Order::EvictBackend { backend, grace } => {
                 self.evict_sessions(backend, grace, None, EvictReason::BackendDown)
@@ -168,10 +199,33 @@ impl Sweeper {
         }
     }
 
+    fn add(&mut self, entry: Entry) {
+        if let Some((to, remap)) = &self.successor {
+            forward(entry, to, remap, Duration::ZERO);
+            return;
+        }
+        self.slots[self.registered % SLICES].push(entry);
+        self.registered += 1;
+    }
+
+    fn hand_over(&mut self, to: WatcherHandle, remap: Vec<Option<usize>>, grace: Duration) {
+        let entries: Vec<Entry> = self.slots.iter_mut().flat_map(std::mem::take).collect();
+        let (mut kept, mut removed) = (0, 0);
+        for entry in entries {
+            match forward(entry, &to, &remap, grace) {
+                Some(true) => kept += 1,
+                Some(false) => removed += 1,
+                None => {}
+            }
+        }
+        tracing::debug!(sessions = kept, removed_backend = removed, "sessions handed to the new config generation");
+        self.successor = Some((to, remap));
+    }
+
     fn sessions_of(&mut self, backend: usize) -> impl Iterator<Item = (&mut Entry, Arc<Watched>)> {
         self.slots.iter_mut().flatten().filter_map(move |e| {
             let session = e.session.upgrade()?;
-            (session.backend == backend && session.verdict().is_none()).then_some((e, session))
+            (session.backend() == backend && session.verdict().is_none()).then_some((e, session))
         })
     }
 
@@ -181,10 +235,12 @@ impl Sweeper {
     fn probe_backend(&mut self, backend: usize) {
         const MIN_KEEPIDLE: Duration = Duration::from_secs(1);
         let mut probed = 0;
+        let meters = self.meters.clone();
         for (entry, session) in self.sessions_of(backend) {
             for leg in [Leg::Upstream, Leg::Client] {
                 let socket = session.socket(leg);
                 if sockopt::set_keepalive_idle(socket, MIN_KEEPIDLE).is_ok() {
+                    meters.probe_sent(leg);
                     entry.legs[leg_index(leg)]
                         .force_probe(now_ms(), MIN_KEEPIDLE.as_millis() as u64);
                 }
@@ -215,7 +271,7 @@ impl Sweeper {
                 entry.evict_at = Some((now + grace.as_millis() as u64, reason));
                 later += 1;
             } else {
-                session.evict(decided(reason));
+                session.evict(Verdict::decided(Leg::Upstream, reason));
                 now_count += 1;
             }
         }
@@ -234,12 +290,16 @@ impl Sweeper {
             };
             if session.verdict().is_none() {
                 if let Some((_, reason)) = entry.evict_at.filter(|&(t, _)| now_ms() >= t) {
-                    session.evict(decided(reason));
-                } else if let Some(leg) =
-                    check_session(&session, &mut entry.legs, &self.rules, &self.liveness)
-                {
-                    if leg == Leg::Upstream {
-                        self.suspects.push(session.backend);
+                    session.evict(Verdict::decided(Leg::Upstream, reason));
+                } else if let Some(leg) = check_session(
+                    &session,
+                    &mut entry.legs,
+                    &self.rules,
+                    &self.liveness,
+                    &self.meters,
+                ) {
+                    if leg == Leg::Upstream && session.backend() != REMOVED {
+                        self.suspects.push(session.backend());
                     }
                 }
             }
@@ -261,13 +321,32 @@ fn busy(session: &Watched) -> bool {
     session.client_spoke_last() || in_flight(Leg::Upstream) || in_flight(Leg::Client)
 }
 
-/// A verdict decided by health or DNS, not by this session's own evidence.
-fn decided(reason: EvictReason) -> Verdict {
-    Verdict {
-        leg: Leg::Upstream,
-        reason,
-        evidence: None,
+/// Sends one session to the next generation's sweeper, renumbered; a
+/// session whose backend was removed is evicted (idle: now; busy: after
+/// `grace`). Returns whether it kept its backend (`None`: it had ended).
+fn forward(
+    mut entry: Entry,
+    to: &WatcherHandle,
+    remap: &[Option<usize>],
+    grace: Duration,
+) -> Option<bool> {
+    let session = entry.session.upgrade()?;
+    let old = session.backend();
+    let new = remap.get(old).copied().flatten();
+    session.set_backend(new.unwrap_or(REMOVED));
+    if new.is_none() && session.verdict().is_none() && entry.evict_at.is_none() {
+        if grace.is_zero() || !busy(&session) {
+            session.evict(Verdict::decided(Leg::Upstream, EvictReason::BackendRemoved));
+        } else {
+            entry.evict_at = Some((
+                now_ms() + grace.as_millis() as u64,
+                EvictReason::BackendRemoved,
+            ));
+        }
     }
+    drop(session);
+    to.adopt(entry);
+    Some(new.is_some())
 }
 
 /// Visits both legs of a session; returns the leg it found dead, if any.
@@ -276,6 +355,7 @@ fn check_session(
     legs: &mut [LegState; 2],
     rules: &[Rule; 2],
     liveness: &Liveness,
+    meters: &ListenerMeters,
 ) -> Option<Leg> {
     let now = now_ms();
     for leg in [Leg::Upstream, Leg::Client] {
@@ -291,9 +371,15 @@ fn check_session(
             continue;
         };
         let a = state.assess(&info, now, pending, &rules[idx]);
+        if a.probe_unanswered {
+            meters.probe_unanswered(leg);
+        }
         let result = match a.action {
             Action::None => Ok(()),
-            Action::Arm => sockopt::set_keepalive_idle(socket, liveness.probe_interval),
+            Action::Arm => {
+                meters.probe_sent(leg);
+                sockopt::set_keepalive_idle(socket, liveness.probe_interval)
+            }
             Action::Restore => {
                 sockopt::set_keepalive_idle(socket, Duration::from_millis(rules[idx].keepidle_ms))
             }
@@ -314,6 +400,7 @@ fn check_session(
                 leg,
                 reason,
                 evidence: Some(info),
+                silent_for: Some(Duration::from_millis(a.silent_ms)),
             });
             return Some(leg);
         }

@@ -1,4 +1,7 @@
-//! Logging setup: human-readable text or one JSON object per line.
+//! Telemetry: logging (human-readable text or one JSON object per line)
+//! here, and the Prometheus metrics catalog in [`metrics`].
+
+pub mod metrics;
 
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;

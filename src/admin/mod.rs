@@ -1,0 +1,15 @@
+//! The admin HTTP server: `/metrics`, `/healthz`, `/readyz`, `/status`,
+//! `POST /drain` and `POST /reload`, on hyper 1 behind a tower stack
+//! (timeout, concurrency limit, request tracing). It sees the proxy only
+//! through [`Control`], so nothing an admin client sends reaches the data
+//! path except through those calls.
+
+mod client;
+mod control;
+mod server;
+#[cfg(test)]
+mod tests;
+
+pub use client::{request, ClientError};
+pub use control::{Control, Reply, Token};
+pub use server::{serve, AdminSettings};

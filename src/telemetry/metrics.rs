@@ -1,0 +1,300 @@
+//! The metrics catalog (documented in docs/metrics.md): every name, its
+//! labels and buckets, and pre-resolved handles so the data path pays one
+//! atomic add per update, not a registry lookup.
+//!
+//! Metrics go through the `metrics` facade. [`install`] puts the Prometheus
+//! recorder in place (the `run` command does); without it every update is a
+//! no-op, which is what unit tests and in-process tests get. Labels are
+//! bounded by the config: listener and backend names as written, reasons,
+//! states and directions from fixed vocabularies; never a client address.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::evict::{EvictReason, Leg};
+use crate::health::{CheckStatus, Role, State};
+
+pub const BUILD_INFO: &str = "pulsegate_build_info";
+pub const CONFIG_GENERATION: &str = "pulsegate_config_generation";
+pub const CONFIG_RELOADS: &str = "pulsegate_config_reloads_total";
+pub const ACCEPTED: &str = "pulsegate_connections_accepted_total";
+pub const ACTIVE: &str = "pulsegate_connections_active";
+pub const REFUSED: &str = "pulsegate_connections_refused_total";
+pub const SESSION_DURATION: &str = "pulsegate_session_duration_seconds";
+pub const BYTES: &str = "pulsegate_bytes_total";
+pub const CONNECT_DURATION: &str = "pulsegate_upstream_connect_duration_seconds";
+pub const CONNECT_FAILURES: &str = "pulsegate_upstream_connect_failures_total";
+pub const EVICTIONS: &str = "pulsegate_evictions_total";
+pub const DETECTION: &str = "pulsegate_detection_duration_seconds";
+pub const CHECKS: &str = "pulsegate_checks_total";
+pub const CHECK_DURATION: &str = "pulsegate_check_duration_seconds";
+pub const BACKEND_STATE: &str = "pulsegate_backend_state";
+pub const BACKEND_ROLE: &str = "pulsegate_backend_role";
+pub const BACKEND_ACTIVE: &str = "pulsegate_backend_active_connections";
+pub const POOL_IDLE: &str = "pulsegate_pool_idle_connections";
+pub const PROBES_SENT: &str = "pulsegate_probes_sent_total";
+pub const PROBES_UNANSWERED: &str = "pulsegate_probes_unanswered_total";
+
+/// Buckets for sub-second latencies (connects, checks).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets for detection times: around `dead_after` + `probe_interval`.
+const DETECTION_BUCKETS: &[f64] = &[
+    0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0,
+];
+/// Buckets for session lifetimes: pooled connections live for hours.
+const SESSION_BUCKETS: &[f64] = &[
+    0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+];
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    MaxConnections,
+    NoBackend,
+    ConnectFailed,
+}
+
+/// Installs the Prometheus recorder (once per process) and returns the
+/// handle that renders the exposition.
+pub fn install() -> Result<PrometheusHandle, String> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(DETECTION.into()), DETECTION_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(SESSION_DURATION.into()),
+                        SESSION_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                })
+                .and_then(|b| b.install_recorder())
+                .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+            describe();
+            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            Ok(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(BUILD_INFO, "Always 1; the version label says which pulsegate runs.");
+    describe_gauge!(CONFIG_GENERATION, "Config generation: 1 at start, +1 per applied reload.");
+    describe_counter!(CONFIG_RELOADS, "Reload attempts by result (ok, invalid, failed).");
+    describe_counter!(ACCEPTED, "Client connections accepted.");
+    describe_gauge!(ACTIVE, "Client connections open now (sessions, and clients waiting for an upstream).");
+    describe_counter!(REFUSED, "Client connections refused, by reason.");
+    describe_histogram!(SESSION_DURATION, Unit::Seconds, "Lifetime of relayed sessions.");
+    describe_counter!(BYTES, Unit::Bytes, "Bytes relayed, by direction.");
+    describe_histogram!(CONNECT_DURATION, Unit::Seconds, "Time to connect to a backend (successful connects).");
+    describe_counter!(CONNECT_FAILURES, "Failed connects to a backend (refused, timed out, unreachable).");
+    describe_counter!(EVICTIONS, "Sessions evicted, by reason.");
+    describe_histogram!(DETECTION, Unit::Seconds, "From the first unanswered probe or unACKed byte to eviction.");
+    describe_counter!(CHECKS, "Health checks run, by result (up, not_ready, down).");
+    describe_histogram!(CHECK_DURATION, Unit::Seconds, "Health check latency.");
+    describe_gauge!(BACKEND_STATE, "1 for the backend's current state (up, suspect, down), 0 for the others.");
+    describe_gauge!(BACKEND_ROLE, "1 for the backend's last reported role (primary, replica, unknown), 0 for the others.");
+    describe_gauge!(BACKEND_ACTIVE, "Sessions open to the backend.");
+    describe_gauge!(POOL_IDLE, "Idle spare connections in the warm pool for the backend.");
+    describe_counter!(PROBES_SENT, "On-demand keepalive probes armed on quiet legs.");
+    describe_counter!(PROBES_UNANSWERED, "Keepalive probes seen unanswered (a probe debt began).");
+}
+
+/// Records the config generation and a reload's result.
+pub fn config_generation(generation: u64) {
+    gauge!(CONFIG_GENERATION).set(generation as f64);
+}
+
+/// Counts a reload attempt: `ok`, `invalid` (refused config) or `failed`
+/// (valid but could not be applied, e.g. a port already in use).
+pub fn reload_result(result: &'static str) {
+    counter!(CONFIG_RELOADS, "result" => result).increment(1);
+}
+
+/// The handles of one listener.
+pub struct ListenerMeters {
+    pub accepted: Counter,
+    pub active: Gauge,
+    refused: [Counter; 3],
+    pub session_duration: Histogram,
+    pub bytes_up: Counter,
+    pub bytes_down: Counter,
+    evictions: Vec<Counter>,
+    detection: Vec<Histogram>,
+    probes_sent: [Counter; 2],
+    probes_unanswered: [Counter; 2],
+}
+
+impl ListenerMeters {
+    /// Registers every series of the listener, so dashboards see zeros
+    /// instead of gaps before the first event.
+    pub fn new(listener: &str) -> Self {
+        let l = listener.to_string();
+        let refused = |reason: &'static str| counter!(REFUSED, "listener" => l.clone(), "reason" => reason);
+        let per_leg = |name: &'static str| {
+            [Leg::Client, Leg::Upstream]
+                .map(|leg| counter!(name, "listener" => l.clone(), "leg" => leg.as_str()))
+        };
+        let meters = ListenerMeters {
+            accepted: counter!(ACCEPTED, "listener" => l.clone()),
+            active: gauge!(ACTIVE, "listener" => l.clone()),
+            refused: [
+                refused("max_connections"),
+                refused("no_backend"),
+                refused("connect_failed"),
+            ],
+            session_duration: histogram!(SESSION_DURATION, "listener" => l.clone()),
+            bytes_up: counter!(BYTES, "listener" => l.clone(), "direction" => "client_to_upstream"),
+            bytes_down: counter!(BYTES, "listener" => l.clone(), "direction" => "upstream_to_client"),
+            evictions: EvictReason::ALL
+                .iter()
+                .map(|r| counter!(EVICTIONS, "listener" => l.clone(), "reason" => r.as_str()))
+                .collect(),
+            detection: EvictReason::ALL
+                .iter()
+                .map(|r| histogram!(DETECTION, "listener" => l.clone(), "reason" => r.as_str()))
+                .collect(),
+            probes_sent: per_leg(PROBES_SENT),
+            probes_unanswered: per_leg(PROBES_UNANSWERED),
+        };
+        for c in meters.refused.iter().chain(&meters.evictions) {
+            c.increment(0);
+        }
+        for c in meters.probes_sent.iter().chain(&meters.probes_unanswered) {
+            c.increment(0);
+        }
+        meters.accepted.increment(0);
+        meters.bytes_up.increment(0);
+        meters.bytes_down.increment(0);
+        meters
+    }
+
+    pub fn refused(&self, why: Refusal) {
+        let i = match why {
+            Refusal::MaxConnections => 0,
+            Refusal::NoBackend => 1,
+            Refusal::ConnectFailed => 2,
+        };
+        self.refused[i].increment(1);
+    }
+
+    /// Counts an eviction and, when the verdict came from silence, how long
+    /// detection took.
+    pub fn evicted(&self, reason: EvictReason, detection: Option<Duration>) {
+        let i = reason_index(reason);
+        self.evictions[i].increment(1);
+        if let Some(d) = detection {
+            self.detection[i].record(d.as_secs_f64());
+        }
+    }
+
+    pub fn probe_sent(&self, leg: Leg) {
+        self.probes_sent[leg_slot(leg)].increment(1);
+    }
+
+    pub fn probe_unanswered(&self, leg: Leg) {
+        self.probes_unanswered[leg_slot(leg)].increment(1);
+    }
+}
+
+fn reason_index(reason: EvictReason) -> usize {
+    EvictReason::ALL
+        .iter()
+        .position(|&r| r == reason)
+        .unwrap_or(0)
+}
+
+fn leg_slot(leg: Leg) -> usize {
+    match leg {
+        Leg::Client => 0,
+        Leg::Upstream => 1,
+    }
+}
+
+/// The handles of one backend of one listener.
+pub struct BackendMeters {
+    pub connect_duration: Histogram,
+    pub connect_failures: Counter,
+    checks: [Counter; 3],
+    pub check_duration: Histogram,
+    state: [Gauge; 3],
+    role: [Gauge; 3],
+    pub active: Gauge,
+    pub pool_idle: Gauge,
+}
+
+const STATES: [State; 3] = [State::Up, State::Suspect, State::Down];
+const ROLES: [&str; 3] = ["primary", "replica", "unknown"];
+
+impl BackendMeters {
+    pub fn new(listener: &str, backend: &str) -> Self {
+        let (l, b) = (listener.to_string(), backend.to_string());
+        let check = |result: &'static str| {
+            counter!(CHECKS, "listener" => l.clone(), "backend" => b.clone(), "result" => result)
+        };
+        let meters = BackendMeters {
+            connect_duration: histogram!(CONNECT_DURATION, "listener" => l.clone(), "backend" => b.clone()),
+            connect_failures: counter!(CONNECT_FAILURES, "listener" => l.clone(), "backend" => b.clone()),
+            checks: [check("up"), check("not_ready"), check("down")],
+            check_duration: histogram!(CHECK_DURATION, "listener" => l.clone(), "backend" => b.clone()),
+            state: STATES.map(|s| {
+                gauge!(BACKEND_STATE, "listener" => l.clone(), "backend" => b.clone(), "state" => s.as_str())
+            }),
+            role: ROLES.map(|r| {
+                gauge!(BACKEND_ROLE, "listener" => l.clone(), "backend" => b.clone(), "role" => r)
+            }),
+            active: gauge!(BACKEND_ACTIVE, "listener" => l.clone(), "backend" => b.clone()),
+            pool_idle: gauge!(POOL_IDLE, "listener" => l.clone(), "backend" => b.clone()),
+        };
+        meters.connect_failures.increment(0);
+        for c in &meters.checks {
+            c.increment(0);
+        }
+        meters.active.set(0.0);
+        meters.pool_idle.set(0.0);
+        meters.set_state(State::Up, None);
+        meters
+    }
+
+    pub fn check(&self, status: CheckStatus, latency: Duration) {
+        let i = match status {
+            CheckStatus::Up => 0,
+            CheckStatus::NotReady => 1,
+            CheckStatus::Down => 2,
+        };
+        self.checks[i].increment(1);
+        self.check_duration.record(latency.as_secs_f64());
+    }
+
+    /// Sets the state and role gauges (1 for the current value, 0 else).
+    pub fn set_state(&self, state: State, role: Option<Role>) {
+        for (g, s) in self.state.iter().zip(STATES) {
+            g.set(if s == state { 1.0 } else { 0.0 });
+        }
+        let role = role.map_or("unknown", Role::as_str);
+        for (g, r) in self.role.iter().zip(ROLES) {
+            g.set(if r == role { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// The backend left the config: its gauges read 0 from now on (the
+    /// exporter cannot unregister a series).
+    pub fn retire(&self) {
+        for g in self.state.iter().chain(&self.role) {
+            g.set(0.0);
+        }
+        self.active.set(0.0);
+        self.pool_idle.set(0.0);
+    }
+}
