@@ -239,6 +239,17 @@ impl BackendSet {
 
     /// The backends a new connection should try, best first.
     pub fn route(&self) -> Result<Vec<usize>, NoBackend> {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        self.route_turn(turn)
+    }
+
+    /// Whether a new connection would find a backend, without taking a
+    /// round-robin turn (for `/readyz` and `/status`).
+    pub fn usable(&self) -> Result<(), NoBackend> {
+        self.route_turn(0).map(drop)
+    }
+
+    fn route_turn(&self, turn: usize) -> Result<Vec<usize>, NoBackend> {
         let candidates: Vec<Candidate> = (0..self.backends.len())
             .map(|i| {
                 let t = self.tracker(i);
@@ -249,7 +260,6 @@ impl BackendSet {
                 }
             })
             .collect();
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
         order(&candidates, &self.routing, turn).map_err(|why| {
             let per_backend = candidates
                 .iter()

@@ -133,9 +133,10 @@ impl Verdict {
     pub fn detection_time(&self) -> Option<Duration> {
         match self.reason {
             EvictReason::ProbeUnanswered | EvictReason::RetransmitUnanswered => self.silent_for,
-            EvictReason::UserTimeout => self
-                .silent_for
-                .or_else(|| self.evidence.map(|i| Duration::from_millis(u64::from(i.last_ack_recv_ms)))),
+            EvictReason::UserTimeout => self.silent_for.or_else(|| {
+                self.evidence
+                    .map(|i| Duration::from_millis(u64::from(i.last_ack_recv_ms)))
+            }),
             _ => None,
         }
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -42,9 +42,17 @@ pub struct ListenerTask {
     pub tcp: TcpListener,
     /// Stop accepting and drain (shutdown, or the listener was removed).
     pub stop: CancellationToken,
-    /// New configs for this listener (same name and bind).
-    pub updates: mpsc::UnboundedReceiver<Listener>,
+    /// New configs for this listener (same name and bind), each with a
+    /// channel to say it was applied.
+    pub updates: mpsc::UnboundedReceiver<Update>,
     pub registry: Arc<Registry>,
+}
+
+/// A new config for a running listener; `applied` is told once new
+/// sessions use it.
+pub struct Update {
+    pub config: Listener,
+    pub applied: oneshot::Sender<()>,
 }
 
 /// One config generation of a listener and the tasks that serve it.
@@ -55,7 +63,11 @@ struct Generation {
 }
 
 impl Generation {
-    fn start(config: Listener, shared: &Arc<ListenerShared>, previous: Option<&Generation>) -> Self {
+    fn start(
+        config: Listener,
+        shared: &Arc<ListenerShared>,
+        previous: Option<&Generation>,
+    ) -> Self {
         let settings = &config.settings;
         let backends = Arc::new(BackendSet::renewed(
             &config,
@@ -125,9 +137,10 @@ pub async fn serve(task: ListenerTask) {
         tokio::select! {
             _ = stop.cancelled() => break,
             update = updates.recv() => match update {
-                Some(config) => {
+                Some(Update { config, applied }) => {
                     current = apply(current, config, &shared);
                     registry.publish(instance, current.ctx.clone());
+                    let _ = applied.send(());
                 }
                 None => break,
             },
@@ -225,7 +238,12 @@ struct Accepting {
 impl Accepting {
     /// Accepts one client and starts its session, or refuses it. Cancel
     /// safe: a `select!` may drop it between accepts.
-    async fn next(&mut self, ctx: &Arc<ListenerContext>, tcp: &TcpListener, sessions: &TaskTracker) {
+    async fn next(
+        &mut self,
+        ctx: &Arc<ListenerContext>,
+        tcp: &TcpListener,
+        sessions: &TaskTracker,
+    ) {
         let (client, client_addr) = match tcp.accept().await {
             Ok(pair) => pair,
             Err(e) => {

@@ -56,10 +56,50 @@ enum Command {
     /// namespace, a direct client hangs on a vanished backend while a client
     /// through pulsegate is reset within seconds. Needs root.
     Demo,
+    /// Talk to a running pulsegate's admin server: health, ready, status,
+    /// metrics, reload, drain. Exit 0 on success, 1 on failure, 2 when a
+    /// reload was refused as invalid.
+    Admin {
+        /// The admin server, as `http://HOST:PORT`.
+        #[arg(long, global = true, default_value = "http://127.0.0.1:9900")]
+        url: String,
+        /// File holding the bearer token (default: $PULSEGATE_ADMIN_TOKEN).
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+        /// Deadline for each request, e.g. 5s.
+        #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// Lab helper process (echo server or idle client) for the demo and
     /// the namespace tests.
     #[command(hide = true)]
     LabBackend(pulsegate::lab::BackendArgs),
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// GET /healthz: exit 0 while the proxy serves (a HEALTHCHECK).
+    Health,
+    /// GET /readyz: exit 0 when every listener has a usable backend.
+    Ready,
+    /// GET /status: listeners, backends, sessions, recent evictions.
+    Status,
+    /// GET /metrics: the Prometheus exposition.
+    Metrics,
+    /// POST /reload: re-read the config file and apply it.
+    Reload,
+    /// POST /drain: stop accepting and let sessions finish, then exit
+    /// (or stay up with --stay). A Kubernetes preStop hook.
+    Drain {
+        /// Stay up once drained instead of exiting.
+        #[arg(long)]
+        stay: bool,
+        /// Block until the drain is over (or this long passed), e.g. 25s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<std::time::Duration>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,6 +118,12 @@ fn main() -> ExitCode {
                 ExitCode::from(pulsegate::demo::exit_code(&e))
             }
         },
+        Command::Admin {
+            url,
+            token_file,
+            timeout,
+            action,
+        } => admin(url, token_file, timeout, action),
         Command::LabBackend(args) => match pulsegate::lab::run_backend(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -86,6 +132,40 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn admin(
+    url: String,
+    token_file: Option<PathBuf>,
+    timeout: std::time::Duration,
+    action: AdminAction,
+) -> ExitCode {
+    use pulsegate::admin::command::{self, AdminCommand};
+    let command = match action {
+        AdminAction::Health => AdminCommand::Health,
+        AdminAction::Ready => AdminCommand::Ready,
+        AdminAction::Status => AdminCommand::Status,
+        AdminAction::Metrics => AdminCommand::Metrics,
+        AdminAction::Reload => AdminCommand::Reload,
+        AdminAction::Drain { stay, wait } => AdminCommand::Drain { stay, wait },
+    };
+    let target = command::Target {
+        url,
+        token_file,
+        token_env: "PULSEGATE_ADMIN_TOKEN".to_string(),
+        timeout,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    ExitCode::from(runtime.block_on(command::run(&target, &command)))
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

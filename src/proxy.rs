@@ -16,15 +16,18 @@ use hyper::StatusCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{Control, Reply};
 use crate::config::{self, ConfigError, Listener, ValidConfig};
-use crate::listener::{self, ListenerTask};
+use crate::listener::{self, ListenerTask, Update};
 use crate::registry::Registry;
 use crate::telemetry::metrics;
+
+/// How long a reload waits for a listener to take its new config.
+const APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A listener's address could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +89,7 @@ async fn bind_each<'a>(
 /// A listener task the proxy runs.
 struct Running {
     config: Listener,
-    updates: mpsc::UnboundedSender<Listener>,
+    updates: mpsc::UnboundedSender<Update>,
     stop: CancellationToken,
 }
 
@@ -114,10 +117,13 @@ impl Proxy {
         path: Option<PathBuf>,
         metrics: Option<PrometheusHandle>,
     ) -> Arc<Proxy> {
-        let keep = config.raw.admin.as_ref().map_or(
-            crate::config::defaults::recent_evictions(),
-            |a| a.recent_evictions,
-        );
+        let keep = config
+            .raw
+            .admin
+            .as_ref()
+            .map_or(crate::config::defaults::recent_evictions(), |a| {
+                a.recent_evictions
+            });
         let proxy = Arc::new(Proxy {
             path,
             registry: Arc::new(Registry::new(keep)),
@@ -216,12 +222,23 @@ impl Proxy {
             let r = self.spawn_listener(config, tcp);
             running.insert(r.config.name.clone(), r);
         }
+        let mut applied = Vec::new();
         for config in plan.to_update {
             if let Some(r) = running.get_mut(&config.name) {
+                let (tx, rx) = oneshot::channel();
                 // A send fails only if the task ended, i.e. it is draining.
-                let _ = r.updates.send(config.clone());
+                let _ = r.updates.send(Update {
+                    config: config.clone(),
+                    applied: tx,
+                });
+                applied.push(rx);
                 r.config = config;
             }
+        }
+        // Answer once new sessions use the new config. A listener task
+        // answers between two accepts; an error means it ended (drained).
+        for rx in applied {
+            let _ = tokio::time::timeout(APPLY_TIMEOUT, rx).await;
         }
         for w in &new.warnings {
             tracing::warn!("{w}");
@@ -244,7 +261,10 @@ impl Proxy {
             self.exit_after_drain.store(false, Ordering::Relaxed);
         }
         if !self.drain.is_cancelled() {
-            tracing::info!(then_exit, "draining: stopped accepting, sessions may finish");
+            tracing::info!(
+                then_exit,
+                "draining: stopped accepting, sessions may finish"
+            );
         }
         self.registry.set_draining();
         self.drain.cancel();

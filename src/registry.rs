@@ -78,7 +78,10 @@ impl Registry {
             return;
         }
         let event = eviction_json(labels, verdict, age, idle);
-        let mut events = self.evictions.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut events = self
+            .evictions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if events.len() >= self.keep_evictions {
             events.pop_front();
         }
@@ -140,7 +143,7 @@ impl Registry {
             if ctx.config.settings.readiness == Readiness::Always {
                 continue;
             }
-            if let Err(e) = ctx.backends.route() {
+            if let Err(e) = ctx.backends.usable() {
                 why.push(format!("listener `{}`: {e}", ctx.name));
             }
         }
@@ -200,12 +203,17 @@ fn listener_json(ctx: &ListenerContext) -> Value {
         "sessions": ctx.shared.sessions(),
         "max_connections": ctx.config.settings.max_connections.get(),
         "health_checks": ctx.config.settings.check.as_ref().map(|c| format!("{:?}", c.kind).to_lowercase()),
-        "routable": ctx.backends.route().is_ok(),
+        "routable": ctx.backends.usable().is_ok(),
         "backends": backends,
     })
 }
 
-fn eviction_json(labels: &SessionLabels, verdict: &Verdict, age: Duration, idle: Duration) -> Value {
+fn eviction_json(
+    labels: &SessionLabels,
+    verdict: &Verdict,
+    age: Duration,
+    idle: Duration,
+) -> Value {
     let evidence = verdict.evidence.map(|i| {
         json!({
             "rtt_us": i.rtt_us,

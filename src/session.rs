@@ -122,7 +122,9 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
             let (age, idle) = (started.elapsed(), session.idle_for());
             evict::log_eviction(&labels, &verdict, age, idle);
             meters.evicted(verdict.reason, verdict.detection_time());
-            ctx.shared.registry.record_eviction(&labels, &verdict, age, idle);
+            ctx.shared
+                .registry
+                .record_eviction(&labels, &verdict, age, idle);
             close_legs(&session, &verdict, cfg.settings.on_evict);
         }
     }

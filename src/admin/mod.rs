@@ -5,6 +5,7 @@
 //! path except through those calls.
 
 mod client;
+pub mod command;
 mod control;
 mod server;
 #[cfg(test)]

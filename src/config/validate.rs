@@ -11,8 +11,8 @@ use std::time::Duration;
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    bounds, AdminConfig, BackendAddr, CheckKind, Config, Listener, ListenerConfig, RoleWanted, SocketSettings,
-    ValidConfig,
+    bounds, AdminConfig, BackendAddr, CheckKind, Config, Listener, ListenerConfig, RoleWanted,
+    SocketSettings, ValidConfig,
 };
 
 /// Why a config was refused.
@@ -318,8 +318,16 @@ fn check_admin(admin: &AdminConfig, problems: &mut Vec<Problem>) -> Option<Socke
             "keep only one of them",
         );
     }
-    if admin.token_env.as_deref().is_some_and(|v| v.trim().is_empty()) {
-        c.problem("token_env", "is empty", "name an environment variable, e.g. \"PULSEGATE_ADMIN_TOKEN\"");
+    if admin
+        .token_env
+        .as_deref()
+        .is_some_and(|v| v.trim().is_empty())
+    {
+        c.problem(
+            "token_env",
+            "is empty",
+            "name an environment variable, e.g. \"PULSEGATE_ADMIN_TOKEN\"",
+        );
     }
     if admin.request_timeout.is_zero() {
         c.problem("request_timeout", "is zero", "use e.g. \"5s\"");
@@ -327,7 +335,10 @@ fn check_admin(admin: &AdminConfig, problems: &mut Vec<Problem>) -> Option<Socke
     if admin.recent_evictions > 10_000 {
         c.problem(
             "recent_evictions",
-            format!("{} would hold too many events in memory", admin.recent_evictions),
+            format!(
+                "{} would hold too many events in memory",
+                admin.recent_evictions
+            ),
             "use at most 10000 (the default is 100)",
         );
     }

@@ -218,7 +218,11 @@ impl Sweeper {
                 None => {}
             }
         }
-        tracing::debug!(sessions = kept, removed_backend = removed, "sessions handed to the new config generation");
+        tracing::debug!(
+            sessions = kept,
+            removed_backend = removed,
+            "sessions handed to the new config generation"
+        );
         self.successor = Some((to, remap));
     }
 

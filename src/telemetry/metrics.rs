@@ -89,26 +89,71 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 fn describe() {
-    describe_gauge!(BUILD_INFO, "Always 1; the version label says which pulsegate runs.");
-    describe_gauge!(CONFIG_GENERATION, "Config generation: 1 at start, +1 per applied reload.");
-    describe_counter!(CONFIG_RELOADS, "Reload attempts by result (ok, invalid, failed).");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which pulsegate runs."
+    );
+    describe_gauge!(
+        CONFIG_GENERATION,
+        "Config generation: 1 at start, +1 per applied reload."
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        "Reload attempts by result (ok, invalid, failed)."
+    );
     describe_counter!(ACCEPTED, "Client connections accepted.");
-    describe_gauge!(ACTIVE, "Client connections open now (sessions, and clients waiting for an upstream).");
+    describe_gauge!(
+        ACTIVE,
+        "Client connections open now (sessions, and clients waiting for an upstream)."
+    );
     describe_counter!(REFUSED, "Client connections refused, by reason.");
-    describe_histogram!(SESSION_DURATION, Unit::Seconds, "Lifetime of relayed sessions.");
+    describe_histogram!(
+        SESSION_DURATION,
+        Unit::Seconds,
+        "Lifetime of relayed sessions."
+    );
     describe_counter!(BYTES, Unit::Bytes, "Bytes relayed, by direction.");
-    describe_histogram!(CONNECT_DURATION, Unit::Seconds, "Time to connect to a backend (successful connects).");
-    describe_counter!(CONNECT_FAILURES, "Failed connects to a backend (refused, timed out, unreachable).");
+    describe_histogram!(
+        CONNECT_DURATION,
+        Unit::Seconds,
+        "Time to connect to a backend (successful connects)."
+    );
+    describe_counter!(
+        CONNECT_FAILURES,
+        "Failed connects to a backend (refused, timed out, unreachable)."
+    );
     describe_counter!(EVICTIONS, "Sessions evicted, by reason.");
-    describe_histogram!(DETECTION, Unit::Seconds, "From the first unanswered probe or unACKed byte to eviction.");
-    describe_counter!(CHECKS, "Health checks run, by result (up, not_ready, down).");
+    describe_histogram!(
+        DETECTION,
+        Unit::Seconds,
+        "From the first unanswered probe or unACKed byte to eviction."
+    );
+    describe_counter!(
+        CHECKS,
+        "Health checks run, by result (up, not_ready, down)."
+    );
     describe_histogram!(CHECK_DURATION, Unit::Seconds, "Health check latency.");
-    describe_gauge!(BACKEND_STATE, "1 for the backend's current state (up, suspect, down), 0 for the others.");
-    describe_gauge!(BACKEND_ROLE, "1 for the backend's last reported role (primary, replica, unknown), 0 for the others.");
+    describe_gauge!(
+        BACKEND_STATE,
+        "1 for the backend's current state (up, suspect, down), 0 for the others."
+    );
+    describe_gauge!(
+        BACKEND_ROLE,
+        "1 for the backend's last reported role (primary, replica, unknown), 0 for the others."
+    );
     describe_gauge!(BACKEND_ACTIVE, "Sessions open to the backend.");
-    describe_gauge!(POOL_IDLE, "Idle spare connections in the warm pool for the backend.");
-    describe_counter!(PROBES_SENT, "On-demand keepalive probes armed on quiet legs.");
-    describe_counter!(PROBES_UNANSWERED, "Keepalive probes seen unanswered (a probe debt began).");
+    describe_gauge!(
+        POOL_IDLE,
+        "Idle spare connections in the warm pool for the backend."
+    );
+    describe_counter!(
+        PROBES_SENT,
+        "On-demand keepalive probes armed on quiet legs."
+    );
+    describe_counter!(
+        PROBES_UNANSWERED,
+        "Keepalive probes seen unanswered (a probe debt began)."
+    );
 }
 
 /// Records the config generation and a reload's result.
@@ -141,7 +186,8 @@ impl ListenerMeters {
     /// instead of gaps before the first event.
     pub fn new(listener: &str) -> Self {
         let l = listener.to_string();
-        let refused = |reason: &'static str| counter!(REFUSED, "listener" => l.clone(), "reason" => reason);
+        let refused =
+            |reason: &'static str| counter!(REFUSED, "listener" => l.clone(), "reason" => reason);
         let per_leg = |name: &'static str| {
             [Leg::Client, Leg::Upstream]
                 .map(|leg| counter!(name, "listener" => l.clone(), "leg" => leg.as_str()))
@@ -240,9 +286,7 @@ const ROLES: [&str; 3] = ["primary", "replica", "unknown"];
 impl BackendMeters {
     pub fn new(listener: &str, backend: &str) -> Self {
         let (l, b) = (listener.to_string(), backend.to_string());
-        let check = |result: &'static str| {
-            counter!(CHECKS, "listener" => l.clone(), "backend" => b.clone(), "result" => result)
-        };
+        let check = |result: &'static str| counter!(CHECKS, "listener" => l.clone(), "backend" => b.clone(), "result" => result);
         let meters = BackendMeters {
             connect_duration: histogram!(CONNECT_DURATION, "listener" => l.clone(), "backend" => b.clone()),
             connect_failures: counter!(CONNECT_FAILURES, "listener" => l.clone(), "backend" => b.clone()),

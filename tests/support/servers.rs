@@ -501,6 +501,29 @@ impl HostProxy {
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal pulsegate");
+    }
+
+    /// Waits at most `timeout` for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The config file pulsegate was started with (rewrite it, then
+    /// reload).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("pulsegate.toml")
+    }
 }
 
 impl Drop for HostProxy {
