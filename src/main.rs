@@ -258,6 +258,13 @@ async fn serve(
     path: PathBuf,
 ) -> ExitCode {
     use pulsegate::proxy::Proxy;
+    let signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
     let metrics = match pulsegate::telemetry::metrics::install() {
         Ok(handle) => Some(handle),
         Err(e) => {
@@ -297,7 +304,7 @@ async fn serve(
         ));
     }
     let exit_now = CancellationToken::new();
-    tokio::spawn(watch_signals(proxy.clone(), exit_now.clone()));
+    tokio::spawn(watch_signals(signals, proxy.clone(), exit_now.clone()));
     proxy.drained().await;
     tracing::info!("all listeners drained");
     if !proxy.exit_after_drain() {
@@ -318,26 +325,39 @@ async fn metrics_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle) {
     }
 }
 
+/// The signals `run` handles, installed before anything binds so that an
+/// early SIGHUP (a `systemctl reload` right after start) cannot kill the
+/// process with the default action.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// SIGHUP: reload. First SIGTERM/SIGINT: graceful drain, then exit (also
 /// when an admin drain said to stay). Second: exit at once.
-async fn watch_signals(proxy: Arc<pulsegate::proxy::Proxy>, exit_now: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!(
-            "cannot install signal handlers; SIGTERM will kill pulsegate without draining"
-        );
-        return;
-    };
+async fn watch_signals(
+    mut signals: Signals,
+    proxy: Arc<pulsegate::proxy::Proxy>,
+    exit_now: CancellationToken,
+) {
     let mut received = 0;
     loop {
         let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-            _ = hup.recv() => {
+            _ = signals.term.recv() => "SIGTERM",
+            _ = signals.int.recv() => "SIGINT",
+            _ = signals.hup.recv() => {
                 tracing::info!(signal = "SIGHUP", "reloading the config");
                 // The outcome is logged and shown in /status by reload().
                 let _ = proxy.reload().await;

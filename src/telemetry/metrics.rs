@@ -82,6 +82,9 @@ pub fn install() -> Result<PrometheusHandle, String> {
                 .and_then(|b| b.install_recorder())
                 .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
             describe();
+            for result in ["ok", "invalid", "failed"] {
+                counter!(CONFIG_RELOADS, "result" => result).increment(0);
+            }
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             Ok(handle)
         })
