@@ -7,6 +7,7 @@
 mod client;
 pub mod command;
 mod control;
+mod routes;
 mod server;
 #[cfg(test)]
 mod tests;
