@@ -5,7 +5,8 @@
 //!
 //! - [`config`] — the TOML file, its defaults, validation and the detection
 //!   bounds it promises; [`check`] renders them for `pulsegate check`.
-//! - [`proxy`] — binds every listener, then serves them until shutdown.
+//! - [`proxy`] — binds every listener, serves them, applies reloads and
+//!   drains; [`registry`] is the state the admin API reads.
 //! - [`listener`] — the accept loop, `max_connections`, drain on shutdown.
 //! - [`session`] — one client: upstream connect, relay, eviction.
 //! - [`backend`] — a listener's backends, their health and the routing
@@ -17,14 +18,18 @@
 //! - [`liveness`] — the watcher: on-demand probes and the death rule.
 //! - [`evict`] — eviction reasons and the structured eviction event.
 //! - [`sockopt`] — every socket option, and the one `unsafe` TCP_INFO read.
-//! - [`telemetry`] — logging.
+//! - [`admin`] — the admin HTTP server (metrics, health, readiness,
+//!   status, drain, reload) and `pulsegate admin`.
+//! - [`telemetry`] — logging, and the Prometheus metrics catalog.
 //! - [`lab`] — network namespaces, firewall rules and processes for the
 //!   demo, the tests and the failover bench (not on the proxy path).
 //! - [`demo`] — `pulsegate demo`, the seed experiment in one command.
+//! - [`bench`] — `pulsegate bench failover`, a load test of failover in the lab.
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod backend;
+pub mod bench;
 pub mod check;
 pub mod config;
 pub mod demo;

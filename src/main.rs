@@ -22,7 +22,7 @@ backends — PostgreSQL, MySQL, Redis, HTTP, any TCP server. It probes idle conn
 watches busy ones, and when a backend or a client vanishes without a FIN or RST it resets \
 the other side within seconds, so connection pools reconnect instead of hanging for minutes.",
     after_help = "Exit codes: 0 success; 1 runtime failure (e.g. cannot bind); 2 invalid config \
-or command line; 3 missing privileges (demo)."
+or command line; 3 missing privileges (demo, bench)."
 )]
 struct Cli {
     /// Log format: `text` for people, `json` for log pipelines.
@@ -72,10 +72,24 @@ enum Command {
         #[command(subcommand)]
         action: AdminAction,
     },
+    /// Load tests in a private network namespace (root).
+    Bench {
+        #[command(subcommand)]
+        bench: BenchCommand,
+    },
     /// Lab helper process (echo server or idle client) for the demo and
     /// the namespace tests.
     #[command(hide = true)]
     LabBackend(pulsegate::lab::BackendArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Failover under load: clients through pulsegate and direct, a fault
+    /// on the primary, then time to detect, time until every client is
+    /// served again, failed and hung requests and latency percentiles
+    /// (terminal table, JSON report, SVG timeline). Needs root.
+    Failover(pulsegate::bench::FailoverArgs),
 }
 
 #[derive(Subcommand)]
@@ -124,6 +138,15 @@ fn main() -> ExitCode {
             timeout,
             action,
         } => admin(url, token_file, timeout, action),
+        Command::Bench {
+            bench: BenchCommand::Failover(args),
+        } => match pulsegate::bench::run_failover(&args) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
         Command::LabBackend(args) => match pulsegate::lab::run_backend(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,0 +1,346 @@
+//! The `bench failover` command line, its validation, and the plan it
+//! resolves to (every default filled in, the pulsegate config written).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::ValueEnum;
+
+use super::{servers, BenchError};
+
+/// What the clients speak, and so which backends run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadKind {
+    /// A 32-byte line echoed by `pulsegate lab-backend` (nothing to install);
+    /// pulsegate checks it with `kind = "tcp"`.
+    Echo,
+    /// Alternating `PING` and `GET` against two `redis-server`s
+    /// (`kind = "redis"` check).
+    Redis,
+    /// `SELECT 1` (simple query) against two PostgreSQL servers made with
+    /// `initdb` (`kind = "postgres"` check).
+    Postgres,
+}
+
+impl WorkloadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::Echo => "echo",
+            WorkloadKind::Redis => "redis",
+            WorkloadKind::Postgres => "postgres",
+        }
+    }
+
+    /// The `[listener.check]` kind that fits the protocol.
+    fn check_kind(self) -> &'static str {
+        match self {
+            WorkloadKind::Echo => "tcp",
+            WorkloadKind::Redis => "redis",
+            WorkloadKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// What happens to the primary backend at `--fault-at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FaultKind {
+    /// Its port is blackholed both ways (iptables DROP), then it is
+    /// SIGKILLed: its FIN/RST never arrive, every connection is half-open.
+    Blackhole,
+    /// Only packets *to* its port are dropped; it stays alive and its
+    /// replies still flow (a one-way partition).
+    BlackholeOneway,
+    /// SIGSTOP: the process freezes, its kernel still ACKs.
+    Freeze,
+    /// SIGKILL without DROP: the kernel delivers FIN/RST.
+    Kill,
+    /// SIGKILL, then started again after `--restart-after`.
+    Restart,
+}
+
+impl FaultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::Blackhole => "blackhole",
+            FaultKind::BlackholeOneway => "blackhole-oneway",
+            FaultKind::Freeze => "freeze",
+            FaultKind::Kill => "kill",
+            FaultKind::Restart => "restart",
+        }
+    }
+}
+
+/// `pulsegate bench failover`: a load test of failover.
+///
+/// In a private network namespace (needs root), two backends run (primary,
+/// secondary), pulsegate sits in front of them in failover order, and
+/// `--clients` clients per path do request/response through pulsegate and,
+/// at the same time, directly to the primary. At `--fault-at` the primary
+/// fails. Every request's start, latency and outcome is recorded; the
+/// summary, `report.json` and `timeline.svg` (in `--out`) show the time to
+/// detect, the time until every client was served again, failed and hung
+/// requests, and latency percentiles before, during and after the fault.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FailoverArgs {
+    /// The protocol and backends: echo (built in), redis (redis-server),
+    /// postgres (PostgreSQL server binaries).
+    #[arg(long, value_enum, default_value_t = WorkloadKind::Echo)]
+    pub workload: WorkloadKind,
+    /// What happens to the primary.
+    #[arg(long, value_enum, default_value_t = FaultKind::Blackhole)]
+    pub fault: FaultKind,
+    /// Concurrent clients per path (through pulsegate, and direct).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub clients: u32,
+    /// How long the load runs, e.g. 20s.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// When the fault is injected, counted from the start of the load
+    /// [default: a third of --duration].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub fault_at: Option<Duration>,
+    /// With --fault restart: how long the primary stays dead.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub restart_after: Duration,
+    /// Requests per second per client (paced); 0 sends the next request as
+    /// soon as the previous one is answered.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub rate: u32,
+    /// A request not answered within this long counts as hung, and its
+    /// client reconnects.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub hang_bound: Duration,
+    /// pulsegate's `liveness.probe_interval` (whole seconds).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub probe_interval: Duration,
+    /// pulsegate's `liveness.dead_after` (at least 1s).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub dead_after: Duration,
+    /// pulsegate's health check interval (and timeout); fall 2, rise 2.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub check_interval: Duration,
+    /// pulsegate's `routing.down_grace`: how long busy sessions of a down
+    /// backend may finish before they are evicted.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub down_grace: Duration,
+    /// Directory for report.json, timeline.svg and the pulsegate config.
+    #[arg(long, value_name = "DIR", default_value = "bench-failover")]
+    pub out: PathBuf,
+    /// Where to write the JSON report [default: DIR/report.json].
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Where to write the SVG timeline [default: DIR/timeline.svg].
+    #[arg(long, value_name = "PATH")]
+    pub svg: Option<PathBuf>,
+    /// Also write every request (path, client, start, latency, outcome) to
+    /// DIR/requests.csv.
+    #[arg(long)]
+    pub csv: bool,
+    /// No progress bar (for CI logs); the summary is still printed.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The listener's address inside the lab.
+pub(crate) const PROXY_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 6432);
+
+/// Every setting of one run, validated.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub workload: WorkloadKind,
+    pub fault: FaultKind,
+    pub clients: u32,
+    pub duration: Duration,
+    pub fault_at: Duration,
+    pub restart_after: Duration,
+    /// Time between request starts of one client; zero for a closed loop.
+    pub pace: Duration,
+    pub rate: u32,
+    pub hang_bound: Duration,
+    pub probe_interval: Duration,
+    pub dead_after: Duration,
+    pub check_interval: Duration,
+    pub down_grace: Duration,
+    pub out: PathBuf,
+    pub json: PathBuf,
+    pub svg: PathBuf,
+    pub csv: Option<PathBuf>,
+    pub quiet: bool,
+    pub primary: SocketAddr,
+    pub secondary: SocketAddr,
+}
+
+impl Plan {
+    /// Fills in defaults and checks the flags against each other and
+    /// against pulsegate's own config rules; [`BenchError::Args`] names the
+    /// flag at fault.
+    pub fn from_args(args: &FailoverArgs) -> Result<Plan, BenchError> {
+        let fault_at = args.fault_at.unwrap_or(args.duration / 3);
+        let [primary, secondary] = servers::backend_addrs(args.workload);
+        let plan = Plan {
+            workload: args.workload,
+            fault: args.fault,
+            clients: args.clients,
+            duration: args.duration,
+            fault_at,
+            restart_after: args.restart_after,
+            pace: match args.rate {
+                0 => Duration::ZERO,
+                rate => Duration::from_secs(1) / rate,
+            },
+            rate: args.rate,
+            hang_bound: args.hang_bound,
+            probe_interval: args.probe_interval,
+            dead_after: args.dead_after,
+            check_interval: args.check_interval,
+            down_grace: args.down_grace,
+            json: args.json.clone().unwrap_or(args.out.join("report.json")),
+            svg: args.svg.clone().unwrap_or(args.out.join("timeline.svg")),
+            csv: args.csv.then(|| args.out.join("requests.csv")),
+            out: args.out.clone(),
+            quiet: args.quiet,
+            primary,
+            secondary,
+        };
+        plan.check()?;
+        Ok(plan)
+    }
+
+    fn check(&self) -> Result<(), BenchError> {
+        let bad = |msg: String| Err(BenchError::Args(msg));
+        let s = |d: Duration| humantime::format_duration(d).to_string();
+        if self.duration < Duration::from_secs(1) {
+            return bad(format!(
+                "--duration {} is too short to see a failover; use at least 1s (e.g. 6s for a smoke run)",
+                s(self.duration)
+            ));
+        }
+        if self.fault_at.is_zero() || self.fault_at >= self.duration {
+            return bad(format!(
+                "--fault-at {} must lie inside the run (after 0s, before --duration {})",
+                s(self.fault_at),
+                s(self.duration)
+            ));
+        }
+        if self.hang_bound.is_zero() {
+            return bad("--hang-bound must be above zero, e.g. 5s".into());
+        }
+        if self.fault == FaultKind::Restart
+            && (self.restart_after.is_zero() || self.fault_at + self.restart_after >= self.duration)
+        {
+            return bad(format!(
+                "--restart-after {} must be above zero and restart the primary before the run ends \
+                 (--fault-at {} + --restart-after < --duration {})",
+                s(self.restart_after),
+                s(self.fault_at),
+                s(self.duration)
+            ));
+        }
+        crate::config::parse(&self.proxy_toml(), "bench-failover.toml").map_err(|e| {
+            BenchError::Args(format!(
+                "--probe-interval, --dead-after, --check-interval or --down-grace make an \
+                 invalid pulsegate config: {e}"
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// pulsegate's config for the run: both backends in failover order, a
+    /// health check that fits the workload, the liveness settings from the
+    /// flags, pulsegate's defaults for everything else.
+    pub fn proxy_toml(&self) -> String {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        format!(
+            "# Written by `pulsegate bench failover`: the config the run measured.\n\
+             [[listener]]\n\
+             name = \"bench\"\n\
+             bind = \"{bind}\"\n\
+             backends = [\"{primary}\", \"{secondary}\"]   # failover order\n\
+             \n\
+             [listener.liveness]\n\
+             probe_interval = \"{probe}\"\n\
+             dead_after = \"{dead}\"\n\
+             \n\
+             [listener.check]\n\
+             kind = \"{kind}\"\n\
+             interval = \"{check}\"\n\
+             timeout = \"{check}\"\n\
+             jitter = \"0s\"\n\
+             rise = 2\n\
+             fall = 2\n\
+             \n\
+             [listener.routing]\n\
+             balance = \"first_healthy\"\n\
+             on_down = \"evict\"\n\
+             down_grace = \"{grace}\"\n",
+            bind = PROXY_ADDR,
+            primary = self.primary,
+            secondary = self.secondary,
+            probe = d(self.probe_interval),
+            dead = d(self.dead_after),
+            kind = self.workload.check_kind(),
+            check = d(self.check_interval),
+            grace = d(self.down_grace),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FailoverArgs,
+    }
+
+    fn plan(argv: &[&str]) -> Result<Plan, BenchError> {
+        let cli = Cli::try_parse_from(std::iter::once("failover").chain(argv.iter().copied()))
+            .map_err(|e| BenchError::Args(e.to_string()))?;
+        Plan::from_args(&cli.args)
+    }
+
+    #[test]
+    fn defaults_resolve_and_make_a_valid_proxy_config() {
+        let p = plan(&[]).unwrap();
+        assert_eq!(p.workload, WorkloadKind::Echo);
+        assert_eq!(p.fault, FaultKind::Blackhole);
+        assert_eq!(p.clients, 64);
+        assert_eq!(p.fault_at, Duration::from_secs(20) / 3);
+        assert_eq!(p.pace, Duration::from_millis(20));
+        assert_eq!(p.json, PathBuf::from("bench-failover/report.json"));
+        let config = crate::config::parse(&p.proxy_toml(), "t.toml").unwrap();
+        assert_eq!(
+            config.listeners[0].settings.liveness.dead_after,
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn inconsistent_flags_are_refused_with_the_flag_named() {
+        let err = |argv: &[&str]| match plan(argv) {
+            Err(BenchError::Args(msg)) => msg,
+            other => panic!("{argv:?} gave {other:?}"),
+        };
+        assert!(err(&["--duration", "6s", "--fault-at", "6s"]).contains("--fault-at"));
+        assert!(err(&["--hang-bound", "0s"]).contains("--hang-bound"));
+        assert!(err(&[
+            "--fault",
+            "restart",
+            "--duration",
+            "4s",
+            "--fault-at",
+            "2s",
+            "--restart-after",
+            "3s"
+        ])
+        .contains("--restart-after"));
+        assert!(err(&["--probe-interval", "1500ms"]).contains("probe_interval"));
+        assert!(err(&["--clients", "0"]).contains("clients"));
+        assert!(plan(&["--rate", "0", "--duration", "6s", "--fault-at", "2s"]).is_ok());
+    }
+}

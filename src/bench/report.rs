@@ -1,0 +1,383 @@
+//! The numbers of a run: per route (pulsegate, direct) the requests by
+//! outcome, the time until every client was served again, and latency
+//! percentiles (hdrhistogram) before, during and after the fault; the
+//! detection figures; a bucketed timeline. Serialized as the JSON report.
+//!
+//! Phases are per route and by when a request *ended*: `before` ended
+//! before the fault; `after` started once every client of the route had
+//! been served again; `during` is everything else (so a request caught by
+//! the fault counts there). Latency is how long the caller waited for an
+//! answer or an error, connecting included; a hung request counts as the
+//! hang bound; requests cut by the end of the run are left out.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::args::Plan;
+use super::detect::Detection;
+use super::fault::FaultTimes;
+use super::workload::{Outcome, Record, Route};
+
+/// Timeline buckets per run (at least [`MIN_BUCKET`] wide).
+const BUCKETS: u32 = 200;
+const MIN_BUCKET: Duration = Duration::from_millis(10);
+
+/// Everything `report.json` holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub pulsegate_version: &'static str,
+    pub settings: Settings,
+    pub fault: FaultReport,
+    pub detection: DetectionReport,
+    pub pulsegate: RouteReport,
+    pub direct: RouteReport,
+    pub timeline: Vec<Bucket>,
+    /// The timeline's bucket width.
+    pub bucket_s: f64,
+    /// The config pulsegate ran with.
+    pub pulsegate_config: String,
+}
+
+/// The run's settings (durations in seconds).
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub workload: &'static str,
+    pub clients_per_route: u32,
+    /// Requests per second per client; 0 for a closed loop.
+    pub rate_per_client: u32,
+    pub duration_s: f64,
+    pub hang_bound_s: f64,
+    pub probe_interval_s: f64,
+    pub dead_after_s: f64,
+    pub check_interval_s: f64,
+    pub down_grace_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultReport {
+    pub kind: &'static str,
+    /// Since the start of the load.
+    pub at_s: f64,
+    /// `restart`: when the primary listened again, since the start.
+    pub restarted_s: Option<f64>,
+}
+
+/// pulsegate's reaction, in seconds after the fault.
+#[derive(Debug, Clone, Serialize)]
+pub struct DetectionReport {
+    /// The first of: an eviction, the primary suspect, the primary down.
+    pub detected_s: Option<f64>,
+    pub first_eviction_s: Option<f64>,
+    pub first_eviction_reason: Option<String>,
+    pub evictions: u64,
+    pub eviction_reasons: BTreeMap<String, u64>,
+    pub evictions_before_fault: u64,
+    pub primary_suspect_s: Option<f64>,
+    pub primary_down_s: Option<f64>,
+    pub primary_up_again_s: Option<f64>,
+}
+
+/// One route's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteReport {
+    pub requests: u64,
+    pub ok: u64,
+    pub failed: u64,
+    pub hung: u64,
+    /// Still waiting (for less than the hang bound) when the run ended.
+    pub unfinished: u64,
+    /// Failed requests by how they failed (refused, reset, closed, ...).
+    pub failures: BTreeMap<&'static str, u64>,
+    pub clients: u32,
+    /// Clients that completed a request started after the fault.
+    pub clients_served_again: u32,
+    /// Seconds from the fault until every client had (none if some never
+    /// did within the run).
+    pub served_again_s: Option<f64>,
+    pub before: PhaseStats,
+    pub during: PhaseStats,
+    pub after: PhaseStats,
+}
+
+/// Requests of one phase and their latency percentiles (milliseconds;
+/// none when the phase has no finished request).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PhaseStats {
+    pub requests: u64,
+    pub ok: u64,
+    pub failed: u64,
+    pub hung: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub p999_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+}
+
+/// One route in one slice of time. Latencies go by when a request
+/// started; failures by when the client saw them (the error, or the hang
+/// bound running out).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Bucket {
+    pub route: &'static str,
+    /// The bucket's start, since the start of the load.
+    pub t_s: f64,
+    /// Requests started here and answered.
+    pub ok: u64,
+    /// Median latency of the requests started here that ended.
+    pub p50_ms: Option<f64>,
+    /// Worst latency of the requests started here that ended.
+    pub max_ms: Option<f64>,
+    /// Longest wait of a request started here and still waiting when the
+    /// run ended (a lower bound of its latency).
+    pub waiting_ms: Option<f64>,
+    /// Requests that failed here.
+    pub failed: u64,
+    /// Requests whose hang bound ran out here.
+    pub hung: u64,
+    /// Requests started here and still waiting when the run ended.
+    pub unfinished: u64,
+}
+
+/// Builds the report of a run.
+pub(crate) fn build(
+    plan: &Plan,
+    records: &[Record],
+    fault: &FaultTimes,
+    detection: &Detection,
+    config: String,
+) -> Report {
+    let route = |r| route_report(records, r, plan.clients, fault.at, plan.duration);
+    let bucket = (plan.duration / BUCKETS).max(MIN_BUCKET);
+    Report {
+        pulsegate_version: env!("CARGO_PKG_VERSION"),
+        settings: Settings {
+            workload: plan.workload.as_str(),
+            clients_per_route: plan.clients,
+            rate_per_client: plan.rate,
+            duration_s: secs(plan.duration),
+            hang_bound_s: secs(plan.hang_bound),
+            probe_interval_s: secs(plan.probe_interval),
+            dead_after_s: secs(plan.dead_after),
+            check_interval_s: secs(plan.check_interval),
+            down_grace_s: secs(plan.down_grace),
+        },
+        fault: FaultReport {
+            kind: plan.fault.as_str(),
+            at_s: secs(fault.at),
+            restarted_s: fault.restarted.map(secs),
+        },
+        detection: DetectionReport {
+            detected_s: detection.detected().map(secs),
+            first_eviction_s: detection.first_eviction.map(secs),
+            first_eviction_reason: detection.first_eviction_reason.clone(),
+            evictions: detection.evictions,
+            eviction_reasons: detection.eviction_reasons.clone(),
+            evictions_before_fault: detection.evictions_before_fault,
+            primary_suspect_s: detection.primary_suspect.map(secs),
+            primary_down_s: detection.primary_down.map(secs),
+            primary_up_again_s: detection.primary_up_again.map(secs),
+        },
+        pulsegate: route(Route::Pulsegate),
+        direct: route(Route::Direct),
+        timeline: timeline(records, bucket),
+        bucket_s: secs(bucket),
+        pulsegate_config: config,
+    }
+}
+
+pub(crate) fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e6
+}
+
+fn route_report(
+    records: &[Record],
+    route: Route,
+    clients: u32,
+    fault: Duration,
+    duration: Duration,
+) -> RouteReport {
+    let mine: Vec<&Record> = records.iter().filter(|r| r.route == route).collect();
+    let served = served_again(&mine, clients, fault);
+    let recovered = served.all_at.unwrap_or(duration.max(fault));
+    let phase = |p: Phase| {
+        phase_stats(
+            mine.iter()
+                .copied()
+                .filter(|r| phase_of(r, fault, recovered) == p),
+        )
+    };
+    let mut failures = BTreeMap::new();
+    for r in &mine {
+        if let Outcome::Failed(f) = r.outcome {
+            *failures.entry(f.as_str()).or_default() += 1;
+        }
+    }
+    let count =
+        |want: fn(&Outcome) -> bool| mine.iter().filter(|r| want(&r.outcome)).count() as u64;
+    RouteReport {
+        requests: mine.len() as u64,
+        ok: count(|o| *o == Outcome::Ok),
+        failed: count(|o| matches!(o, Outcome::Failed(_))),
+        hung: count(|o| *o == Outcome::Hung),
+        unfinished: count(|o| *o == Outcome::Unfinished),
+        failures,
+        clients,
+        clients_served_again: served.clients,
+        served_again_s: served.all_at.map(|at| secs(at.saturating_sub(fault))),
+        before: phase(Phase::Before),
+        during: phase(Phase::During),
+        after: phase(Phase::After),
+    }
+}
+
+/// When the clients of a route were served again after the fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServedAgain {
+    /// Clients with an OK request started at or after the fault.
+    pub clients: u32,
+    /// When the last of all `clients` had its first such answer, since the
+    /// start; none if some client never had one.
+    pub all_at: Option<Duration>,
+}
+
+pub(crate) fn served_again(records: &[&Record], clients: u32, fault: Duration) -> ServedAgain {
+    let mut first_ok: BTreeMap<u32, Duration> = BTreeMap::new();
+    for r in records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Ok && r.start >= fault)
+    {
+        let end = r.end();
+        first_ok
+            .entry(r.client)
+            .and_modify(|e| *e = (*e).min(end))
+            .or_insert(end);
+    }
+    let served = u32::try_from(first_ok.len()).unwrap_or(u32::MAX);
+    ServedAgain {
+        clients: served,
+        all_at: (served >= clients)
+            .then(|| first_ok.values().copied().max())
+            .flatten(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Before,
+    During,
+    After,
+}
+
+pub(crate) fn phase_of(r: &Record, fault: Duration, recovered: Duration) -> Phase {
+    if r.end() < fault {
+        Phase::Before
+    } else if r.start >= recovered {
+        Phase::After
+    } else {
+        Phase::During
+    }
+}
+
+pub(crate) fn phase_stats<'a>(records: impl Iterator<Item = &'a Record>) -> PhaseStats {
+    let mut stats = PhaseStats::default();
+    // 1 µs to 1 hour at 3 significant digits; always valid bounds.
+    let Ok(mut histogram) = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3) else {
+        return stats;
+    };
+    for r in records {
+        match r.outcome {
+            Outcome::Ok => stats.ok += 1,
+            Outcome::Failed(_) => stats.failed += 1,
+            Outcome::Hung => stats.hung += 1,
+            Outcome::Unfinished => continue,
+        }
+        stats.requests += 1;
+        histogram.saturating_record(micros(r.latency).max(1));
+    }
+    if !histogram.is_empty() {
+        let ms = |us: u64| Some(us as f64 / 1000.0);
+        stats.p50_ms = ms(histogram.value_at_quantile(0.50));
+        stats.p99_ms = ms(histogram.value_at_quantile(0.99));
+        stats.p999_ms = ms(histogram.value_at_quantile(0.999));
+        stats.max_ms = ms(histogram.max());
+    }
+    stats
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+type Slots = BTreeMap<(Route, u64), (Bucket, Vec<u64>)>;
+
+/// Per route and bucket: see [`Bucket`].
+fn timeline(records: &[Record], width: Duration) -> Vec<Bucket> {
+    let mut slots = Slots::new();
+    for r in records {
+        let latency = micros(r.latency);
+        let ms = latency as f64 / 1000.0;
+        let (started, latencies) = slot(&mut slots, r.route, r.start, width);
+        if r.outcome == Outcome::Unfinished {
+            started.unfinished += 1;
+            started.waiting_ms = Some(started.waiting_ms.unwrap_or(0.0).max(ms));
+            continue;
+        }
+        if r.outcome == Outcome::Ok {
+            started.ok += 1;
+        }
+        started.max_ms = Some(started.max_ms.unwrap_or(0.0).max(ms));
+        latencies.push(latency);
+        let (ended, _) = slot(&mut slots, r.route, r.end(), width);
+        match r.outcome {
+            Outcome::Failed(_) => ended.failed += 1,
+            Outcome::Hung => ended.hung += 1,
+            _ => {}
+        }
+    }
+    slots
+        .into_values()
+        .map(|(mut bucket, mut latencies)| {
+            latencies.sort_unstable();
+            bucket.p50_ms = latencies
+                .get(latencies.len() / 2)
+                .map(|&us| us as f64 / 1000.0);
+            bucket
+        })
+        .collect()
+}
+
+/// The bucket of `route` that holds `at`.
+fn slot(slots: &mut Slots, route: Route, at: Duration, width: Duration) -> &mut (Bucket, Vec<u64>) {
+    let index = micros(at) / micros(width).max(1);
+    slots.entry((route, index)).or_insert_with(|| {
+        let bucket = Bucket {
+            route: route.as_str(),
+            t_s: secs(width * u32::try_from(index).unwrap_or(u32::MAX)),
+            ..Bucket::default()
+        };
+        (bucket, Vec::new())
+    })
+}
+
+/// `route,client,start_s,latency_s,outcome` per request.
+pub(crate) fn csv(records: &[Record]) -> String {
+    let mut out = String::from("route,client,start_s,latency_s,outcome\n");
+    for r in records {
+        out.push_str(&format!(
+            "{},{},{:.6},{:.6},{}\n",
+            r.route.as_str(),
+            r.client,
+            r.start.as_secs_f64(),
+            r.latency.as_secs_f64(),
+            r.outcome.as_str()
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+#[path = "report_tests.rs"]
+mod tests;

@@ -1,0 +1,308 @@
+//! The two backends of a run (primary, secondary) as lab processes: the
+//! echo server (`pulsegate lab-backend`), `redis-server`, or PostgreSQL
+//! ([`postgres`]). A fault kills, freezes or restarts the primary through
+//! [`Backend`].
+
+mod postgres;
+
+pub(crate) use postgres::USER as PG_USER;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use super::args::{Plan, WorkloadKind};
+use super::BenchError;
+use crate::lab::{Lab, LabProcess};
+
+/// How long a backend may take to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a SIGKILLed backend may take to be gone.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Primary and secondary addresses inside the lab, per workload.
+pub(crate) fn backend_addrs(workload: WorkloadKind) -> [SocketAddr; 2] {
+    let ports = match workload {
+        WorkloadKind::Echo => [7001, 7002],
+        WorkloadKind::Redis => [6379, 6380],
+        WorkloadKind::Postgres => [5433, 5434],
+    };
+    ports.map(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+}
+
+/// How to start (and restart) one backend.
+#[derive(Debug, Clone)]
+enum Program {
+    Echo { exe: PathBuf, lifetime: Duration },
+    Redis { program: PathBuf, dir: PathBuf },
+    Postgres(postgres::Server),
+}
+
+impl Program {
+    fn command(&self, addr: SocketAddr) -> Command {
+        match self {
+            Program::Echo { exe, lifetime } => {
+                let mut command = Command::new(exe);
+                command.args(["lab-backend", "--listen", &addr.to_string()]);
+                command.args(["--max-lifetime", &format!("{}s", lifetime.as_secs())]);
+                command
+            }
+            Program::Redis { program, dir } => {
+                let mut command = Command::new(program);
+                command.arg("--dir").arg(dir);
+                command.args(["--port", &addr.port().to_string()]);
+                command.args(["--bind", &addr.ip().to_string()]);
+                command.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
+                command.args(["--logfile", "", "--protected-mode", "no"]);
+                command
+            }
+            Program::Postgres(server) => server.command(addr),
+        }
+    }
+
+    /// PostgreSQL forks a process per connection (and each makes itself a
+    /// session leader, so a process-group signal would miss it): signals
+    /// go to the postmaster and to every process it forked.
+    fn forks(&self) -> bool {
+        matches!(self, Program::Postgres(_))
+    }
+}
+
+/// One backend process in the lab.
+pub(crate) struct Backend {
+    pub label: &'static str,
+    pub addr: SocketAddr,
+    program: Program,
+    process: LabProcess,
+}
+
+impl Backend {
+    fn start(
+        lab: &Lab,
+        label: &'static str,
+        addr: SocketAddr,
+        program: Program,
+    ) -> Result<Backend, BenchError> {
+        let process = spawn(lab, label, addr, &program)?;
+        Ok(Backend {
+            label,
+            addr,
+            program,
+            process,
+        })
+    }
+
+    /// SIGKILL (with every process it forked), then waits until the
+    /// process is gone.
+    pub fn kill(&self) -> Result<(), BenchError> {
+        self.send_kill()?;
+        self.wait_gone()
+    }
+
+    /// SIGKILL without waiting: once sent, no process of the backend runs
+    /// its own code again (the kernel may still deliver what it wrote).
+    pub fn send_kill(&self) -> Result<(), BenchError> {
+        self.signal(Signal::SIGKILL)
+    }
+
+    /// Waits until the killed process has exited, and reaps it.
+    pub fn wait_gone(&self) -> Result<(), BenchError> {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        while self.process.exit_status().is_none() {
+            if Instant::now() >= deadline {
+                return Err(BenchError::Setup(format!(
+                    "{} backend (pid {}) survived SIGKILL for {EXIT_TIMEOUT:?}",
+                    self.label,
+                    self.process.pid()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP: frozen, while its kernel keeps answering.
+    pub fn freeze(&self) -> Result<(), BenchError> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Backend::freeze`]; a process that is gone is fine.
+    pub fn thaw(&self) {
+        let _ = self.signal(Signal::SIGCONT);
+    }
+
+    /// Starts the program again on the same address (after a kill) and
+    /// waits until it listens.
+    pub fn restart(&mut self, lab: &Lab) -> Result<(), BenchError> {
+        self.process = spawn(lab, self.label, self.addr, &self.program)?;
+        Ok(())
+    }
+
+    /// Sends `signal` to the backend's process and, for PostgreSQL, to
+    /// every process the postmaster forked. The postmaster is stopped
+    /// first: it then forks nothing new, and its children stay its
+    /// children (an exited parent's are handed to init) while they are
+    /// listed.
+    fn signal(&self, signal: Signal) -> Result<(), BenchError> {
+        if !self.program.forks() {
+            return Ok(self.process.signal(signal)?);
+        }
+        self.process.signal(Signal::SIGSTOP)?;
+        for child in children_of(self.process.pid()) {
+            // A child that already exited is fine.
+            let _ = nix::sys::signal::kill(child, signal);
+        }
+        if signal != Signal::SIGSTOP {
+            self.process.signal(signal)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Backend {
+    /// The lab kills the processes it started, but not PostgreSQL's forked
+    /// backends: kill them all first.
+    fn drop(&mut self) {
+        if self.program.forks() && self.process.exit_status().is_none() {
+            let _ = self.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+/// The processes whose parent is `pid`, from `/proc/<pid>/stat`.
+fn children_of(pid: u32) -> Vec<Pid> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&candidate| {
+            std::fs::read_to_string(format!("/proc/{candidate}/stat"))
+                .ok()
+                .and_then(|stat| parent_in_stat(&stat))
+                == Some(pid)
+        })
+        .map(Pid::from_raw)
+        .collect()
+}
+
+/// The parent pid in a `/proc/<pid>/stat` line: the second field after
+/// the command name, which is in parentheses and may hold anything.
+fn parent_in_stat(stat: &str) -> Option<u32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn spawn(
+    lab: &Lab,
+    label: &'static str,
+    addr: SocketAddr,
+    program: &Program,
+) -> Result<LabProcess, BenchError> {
+    let process = lab.spawn_as(label, program.command(addr))?;
+    lab.wait_ready(&process, addr, START_TIMEOUT)?;
+    Ok(process)
+}
+
+/// The primary and the secondary.
+pub(crate) struct Backends {
+    pub primary: Backend,
+    pub secondary: Backend,
+}
+
+/// Finds what `plan.workload` needs (naming the Debian package when it is
+/// missing) and starts both backends in `lab`.
+pub(crate) fn start(lab: &Lab, exe: &Path, plan: &Plan) -> Result<Backends, BenchError> {
+    let [primary, secondary] = match plan.workload {
+        WorkloadKind::Echo => {
+            let program = Program::Echo {
+                exe: exe.to_path_buf(),
+                lifetime: plan.duration + Duration::from_secs(120),
+            };
+            [program.clone(), program]
+        }
+        WorkloadKind::Redis => {
+            let program = Program::Redis {
+                program: find_program("redis-server", "redis-server")?,
+                dir: lab.dir().to_path_buf(),
+            };
+            [program.clone(), program]
+        }
+        WorkloadKind::Postgres => {
+            let install = postgres::Install::find()?;
+            // Every client may hold a connection, per path, plus checks.
+            let max_connections = 2 * plan.clients + 20;
+            let [a, b] = install.init_two(lab.dir(), max_connections)?;
+            [Program::Postgres(a), Program::Postgres(b)]
+        }
+    };
+    Ok(Backends {
+        primary: Backend::start(lab, "primary", plan.primary, primary)?,
+        secondary: Backend::start(lab, "secondary", plan.secondary, secondary)?,
+    })
+}
+
+/// `name` on PATH or in /usr/sbin, /usr/bin, else [`BenchError::Missing`]
+/// naming `package`.
+fn find_program(name: &str, package: &str) -> Result<PathBuf, BenchError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            BenchError::Missing(format!(
+                "`{name}` was not found in PATH, /usr/sbin or /usr/bin; this workload needs it: \
+                 install the {package} package (e.g. `apt-get install {package}`)"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_workload_has_two_distinct_ports() {
+        for w in [
+            WorkloadKind::Echo,
+            WorkloadKind::Redis,
+            WorkloadKind::Postgres,
+        ] {
+            let [a, b] = backend_addrs(w);
+            assert_ne!(a, b);
+            assert_ne!(a, super::super::args::PROXY_ADDR);
+        }
+    }
+
+    #[test]
+    fn finds_the_parent_in_a_stat_line() {
+        let stat = "4242 (postgres: x) y) S 4200 4242 4242 0 -1 4194560";
+        assert_eq!(parent_in_stat(stat), Some(4200));
+        assert_eq!(parent_in_stat("garbage"), None);
+        let me = std::process::id();
+        let child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let found = children_of(me).contains(&Pid::from_raw(child.id() as i32));
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(found);
+    }
+
+    #[test]
+    fn a_missing_program_names_its_package() {
+        let err = find_program("surely-not-installed-xyz", "xyz-server").unwrap_err();
+        assert!(
+            err.to_string().contains("apt-get install xyz-server"),
+            "{err}"
+        );
+    }
+}

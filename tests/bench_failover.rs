@@ -1,0 +1,229 @@
+//! `pulsegate bench failover`, run for real in a short smoke version (the
+//! one CI runs): the echo workload with a blackholed primary (pulsegate's
+//! clients are served again within the watcher's bound while the direct
+//! ones hang) and with a killed primary (RST/FIN delivered: pulsegate
+//! fails over at once, direct clients are refused), plus the exit codes
+//! for bad flags and missing privileges.
+//!
+//! The runs need root (the lab); without it they print "skipping:
+//! <reason>", and under `CI=true` they fail instead.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// Runs `pulsegate bench failover ARGS --quiet --out DIR`.
+fn bench(args: &[&str], out: &Path) -> Output {
+    Command::new(support::exe())
+        .args(["bench", "failover", "--quiet", "--out"])
+        .arg(out)
+        .args(args)
+        .output()
+        .expect("run pulsegate bench failover")
+}
+
+/// The run succeeded; its report.json, parsed.
+fn report(output: &Output, out: &Path) -> Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "bench failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(
+        stdout.contains("all served again after"),
+        "no summary table:\n{stdout}"
+    );
+    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+    serde_json::from_str(&text).expect("report.json is JSON")
+}
+
+fn secs(v: &Value) -> f64 {
+    v.as_f64()
+        .unwrap_or_else(|| panic!("not a number of seconds: {v}"))
+}
+
+fn assert_svg(out: &Path) {
+    let svg = std::fs::read_to_string(out.join("timeline.svg")).expect("timeline.svg");
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "not an SVG"
+    );
+    assert!(
+        svg.contains("fault (blackhole)") || svg.contains("fault (kill)"),
+        "no fault marker"
+    );
+}
+
+/// Skips (or under CI=true fails) when the lab cannot run here.
+fn lab_available(tag: &str) -> bool {
+    support::lab_or_skip(tag).is_some()
+}
+
+#[test]
+fn blackholed_primary_pulsegate_clients_are_served_again_direct_ones_hang() {
+    if !lab_available("bench-probe") {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        "--workload",
+        "echo",
+        "--fault",
+        "blackhole",
+        "--clients",
+        "8",
+        "--duration",
+        "6s",
+        "--fault-at",
+        "2s",
+        "--hang-bound",
+        "2s",
+    ];
+    let output = bench(&args, out.path());
+    let r = report(&output, out.path());
+    eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+
+    let detected = secs(&r["detection"]["detected_s"]);
+    // The check (every 500 ms, timeout 500 ms) or the watcher (probe 1 s,
+    // dead_after 1 s, sweep 0.5 s) sees it first.
+    assert!(
+        detected > 0.0 && detected < 2.6,
+        "detected after {detected} s"
+    );
+    assert!(
+        secs(&r["detection"]["first_eviction_s"]) < 3.0,
+        "{}",
+        r["detection"]
+    );
+    assert_eq!(
+        r["detection"]["evictions_before_fault"], 0,
+        "false evictions"
+    );
+
+    let pulsegate = &r["pulsegate"];
+    assert_eq!(pulsegate["clients_served_again"], 8, "{pulsegate}");
+    let served = secs(&pulsegate["served_again_s"]);
+    // probe_interval + dead_after + margin.
+    assert!(
+        served < 3.5,
+        "pulsegate clients served again after {served} s"
+    );
+    assert_eq!(pulsegate["hung"], 0, "a pulsegate client hung: {pulsegate}");
+    assert!(
+        pulsegate["after"]["requests"].as_u64().unwrap() > 100,
+        "{pulsegate}"
+    );
+
+    let direct = &r["direct"];
+    assert!(
+        direct["served_again_s"].is_null(),
+        "direct recovered? {direct}"
+    );
+    assert_eq!(direct["clients_served_again"], 0, "{direct}");
+    let stuck = direct["hung"].as_u64().unwrap() + direct["unfinished"].as_u64().unwrap();
+    assert!(stuck >= 8, "every direct client should hang: {direct}");
+    assert_svg(out.path());
+    assert!(out.path().join("pulsegate.toml").exists());
+}
+
+#[test]
+fn killed_primary_pulsegate_fails_over_at_once_direct_clients_are_refused() {
+    if !lab_available("bench-probe") {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        "--fault",
+        "kill",
+        "--clients",
+        "8",
+        "--duration",
+        "4s",
+        "--fault-at",
+        "1500ms",
+    ];
+    let output = bench(&args, out.path());
+    let r = report(&output, out.path());
+    eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+
+    // The kernel's FIN/RST arrive: evicted as peer_closed/peer_reset.
+    assert!(
+        secs(&r["detection"]["detected_s"]) < 1.0,
+        "{}",
+        r["detection"]
+    );
+    let pulsegate = &r["pulsegate"];
+    assert!(secs(&pulsegate["served_again_s"]) < 1.0, "{pulsegate}");
+    assert_eq!(pulsegate["hung"], 0, "{pulsegate}");
+    let direct = &r["direct"];
+    assert!(direct["served_again_s"].is_null(), "{direct}");
+    assert!(
+        direct["failures"]["refused"].as_u64().unwrap_or(0) > 0,
+        "{direct}"
+    );
+    assert_eq!(direct["hung"], 0, "{direct}");
+    assert_svg(out.path());
+}
+
+#[test]
+fn inconsistent_flags_exit_2_naming_the_flag() {
+    let out = tempfile::tempdir().unwrap();
+    let output = bench(&["--duration", "6s", "--fault-at", "7s"], out.path());
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--fault-at"), "{stderr}");
+}
+
+/// As an unprivileged user (when the test runs as root and can switch to
+/// `nobody` with setpriv) the bench says which privilege it needs and
+/// exits 3.
+#[test]
+fn without_root_it_names_the_privilege_and_exits_3() {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    if !root {
+        // Then the bench itself is the unprivileged run.
+        let out = tempfile::tempdir().unwrap();
+        let output = bench(&[], out.path());
+        assert_eq!(output.status.code(), Some(3), "{output:?}");
+        return;
+    }
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(support::exe())
+        .args([
+            "bench",
+            "failover",
+            "--quiet",
+            "--out",
+            "/nonexistent/bench",
+        ])
+        .output();
+    let output = match output {
+        Ok(o)
+            if o.status.code() == Some(3)
+                || !String::from_utf8_lossy(&o.stderr).contains("setpriv") =>
+        {
+            o
+        }
+        other => {
+            eprintln!("skipping: cannot run the binary as nobody here: {other:?}");
+            return;
+        }
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("needs root") && stderr.contains("CAP_NET_ADMIN"),
+        "{stderr}"
+    );
+}
