@@ -203,6 +203,10 @@ pub struct LegState {
     debt_start_ms: Option<u64>,
     /// The verdict cannot change before this time unless the relay writes.
     next_check_ms: u64,
+    /// `bytes_acked` at the last sample, and when it last moved (0: never
+    /// seen to): data is only answered by ACKs that make progress.
+    acked_seen: u64,
+    progress_at_ms: u64,
 }
 
 impl LegState {
@@ -231,6 +235,10 @@ impl LegState {
         let owes_data = info.unacked > 0;
         let owes_probe = info.probes > 0;
         let last_recv_ago = u64::from(info.last_data_recv_ms.min(info.last_ack_recv_ms));
+        if info.bytes_acked != self.acked_seen {
+            self.acked_seen = info.bytes_acked;
+            self.progress_at_ms = now_ms.saturating_sub(u64::from(info.last_ack_recv_ms));
+        }
         if !owes_data && !owes_probe {
             return self.assess_clear(info, now_ms, pending_ms, last_recv_ago, rule);
         }
@@ -254,9 +262,19 @@ impl LegState {
                 now_ms
             }
         });
-        let silence = now_ms
-            .saturating_sub(start)
-            .min(u64::from(info.last_ack_recv_ms));
+        // Data in flight is answered only by an ACK that acknowledges some
+        // of it: a one-way partition lets the peer's retransmissions in,
+        // which refresh last_ack_recv without any progress. Probes are
+        // answered by any ACK.
+        let last_answer_ago = if owes_data {
+            match self.progress_at_ms {
+                0 => u64::MAX,
+                at => now_ms.saturating_sub(at),
+            }
+        } else {
+            u64::from(info.last_ack_recv_ms)
+        };
+        let silence = now_ms.saturating_sub(start).min(last_answer_ago);
         // A probe owes a verdict only once a second one went unanswered too:
         // a live receiver answers zero-window probes only every ~0.5-0.9 s,
         // and one keepalive probe can be lost (with 10,000 idle legs the

@@ -59,6 +59,11 @@ pub struct TcpInfo {
     pub total_retrans: u32,
     /// Bytes queued but not yet sent (e.g. held back by a zero window).
     pub notsent_bytes: u32,
+    /// Bytes the peer has acknowledged so far (0 on kernels before 4.1).
+    /// Unlike `last_ack_recv_ms`, only ACKs that acknowledge new data move
+    /// it: a peer that cannot hear us but keeps retransmitting its own
+    /// data refreshes `last_ack_recv_ms` and never this.
+    pub bytes_acked: u64,
 }
 
 impl TcpInfo {
@@ -149,6 +154,7 @@ pub fn tcp_info(socket: &impl AsFd) -> io::Result<TcpInfo> {
         last_ack_recv_ms: raw.last_ack_recv,
         rtt_us: raw.rtt,
         total_retrans: raw.total_retrans,
+        bytes_acked: raw.bytes_acked,
         // Older kernels (< 4.6) stop before this field; len tells.
         notsent_bytes: if (len as usize) >= std::mem::size_of::<RawTcpInfo>() - 4 {
             raw.notsent_bytes

@@ -88,9 +88,30 @@ fn data_unacked_for_dead_after_is_dead() {
 fn streaming_peer_that_keeps_acking_is_alive_forever() {
     let mut leg = LegState::default();
     for t in (10_000..100_000).step_by(500) {
-        let a = leg.assess(&info(40, 0, 3, 0), t, 10_000, &rule());
+        let sample = TcpInfo {
+            bytes_acked: t * 1000,
+            ..info(40, 0, 3, 0)
+        };
+        let a = leg.assess(&sample, t, 10_000, &rule());
         assert_eq!(a.dead, None);
     }
+}
+
+#[test]
+fn one_way_partition_is_dead_although_the_peer_keeps_sending() {
+    // Our segments no longer reach the peer; its own retransmissions still
+    // reach us, so an ACK arrives every few hundred ms (last_ack_recv stays
+    // small) but it acknowledges nothing new: bytes_acked stands still.
+    let mut leg = LegState::default();
+    let sample = |ack_ago| TcpInfo {
+        bytes_acked: 5000,
+        ..info(2, 0, ack_ago, 300)
+    };
+    assert_eq!(leg.assess(&sample(100), 10_000, 10_000, &rule()).dead, None);
+    assert_eq!(leg.assess(&sample(200), 10_500, 10_000, &rule()).dead, None);
+    let a = leg.assess(&sample(150), 11_000, 10_000, &rule());
+    assert_eq!(a.dead, Some(EvictReason::RetransmitUnanswered));
+    assert_eq!(a.silent_ms, 1_000);
 }
 
 #[test]
