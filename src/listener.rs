@@ -148,6 +148,7 @@ pub async fn serve(task: ListenerTask) {
         }
     }
     drop(tcp);
+    shared.set_draining();
     drain(&current.ctx, &sessions).await;
     current.monitors.cancel();
     registry.withdraw(instance, &shared.name);

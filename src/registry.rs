@@ -140,7 +140,9 @@ impl Registry {
             why.push("no listener is running".to_string());
         }
         for ctx in contexts {
-            if ctx.config.settings.readiness == Readiness::Always {
+            // A listener on its way out (drain, or removed by a reload)
+            // takes no new clients: its backends no longer matter here.
+            if ctx.config.settings.readiness == Readiness::Always || ctx.shared.draining() {
                 continue;
             }
             if let Err(e) = ctx.backends.usable() {
@@ -201,6 +203,7 @@ fn listener_json(ctx: &ListenerContext) -> Value {
         "name": &*ctx.name,
         "bind": ctx.config.bind.to_string(),
         "sessions": ctx.shared.sessions(),
+        "draining": ctx.shared.draining(),
         "max_connections": ctx.config.settings.max_connections.get(),
         "health_checks": ctx.config.settings.check.as_ref().map(|c| format!("{:?}", c.kind).to_lowercase()),
         "routable": ctx.backends.usable().is_ok(),

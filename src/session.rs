@@ -2,7 +2,7 @@
 //! watcher's eye, and end it cleanly or by eviction.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,9 @@ pub struct ListenerShared {
     pub meters: Arc<ListenerMeters>,
     pub registry: Arc<Registry>,
     sessions: AtomicUsize,
+    /// Stopped accepting (shutdown, or removed or moved by a reload) and
+    /// waiting for its sessions.
+    draining: AtomicBool,
 }
 
 impl ListenerShared {
@@ -50,7 +53,16 @@ impl ListenerShared {
             meters: Arc::new(ListenerMeters::new(name)),
             registry,
             sessions: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Client connections open now.

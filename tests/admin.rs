@@ -589,3 +589,98 @@ fn slow_and_malformed_admin_clients_do_not_stall_the_data_path() {
     assert_eq!(healthz.status, 200);
     drop(stalled);
 }
+
+#[test]
+fn reload_adds_moves_and_removes_listeners() {
+    let echo = echo_server();
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let port = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (b_bind, b_moved) = (port(), port());
+    let listener = |name: &str, bind: SocketAddr| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nbind = \"{bind}\"\nbackends = [\"{}\"]\n",
+            echo.addr
+        )
+    };
+    let head = format!("[admin]\nbind = \"{admin_addr}\"\n\n");
+    let proxy = HostProxy::start(&exe(), |bind| format!("{head}{}", listener("a", bind)));
+    let a_bind = proxy.addr;
+    let mut a_session = TcpStream::connect(a_bind).unwrap();
+    echo_exact(&mut a_session, 100, 1);
+
+    // A reload that cannot bind (the port is taken) changes nothing.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    let config = format!(
+        "{head}{}\n{}",
+        listener("a", a_bind),
+        listener("b", taken_addr)
+    );
+    std::fs::write(proxy.config_path(), config).unwrap();
+    let r = call(admin_addr, "POST", "/reload", None);
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert!(r.body.contains("cannot bind"), "{}", r.body);
+    let text = call(admin_addr, "GET", "/metrics", None).body;
+    let failed = [("result", "failed")];
+    assert_eq!(
+        sample(&text, "pulsegate_config_reloads_total", &failed),
+        Some(1.0)
+    );
+    drop(taken);
+
+    // Add b.
+    let config = format!("{head}{}\n{}", listener("a", a_bind), listener("b", b_bind));
+    std::fs::write(proxy.config_path(), config).unwrap();
+    let r = call(admin_addr, "POST", "/reload", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["added"], serde_json::json!(["b"]));
+    let mut b_session = TcpStream::connect(b_bind).unwrap();
+    echo_exact(&mut b_session, 100, 2);
+
+    // Remove a, move b: a stops accepting but its open session lives on
+    // (drain); b answers on its new address and its old session lives on.
+    let config = format!("{head}{}", listener("b", b_moved));
+    std::fs::write(proxy.config_path(), config).unwrap();
+    let r = call(admin_addr, "POST", "/reload", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["removed"], serde_json::json!(["a"]));
+    assert_eq!(r.json()["changed"], serde_json::json!(["b"]));
+    wait_for(
+        "a and b's old address closed",
+        Duration::from_secs(5),
+        || match (TcpStream::connect(a_bind), TcpStream::connect(b_bind)) {
+            (Err(_), Err(_)) => Ok(()),
+            _ => Err("still accepting"),
+        },
+    );
+    let mut moved = TcpStream::connect(b_moved).unwrap();
+    echo_exact(&mut moved, 100, 3);
+    echo_exact(&mut a_session, 100, 4);
+    echo_exact(&mut b_session, 100, 5);
+    // /status: a drains (its session is open), b runs on its new address.
+    let status = call(admin_addr, "GET", "/status", None).json();
+    let listeners = status["listeners"].as_array().unwrap();
+    let find = |name: &str| listeners.iter().find(|l| l["name"] == name).cloned();
+    let a = find("a").expect("a is listed while it drains");
+    assert_eq!(a["draining"], true, "{status:#}");
+    assert_eq!(a["sessions"], 1);
+    let b = find("b").unwrap();
+    assert_eq!(b["bind"], b_moved.to_string());
+    assert_eq!(b["draining"], false);
+    // Once a's last session ends, a is gone.
+    drop(a_session);
+    wait_for("a drained", Duration::from_secs(5), || {
+        let s = call(admin_addr, "GET", "/status", None).json();
+        let names: Vec<String> = s["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap_or_default().to_string())
+            .collect();
+        if names == ["b"] {
+            Ok(())
+        } else {
+            Err(names)
+        }
+    });
+}
