@@ -171,7 +171,13 @@ impl Sweeper {
             }
             self.sweep(slice).await;
             for backend in std::mem::take(&mut self.suspects) {
-                if self.backends.connection_dead(backend).state_changed() {
+                let change = self.backends.connection_dead(backend);
+                if change.state_changed() {
+                    // The same event the health checks log, so operators
+                    // and tools see every state change in one place.
+                    tracing::warn!(backend = %self.backends.label(backend), from = %change.from,
+                        to = %change.to, cause = "a session to it was found dead",
+                        "backend state changed");
                     self.obey(Order::ProbeBackend(backend));
                 }
             }
