@@ -252,11 +252,42 @@ impl PgCluster {
     }
 }
 
-/// SIGKILL to the whole process group led by `leader` (the postmaster
-/// started through [`PgCluster::postgres_command`] and its backends).
-/// Errors mean the group is already gone.
+/// `signal` to the process group led by `leader` and to every child of
+/// `leader`. PostgreSQL's backends each make themselves a session leader,
+/// so the postmaster's group alone misses them: the leader is stopped
+/// first (so it cannot fork or restart children meanwhile), then its
+/// children found in /proc and its group get the signal. Errors mean the
+/// processes are already gone.
 pub fn kill_group(leader: u32, signal: Signal) {
-    let _ = killpg(Pid::from_raw(leader as i32), signal);
+    let pid = Pid::from_raw(leader as i32);
+    let _ = kill(pid, Signal::SIGSTOP);
+    for child in children_of(leader) {
+        let _ = kill(Pid::from_raw(child as i32), signal);
+    }
+    let _ = killpg(pid, signal);
+    let _ = kill(pid, signal);
+    let _ = kill(pid, Signal::SIGCONT);
+}
+
+/// The processes whose parent is `parent`, from /proc/PID/stat.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                // The command name is in parentheses and may hold spaces:
+                // the fields after the last ')' are state, then ppid.
+                .and_then(|stat| {
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }
 
 /// A PostgreSQL server started on the host by the test: fast shutdown
