@@ -3,17 +3,19 @@
 //!
 //! On Linux the bytes never enter user space: each direction splices
 //! socket → pipe → socket (`splice(2)`), which saves two copies per byte and
-//! is what lets a proxy keep up with a direct connection. The pipe exists
-//! only while data flows: it is created when bytes arrive and closed once the
-//! source has been quiet for [`PIPE_IDLE`], so an idle session holds no pipe
-//! (no memory, no descriptors). If the kernel refuses to splice (`EINVAL`:
-//! a socket type it cannot splice), the direction falls back to a user-space
-//! buffer that likewise exists only while data flows.
+//! is what lets a proxy keep up with a direct connection. A direction holds
+//! a pipe only while data flows: it takes an empty one from a small
+//! process-wide pool when bytes arrive and gives it back, empty, as soon as
+//! its source runs dry. An idle session holds no pipe (no memory, no
+//! descriptors), and a busy one costs no pipe creation and no timer per
+//! message. If the kernel refuses to splice (`EINVAL`: a socket type it
+//! cannot splice), the direction falls back to a user-space buffer that
+//! likewise exists only while data flows.
 
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use socket2::SockRef;
@@ -29,8 +31,13 @@ const BUF_SIZE: usize = 64 * 1024;
 /// may grant less (`/proc/sys/fs/pipe-max-size`, per-user limits), which
 /// only costs speed.
 const PIPE_SIZE: usize = 256 * 1024;
-/// A pipe is closed after its source has been quiet this long.
-const PIPE_IDLE: Duration = Duration::from_millis(500);
+/// Empty pipes kept for reuse; beyond this they are closed. Only
+/// directions moving data at the same instant hold one, so a few dozen
+/// serve thousands of sessions.
+const POOL_MAX: usize = 64;
+
+/// The process-wide pool of empty pipes.
+static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
 /// A socket error, attributed to the leg it happened on.
 #[derive(Debug)]
@@ -74,6 +81,21 @@ struct Pipe {
 }
 
 impl Pipe {
+    /// An empty pipe: from the pool, or a new one.
+    fn take() -> io::Result<Pipe> {
+        let pooled = POOL.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        pooled.map_or_else(Pipe::new, Ok)
+    }
+
+    /// Returns an empty pipe to the pool (or closes it when the pool is
+    /// full).
+    fn give_back(self) {
+        let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+        if pool.len() < POOL_MAX {
+            pool.push(self);
+        }
+    }
+
     fn new() -> io::Result<Pipe> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         // Best effort: a smaller pipe still works.
@@ -96,12 +118,14 @@ async fn splice_pump(
     let src = session.socket(from);
     let dst = session.socket(to);
     let read_err = |error| Fallback::Error(LegError { leg: from, error });
+    // Only ever held empty between iterations: a pipe with bytes in it is
+    // drained before the next read, and dropped (closed) on an error.
     let mut pipe: Option<Pipe> = None;
     loop {
-        wait_readable(src, &mut pipe).await.map_err(read_err)?;
+        src.readable().await.map_err(read_err)?;
         let p = match &pipe {
             Some(p) => p,
-            None => pipe.insert(Pipe::new().map_err(read_err)?),
+            None => pipe.insert(Pipe::take().map_err(read_err)?),
         };
         let moved = src.try_io(Interest::READABLE, || {
             splice(src, None, &p.write, None, PIPE_SIZE, splice_flags()).map_err(io::Error::from)
@@ -109,6 +133,9 @@ async fn splice_pump(
         match moved {
             Ok(0) => {
                 finish(dst);
+                if let Some(p) = pipe.take() {
+                    p.give_back();
+                }
                 return Ok(());
             }
             Ok(n) => {
@@ -120,7 +147,12 @@ async fn splice_pump(
                 *total += n as u64;
                 bytes.increment(n as u64);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // Ran dry: the (empty) pipe goes back to the pool.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(p) = pipe.take() {
+                    p.give_back();
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // Nothing was read: the fallback loses no bytes.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && *total == 0 => {
@@ -129,18 +161,6 @@ async fn splice_pump(
             Err(e) => return Err(read_err(e)),
         }
     }
-}
-
-/// Waits until `src` is readable; a pipe held that long without data is
-/// closed first.
-async fn wait_readable(src: &TcpStream, pipe: &mut Option<Pipe>) -> io::Result<()> {
-    if pipe.is_some() {
-        match tokio::time::timeout(PIPE_IDLE, src.readable()).await {
-            Ok(result) => return result,
-            Err(_) => *pipe = None,
-        }
-    }
-    src.readable().await
 }
 
 /// Moves `n` bytes from the pipe to `dst`.
