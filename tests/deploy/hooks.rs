@@ -2,6 +2,7 @@
 //! against a live proxy.
 
 use super::kubernetes::pre_stop_command;
+use super::servers::run_bounded;
 use super::*;
 
 /// The Dockerfile's HEALTHCHECK and the pods' preStop hook exec the binary
@@ -24,27 +25,30 @@ fn image_and_pod_hooks_work_against_a_running_proxy() {
     );
     let mut probe = health.clone();
     probe[at + 1] = url.clone();
-    let out = run_bounded(Command::new(BIN).args(&probe[1..]), Duration::from_secs(10));
+    let mut command = Command::new(BIN);
+    command.args(&probe[1..]);
+    let out = run_bounded(command, Duration::from_secs(10));
     assert!(
         out.status.success(),
         "HEALTHCHECK failed: {}",
         output_text(&out)
     );
     probe[at + 1] = format!("http://127.0.0.1:{}", free_port());
-    let out = run_bounded(Command::new(BIN).args(&probe[1..]), Duration::from_secs(10));
+    let mut command = Command::new(BIN);
+    command.args(&probe[1..]);
+    let out = run_bounded(command, Duration::from_secs(10));
     assert!(
         !out.status.success(),
         "HEALTHCHECK passed with no admin server"
     );
 
     let drain = pre_stop_command(&read(&deploy_dir().join("kubernetes/sidecar.yaml")));
-    let out = run_bounded(
-        Command::new(BIN)
-            .args(&drain[1..])
-            .args(["--url", &url])
-            .env("PULSEGATE_ADMIN_TOKEN", &proxy.token),
-        Duration::from_secs(30),
-    );
+    let mut command = Command::new(BIN);
+    command
+        .args(&drain[1..])
+        .args(["--url", &url])
+        .env("PULSEGATE_ADMIN_TOKEN", &proxy.token);
+    let out = run_bounded(command, Duration::from_secs(30));
     assert!(
         out.status.success(),
         "preStop drain failed: {}",

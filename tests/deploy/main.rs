@@ -4,9 +4,13 @@
 //! verifies, the commands the image and the pods exec work, and every metric
 //! the Grafana dashboard queries is one that a running proxy exports.
 
+#[path = "../support/admin.rs"]
+mod admin;
 mod dashboard;
 mod hooks;
 mod kubernetes;
+#[path = "../support/servers.rs"]
+mod servers;
 mod systemd;
 
 use std::io::{Read, Write};
@@ -14,6 +18,8 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use servers::free_port;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pulsegate");
 /// Where the image and the systemd unit install the binary.
@@ -135,7 +141,9 @@ readiness = "always"
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("pulsegate exited {status} at start:\n{}", self.log());
             }
-            if http(self.admin, "GET", "/healthz", &self.token).is_ok_and(|(s, _)| s == 200) {
+            if admin::request(self.admin, "GET", "/healthz", Some(&self.token), b"")
+                .is_ok_and(|r| r.status == 200)
+            {
                 return;
             }
             assert!(
@@ -152,7 +160,8 @@ readiness = "always"
     }
 
     fn request(&self, method: &str, path: &str) -> (u16, String) {
-        http(self.admin, method, path, &self.token)
+        admin::request(self.admin, method, path, Some(&self.token), b"")
+            .map(|r| (r.status, r.body))
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()))
     }
 
@@ -166,26 +175,6 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// One request over HTTP/1.0 with the bearer token: (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, token: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: 0\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response:?}")))?;
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok((status, body.to_string()))
 }
 
 /// An echo server, a thread per connection, for the rest of the test run.
@@ -219,8 +208,6 @@ fn echo_once(stream: &mut TcpStream) {
     assert_eq!(&answer, b"ping");
 }
 
-// ---------------------------------------------------------------- helpers
-
 // ------------------------------------------------------------------ helpers
 
 fn deploy_dir() -> PathBuf {
@@ -252,31 +239,4 @@ fn output_text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Runs `command` to completion, killing it after `timeout`.
-fn run_bounded(command: &mut Command, timeout: Duration) -> Output {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
 }
