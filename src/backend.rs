@@ -410,4 +410,23 @@ mod tests {
             Err("every backend is down")
         );
     }
+
+    #[test]
+    fn asking_whether_a_backend_is_usable_takes_no_round_robin_turn() {
+        let config = crate::config::parse(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n\
+             backends = [\"127.0.0.1:2\", \"127.0.0.1:3\"]\n\
+             [listener.routing]\nbalance = \"round_robin\"\n",
+            "test",
+        )
+        .expect("valid config");
+        let set = BackendSet::new(&config.listeners[0]);
+        assert_eq!(set.route().unwrap()[0], 0);
+        // /readyz and /status ask often; new clients must still alternate.
+        for _ in 0..3 {
+            set.usable().unwrap();
+        }
+        assert_eq!(set.route().unwrap()[0], 1);
+        assert_eq!(set.route().unwrap()[0], 0);
+    }
 }
