@@ -215,7 +215,13 @@ fn run(path: &std::path::Path) -> ExitCode {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let admin = match config.raw.admin.as_ref().map(admin_settings).transpose() {
+    let admin = config
+        .raw
+        .admin
+        .as_ref()
+        .zip(config.admin_bind)
+        .map(|(admin, bind)| pulsegate::admin::AdminSettings::from_config(admin, bind));
+    let admin = match admin.transpose() {
         Ok(admin) => admin,
         Err(e) => {
             eprintln!("error: {e}");
@@ -230,49 +236,6 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     runtime.block_on(serve(config, admin, path.to_path_buf()))
-}
-
-/// The admin server's settings from `[admin]`, with the token read from
-/// its file or environment variable.
-fn admin_settings(
-    admin: &pulsegate::config::AdminConfig,
-) -> Result<pulsegate::admin::AdminSettings, String> {
-    use pulsegate::admin::Token;
-    let token = if let Some(file) = &admin.token_file {
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            format!(
-                "admin.token_file {}: cannot read it: {e}; fix the path or its permissions",
-                file.display()
-            )
-        })?;
-        Some(Token::new(&text).ok_or_else(|| {
-            format!(
-                "admin.token_file {} is empty; put the token in it",
-                file.display()
-            )
-        })?)
-    } else if let Some(var) = &admin.token_env {
-        let text = std::env::var(var).map_err(|_| {
-            format!("admin.token_env: the environment variable {var} is not set (or not UTF-8); set it to the token")
-        })?;
-        Some(Token::new(&text).ok_or_else(|| {
-            format!("admin.token_env: the environment variable {var} is empty; set it to the token")
-        })?)
-    } else {
-        None
-    };
-    let bind = admin
-        .bind
-        .parse()
-        .map_err(|_| format!("admin.bind `{}` is not an IP:port address", admin.bind))?;
-    Ok(pulsegate::admin::AdminSettings {
-        bind,
-        token,
-        token_protects_metrics: admin.token_protects_metrics,
-        request_timeout: admin.request_timeout,
-        max_body_bytes: 64 * 1024,
-        max_connections: 64,
-    })
 }
 
 async fn serve(

@@ -124,7 +124,7 @@ impl Proxy {
             .map_or(crate::config::defaults::recent_evictions(), |a| {
                 a.recent_evictions
             });
-        let proxy = Arc::new(Proxy {
+        let mut proxy = Proxy {
             path,
             registry: Arc::new(Registry::new(keep)),
             state: Mutex::new((HashMap::new(), config)),
@@ -132,18 +132,17 @@ impl Proxy {
             drain: CancellationToken::new(),
             exit_after_drain: AtomicBool::new(true),
             metrics,
-        });
+        };
         metrics::config_generation(proxy.registry.generation());
-        let mut running = HashMap::new();
-        for (config, tcp) in bound {
-            let r = proxy.spawn_listener(config, tcp);
-            running.insert(r.config.name.clone(), r);
-        }
-        // Nobody else can hold the lock yet.
-        if let Ok(mut state) = proxy.state.try_lock() {
-            state.0 = running;
-        }
-        proxy
+        let running = bound
+            .into_iter()
+            .map(|(config, tcp)| {
+                let r = proxy.spawn_listener(config, tcp);
+                (r.config.name.clone(), r)
+            })
+            .collect();
+        proxy.state.get_mut().0 = running;
+        Arc::new(proxy)
     }
 
     pub fn registry(&self) -> &Arc<Registry> {

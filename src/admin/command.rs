@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use hyper::Method;
 
 use super::client::{self, ClientError};
+use crate::telemetry::one_line;
 
 /// What to ask the admin server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +70,7 @@ pub async fn run(target: &Target, command: &AdminCommand) -> u8 {
     let (status, body) = match ask(method, path).await {
         Ok(reply) => reply,
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}", one_line(&e));
             return EXIT_FAILED;
         }
     };
@@ -135,16 +136,4 @@ fn read_token(target: &Target) -> Result<Option<String>, String> {
     Ok(std::env::var(&target.token_env)
         .ok()
         .filter(|t| !t.trim().is_empty()))
-}
-
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -35,6 +35,7 @@ use tracing::{debug, info, warn, Instrument, Level};
 
 use super::routes::{json_response, Admin};
 use super::{Control, Reply, Token};
+use crate::config::AdminConfig;
 
 /// How long an accept error (EMFILE, ENOBUFS, ...) pauses the accept loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -64,6 +65,50 @@ pub struct AdminSettings {
     /// Admin connections served at once; more wait in the accept queue.
     /// Zero is treated as one.
     pub max_connections: usize,
+}
+
+impl AdminSettings {
+    /// The settings of a validated `[admin]` table (`bind` already parsed),
+    /// with the token read from its file or environment variable. The
+    /// error says what is missing and how to fix it.
+    pub fn from_config(admin: &AdminConfig, bind: SocketAddr) -> Result<Self, String> {
+        Ok(AdminSettings {
+            bind,
+            token: read_token(admin)?,
+            token_protects_metrics: admin.token_protects_metrics,
+            request_timeout: admin.request_timeout,
+            max_body_bytes: 64 * 1024,
+            max_connections: 64,
+        })
+    }
+}
+
+fn read_token(admin: &AdminConfig) -> Result<Option<Token>, String> {
+    if let Some(file) = &admin.token_file {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            format!(
+                "admin.token_file {}: cannot read it: {e}; fix the path or its permissions",
+                file.display()
+            )
+        })?;
+        let token = Token::new(&text).ok_or_else(|| {
+            format!(
+                "admin.token_file {} is empty; put the token in it",
+                file.display()
+            )
+        })?;
+        return Ok(Some(token));
+    }
+    let Some(var) = &admin.token_env else {
+        return Ok(None);
+    };
+    let text = std::env::var(var).map_err(|_| {
+        format!("admin.token_env: the environment variable {var} is not set (or not UTF-8); set it to the token")
+    })?;
+    let token = Token::new(&text).ok_or_else(|| {
+        format!("admin.token_env: the environment variable {var} is empty; set it to the token")
+    })?;
+    Ok(Some(token))
 }
 
 /// Serves admin requests on `listener` until `shutdown` is cancelled, then

@@ -27,3 +27,16 @@ pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
     };
     result.map_err(|e| format!("cannot install the logger: {e}"))
 }
+
+/// An error and its sources on one line: "connect: Connection refused",
+/// for logs, check details and command-line errors.
+pub fn one_line(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        line.push_str(": ");
+        line.push_str(&e.to_string());
+        source = e.source();
+    }
+    line
+}

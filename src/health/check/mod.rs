@@ -14,7 +14,6 @@ mod tcp;
 
 pub use http::parse_status_ranges;
 
-use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::config::{CheckConfig, CheckKind};
+use crate::telemetry::one_line;
 
 /// A backend's role as its last check reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -158,18 +158,6 @@ enum PasswordError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// An error and its sources on one line: "connect: Connection refused".
-fn one_line(error: &dyn StdError) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        line.push_str(": ");
-        line.push_str(&e.to_string());
-        source = e.source();
-    }
-    line
 }
 
 /// Connects to `addr`, with TCP_NODELAY (checks are small exchanges).
