@@ -23,12 +23,14 @@
 //! says what is missing with [`LabError::Unavailable`].
 
 mod backend;
+pub mod link;
 mod netns;
 mod process;
 mod proxy;
 mod sockets;
 
 pub use backend::{echo_server, run_backend, BackendArgs, ReadPause};
+pub use link::{Direction, Impairment, Link};
 pub use process::LabProcess;
 pub use proxy::{read_evictions, EvictionLine, ProxyConfig};
 pub use sockets::{TcpEntry, TcpState};
@@ -232,6 +234,13 @@ impl Lab {
         Ok(sockets::state_of(&entries, local))
     }
 
+    /// Runs `ip -n <namespace> args…` and returns its output.
+    pub fn ip(&self, args: &[&str]) -> Result<String, LabError> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        netns::run(&self.tools.ip, &full)
+    }
+
     /// Writes a file into the lab's work directory and returns its path.
     pub fn write_file(&self, name: &str, contents: &str) -> Result<PathBuf, LabError> {
         let path = self.dir.join(name);
@@ -246,6 +255,49 @@ impl Lab {
         for child in children {
             process::kill_and_reap(&child);
         }
+    }
+}
+
+/// Two labs joined by an emulated link ([`link`]): the *near* namespace
+/// holds the proxy and its clients, the *far* one the backends, and every
+/// packet between them crosses the [`Link`], where it can be delayed,
+/// dropped or cut. Backends listen on [`link::FAR_ADDR`]; loopback traffic
+/// inside either namespace is not impaired.
+pub struct LinkedLab {
+    // Declared first so it is dropped first: the forwarder stops before
+    // the namespaces go.
+    link: Link,
+    near: Lab,
+    far: Lab,
+}
+
+impl LinkedLab {
+    /// Creates both namespaces and the link between them (a perfect link
+    /// until [`Link::set`] says otherwise).
+    pub fn new(tag: &str) -> Result<LinkedLab, LabError> {
+        let near = Lab::new(tag)?;
+        let far = Lab::new(&format!("{tag}-far"))?;
+        let link = Link::new(&near, &far)?;
+        Ok(LinkedLab { link, near, far })
+    }
+
+    /// The proxy's side.
+    pub fn near(&self) -> &Lab {
+        &self.near
+    }
+
+    /// The backends' side.
+    pub fn far(&self) -> &Lab {
+        &self.far
+    }
+
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// `port` on the far side's link address, where backends listen.
+    pub fn far_addr(port: u16) -> SocketAddr {
+        SocketAddr::from((link::FAR_ADDR, port))
     }
 }
 

@@ -205,7 +205,7 @@ pub(super) fn run_in(
 }
 
 /// Runs a command to completion; its stdout on success.
-fn run(program: &Path, args: &[&str]) -> Result<String, LabError> {
+pub(super) fn run(program: &Path, args: &[&str]) -> Result<String, LabError> {
     let shown = format!("{} {}", program.display(), args.join(" "));
     let output = Command::new(program)
         .args(args)

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pulsegate::lab::{Lab, LabError, LabProcess, ProxyConfig};
+use pulsegate::lab::{Lab, LabError, LabProcess, LinkedLab, ProxyConfig};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
@@ -36,7 +36,17 @@ pub fn exe() -> PathBuf {
 /// made. Under `CI=true` a missing lab fails the test instead: CI must
 /// run these tests, not skip them.
 pub fn lab_or_skip(tag: &str) -> Option<Lab> {
-    match Lab::new(tag) {
+    or_skip(Lab::new(tag))
+}
+
+/// Two namespaces joined by the lab's emulated link (proxy near, backends
+/// far), or `None` like [`lab_or_skip`].
+pub fn linked_lab_or_skip(tag: &str) -> Option<LinkedLab> {
+    or_skip(LinkedLab::new(tag))
+}
+
+fn or_skip<T>(made: Result<T, LabError>) -> Option<T> {
+    match made {
         Ok(lab) => Some(lab),
         Err(LabError::Unavailable(reason)) => {
             if std::env::var("CI").as_deref() == Ok("true") {
@@ -52,8 +62,17 @@ pub fn lab_or_skip(tag: &str) -> Option<Lab> {
 /// Starts `pulsegate lab-backend --listen 127.0.0.1:7000` and waits until
 /// it listens; `pause` makes it stop reading after that many bytes.
 pub fn start_echo_backend(lab: &Lab, pause: Option<(u64, Duration)>) -> LabProcess {
+    start_echo_backend_on(lab, backend_addr(), pause)
+}
+
+/// [`start_echo_backend`] on `addr` (e.g. the far side of a linked lab).
+pub fn start_echo_backend_on(
+    lab: &Lab,
+    addr: SocketAddr,
+    pause: Option<(u64, Duration)>,
+) -> LabProcess {
     let mut command = Command::new(exe());
-    command.args(["lab-backend", "--listen", &backend_addr().to_string()]);
+    command.args(["lab-backend", "--listen", &addr.to_string()]);
     command.args(["--max-lifetime", "2m"]);
     if let Some((bytes, duration)) = pause {
         command.args(["--pause-reading-after", &bytes.to_string()]);
@@ -62,7 +81,7 @@ pub fn start_echo_backend(lab: &Lab, pause: Option<(u64, Duration)>) -> LabProce
     let backend = lab
         .spawn_as("backend", command)
         .expect("start the echo backend");
-    lab.wait_ready(&backend, backend_addr(), SETUP_TIMEOUT)
+    lab.wait_ready(&backend, addr, SETUP_TIMEOUT)
         .expect("echo backend listening");
     backend
 }

@@ -1,0 +1,128 @@
+//! The lab's network emulator: two namespaces joined by TUN devices and a
+//! forwarder. What it does to packets must be what the kernels on both
+//! sides see: a round trip that takes the delay, retransmissions under
+//! loss, silence under a cut, one flow dropped while the others flow.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use pulsegate::lab::{Direction, Impairment, LinkedLab};
+use pulsegate::sockopt;
+use support::*;
+
+fn far_echo(lab: &LinkedLab) -> pulsegate::lab::LabProcess {
+    start_echo_backend_on(lab.far(), LinkedLab::far_addr(BACKEND_PORT), None)
+}
+
+fn round_trip(stream: &mut TcpStream) -> Duration {
+    let started = Instant::now();
+    exchange_line(stream);
+    started.elapsed()
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[test]
+fn delay_line_adds_its_delay_to_every_round_trip() {
+    let Some(lab) = linked_lab_or_skip("link-delay") else {
+        return;
+    };
+    let _backend = far_echo(&lab);
+    let mut client = connect(lab.near(), LinkedLab::far_addr(BACKEND_PORT));
+    client.set_nodelay(true).unwrap();
+    let clean = median((0..10).map(|_| round_trip(&mut client)).collect());
+    lab.link().set_both(Impairment::delay(
+        Duration::from_millis(50),
+        Duration::from_millis(5),
+    ));
+    // 30 round trips: the kernel smooths its RTT estimate over about eight.
+    let delayed = median((0..30).map(|_| round_trip(&mut client)).collect());
+    eprintln!("round trip: clean {clean:?}, 50 ms ± 5 ms each way {delayed:?}");
+    assert!(clean < Duration::from_millis(20), "{clean:?}");
+    assert!(
+        (Duration::from_millis(90)..Duration::from_millis(150)).contains(&delayed),
+        "{delayed:?}"
+    );
+    let rtt = sockopt::tcp_info(&client).unwrap().rtt_us;
+    assert!(
+        (80_000..200_000).contains(&rtt),
+        "the kernel's RTT: {rtt} µs"
+    );
+}
+
+#[test]
+fn loss_makes_the_kernel_retransmit_and_bytes_still_arrive_intact() {
+    let Some(lab) = linked_lab_or_skip("link-loss") else {
+        return;
+    };
+    let _backend = far_echo(&lab);
+    let client = connect(lab.near(), LinkedLab::far_addr(BACKEND_PORT));
+    lab.link().set_both(Impairment::loss(0.05));
+    let probe = client.try_clone().unwrap();
+    let transfer = echo_transfer(client, 2 << 20, Duration::from_secs(20));
+    assert_eq!(transfer.sent, transfer.received, "bytes changed on the way");
+    let retrans = sockopt::tcp_info(&probe).unwrap().total_retrans;
+    let dropped = lab.link().counters(Direction::ToFar).dropped
+        + lab.link().counters(Direction::ToNear).dropped;
+    eprintln!("2 MiB echoed at 5 % loss: {dropped} packets dropped, {retrans} retransmitted by the client's kernel");
+    assert!(dropped > 20, "{dropped}");
+    assert!(retrans > 0, "the kernel saw no loss");
+}
+
+#[test]
+fn a_cut_silences_the_link_and_healing_it_resumes_the_same_connection() {
+    let Some(lab) = linked_lab_or_skip("link-cut") else {
+        return;
+    };
+    let _backend = far_echo(&lab);
+    let mut client = connect(lab.near(), LinkedLab::far_addr(BACKEND_PORT));
+    exchange_line(&mut client);
+    lab.link().set_both(Impairment::cut());
+    client.write_all(b"ping\n").unwrap();
+    let (end, _) = read_end(&mut client, Duration::from_secs(1));
+    assert!(matches!(end, ReadEnd::Nothing), "{end:?}");
+    let info = sockopt::tcp_info(&client).unwrap();
+    assert!(info.unacked > 0 && info.retransmits > 0, "{info:?}");
+    lab.link().set_both(Impairment::none());
+    // The kernel's next retransmission (RTO backoff: within ~2 s) gets through.
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reply = [0u8; 5];
+    client
+        .read_exact(&mut reply)
+        .expect("the echo after healing");
+    assert_eq!(&reply, b"ping\n");
+}
+
+#[test]
+fn a_dropped_flow_goes_silent_while_others_to_the_same_host_flow() {
+    let Some(lab) = linked_lab_or_skip("link-flow") else {
+        return;
+    };
+    let _backend = far_echo(&lab);
+    let mut victim = connect(lab.near(), LinkedLab::far_addr(BACKEND_PORT));
+    let mut other = connect(lab.near(), LinkedLab::far_addr(BACKEND_PORT));
+    exchange_line(&mut victim);
+    lab.link()
+        .drop_flow(victim.local_addr().unwrap(), victim.peer_addr().unwrap())
+        .unwrap();
+    victim.write_all(b"ping\n").unwrap();
+    let (end, _) = read_end(&mut victim, Duration::from_secs(1));
+    assert!(matches!(end, ReadEnd::Nothing), "{end:?}");
+    exchange_line(&mut other);
+    lab.link().restore_flows();
+    victim
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reply = [0u8; 5];
+    victim
+        .read_exact(&mut reply)
+        .expect("the echo once restored");
+}
