@@ -3,8 +3,9 @@
 //! which order — made from them.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::config::{BackendAddr, Balance, Listener, RoleWanted, Routing};
 use crate::health::{Change, CheckOutcome, Role, State, Tracker};
@@ -20,6 +21,10 @@ pub struct Backend {
     label: String,
     tracker: Mutex<Tracker>,
     active: AtomicUsize,
+    /// When a session to it was last answered (the watcher's clock,
+    /// `liveness::now_ms`): a check that got no answer while its sessions
+    /// did is the network's loss, not the backend's death.
+    heard_at_ms: AtomicU64,
     meters: BackendMeters,
 }
 
@@ -67,6 +72,7 @@ impl BackendSet {
     /// The backends of `listener`, reusing those of `previous` that it
     /// still lists (their rise and fall are updated).
     pub fn renewed(listener: &Listener, previous: Option<&BackendSet>) -> Self {
+        let checked = listener.settings.check.is_some();
         let (rise, fall) = listener
             .settings
             .check
@@ -88,7 +94,7 @@ impl BackendSet {
                         kept.tracker
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
-                            .set_thresholds(rise, fall);
+                            .set_thresholds(rise, fall, checked);
                     }
                     kept.unwrap_or_else(|| {
                         Arc::new(Backend {
@@ -99,8 +105,9 @@ impl BackendSet {
                             resolve_now: tokio::sync::Notify::new(),
                             addr: addr.clone(),
                             label: addr.to_string(),
-                            tracker: Mutex::new(Tracker::new(rise, fall)),
+                            tracker: Mutex::new(Tracker::new(rise, fall, checked)),
                             active: AtomicUsize::new(0),
+                            heard_at_ms: AtomicU64::new(0),
                             meters: BackendMeters::new(&listener.name, &addr.to_string()),
                         })
                     })
@@ -219,9 +226,30 @@ impl BackendSet {
 
     pub fn connection_dead(&self, backend: usize) -> Change {
         let mut t = self.tracker(backend);
-        let change = t.connection_dead();
+        let change = t.connection_dead(Instant::now());
         self.backends[backend].meters.set_state(t.state(), t.role());
         change
+    }
+
+    /// Brings an unchecked suspect backend back up once no session to it
+    /// was found dead for `hold` (see [`Tracker::expire_suspect`]).
+    pub fn expire_suspect(&self, backend: usize, hold: Duration) -> Change {
+        let mut t = self.tracker(backend);
+        let change = t.expire_suspect(Instant::now(), hold);
+        self.backends[backend].meters.set_state(t.state(), t.role());
+        change
+    }
+
+    /// A session to `backend` was answered at `at_ms` (watcher's clock).
+    pub fn heard(&self, backend: usize, at_ms: u64) {
+        self.backends[backend]
+            .heard_at_ms
+            .fetch_max(at_ms, Ordering::Relaxed);
+    }
+
+    /// When a session to `backend` was last answered (0: never seen).
+    pub fn heard_at(&self, backend: usize) -> u64 {
+        self.backends[backend].heard_at_ms.load(Ordering::Relaxed)
     }
 
     /// Counts a new connection to `backend` until the guard drops.

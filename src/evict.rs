@@ -12,8 +12,12 @@ use crate::sockopt::TcpInfo;
 pub enum EvictReason {
     /// An idle leg did not answer its keepalive probe within `dead_after`.
     ProbeUnanswered,
-    /// Data in flight was not ACKed within `dead_after`.
+    /// Data in flight was not ACKed within `dead_after`, and re-sent twice.
     RetransmitUnanswered,
+    /// Every connection to its host went silent at once and fresh connects
+    /// to it went unanswered: the host is gone (judged on another session's
+    /// evidence, corroborated by this one's).
+    HostSilent,
     /// The peer sent RST.
     PeerReset,
     /// The peer closed while pulsegate still had bytes for it.
@@ -22,7 +26,8 @@ pub enum EvictReason {
     UserTimeout,
     /// Its backend went down (health checks) and `on_down = "evict"`.
     BackendDown,
-    /// Its backend's name no longer resolves to the address it is on.
+    /// Its backend's name no longer resolves to the address it is on, and
+    /// it did not answer its probe.
     AddressRemoved,
     /// Its backend was removed from the listener by a config reload.
     BackendRemoved,
@@ -33,9 +38,10 @@ pub enum EvictReason {
 }
 
 impl EvictReason {
-    pub const ALL: [EvictReason; 10] = [
+    pub const ALL: [EvictReason; 11] = [
         EvictReason::ProbeUnanswered,
         EvictReason::RetransmitUnanswered,
+        EvictReason::HostSilent,
         EvictReason::PeerReset,
         EvictReason::PeerClosed,
         EvictReason::UserTimeout,
@@ -50,6 +56,7 @@ impl EvictReason {
         match self {
             EvictReason::ProbeUnanswered => "probe_unanswered",
             EvictReason::RetransmitUnanswered => "retransmit_unanswered",
+            EvictReason::HostSilent => "host_silent",
             EvictReason::PeerReset => "peer_reset",
             EvictReason::PeerClosed => "peer_closed",
             EvictReason::UserTimeout => "user_timeout",
@@ -127,17 +134,16 @@ impl Verdict {
         }
     }
 
-    /// How long detection took: the watcher's own measure for probe and
-    /// retransmit verdicts; for a kernel abort (TCP_USER_TIMEOUT), the
-    /// time since the last ACK. `None` for verdicts not made from silence.
+    /// How long detection took: the watcher's own measure for verdicts of
+    /// silence; for a kernel abort (TCP_USER_TIMEOUT), the time since the
+    /// last ACK. `None` for verdicts not made from silence.
     pub fn detection_time(&self) -> Option<Duration> {
         match self.reason {
-            EvictReason::ProbeUnanswered | EvictReason::RetransmitUnanswered => self.silent_for,
             EvictReason::UserTimeout => self.silent_for.or_else(|| {
                 self.evidence
                     .map(|i| Duration::from_millis(u64::from(i.last_ack_recv_ms)))
             }),
-            _ => None,
+            _ => self.silent_for,
         }
     }
 }

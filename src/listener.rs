@@ -81,6 +81,7 @@ impl Generation {
                 settings.client,
                 backends.clone(),
                 shared.meters.clone(),
+                shared.suspicions.clone(),
             ),
             pool: Pool::new(&config),
             backends,

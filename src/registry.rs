@@ -183,7 +183,7 @@ fn listener_json(ctx: &ListenerContext) -> Value {
         .map(|i| {
             let last = ctx.backends.last_check(i).map(|c| {
                 json!({
-                    "status": format!("{:?}", c.status).to_lowercase(),
+                    "status": c.status.as_str(),
                     "latency_ms": c.latency.as_secs_f64() * 1000.0,
                     "detail": c.detail,
                 })
@@ -199,6 +199,13 @@ fn listener_json(ctx: &ListenerContext) -> Value {
             })
         })
         .collect();
+    let suspects: Vec<Value> = ctx
+        .shared
+        .suspicions
+        .snapshot()
+        .iter()
+        .map(suspect_json)
+        .collect();
     json!({
         "name": &*ctx.name,
         "bind": ctx.config.bind.to_string(),
@@ -208,6 +215,35 @@ fn listener_json(ctx: &ListenerContext) -> Value {
         "health_checks": ctx.config.settings.check.as_ref().map(|c| format!("{:?}", c.kind).to_lowercase()),
         "routable": ctx.backends.usable().is_ok(),
         "backends": backends,
+        "under_suspicion": suspects,
+    })
+}
+
+/// A leg whose own silence asks for a verdict, while it waits for
+/// corroboration: what it owes, what it lost, what it waits for.
+fn suspect_json(s: &crate::liveness::Suspect) -> Value {
+    json!({
+        "client": s.client.map(|c| c.to_string()),
+        "backend": s.backend,
+        "leg": s.leg.as_str(),
+        "reason": s.reason.as_str(),
+        "silent_ms": s.silent_for.as_millis() as u64,
+        "exchanges_lost": s.lost,
+        "exchanges_needed": s.needed,
+        "waiting_for": s.waiting_for,
+        "tcp_info": tcp_info_json(&s.evidence),
+    })
+}
+
+fn tcp_info_json(i: &crate::sockopt::TcpInfo) -> Value {
+    json!({
+        "rtt_us": i.rtt_us,
+        "rto_us": i.rto_us,
+        "last_ack_recv_ms": i.last_ack_recv_ms,
+        "probes": i.probes,
+        "unacked": i.unacked,
+        "retransmits": i.retransmits,
+        "total_retrans": i.total_retrans,
     })
 }
 
@@ -217,15 +253,7 @@ fn eviction_json(
     age: Duration,
     idle: Duration,
 ) -> Value {
-    let evidence = verdict.evidence.map(|i| {
-        json!({
-            "rtt_us": i.rtt_us,
-            "last_ack_recv_ms": i.last_ack_recv_ms,
-            "probes": i.probes,
-            "unacked": i.unacked,
-            "retransmits": i.retransmits,
-        })
-    });
+    let evidence = verdict.evidence.as_ref().map(tcp_info_json);
     json!({
         "at": timestamp(SystemTime::now()),
         "listener": &*labels.listener,

@@ -9,8 +9,10 @@
 //! its source runs dry. An idle session holds no pipe (no memory, no
 //! descriptors), and a busy one costs no pipe creation and no timer per
 //! message. If the kernel refuses to splice (`EINVAL`: a socket type it
-//! cannot splice), the direction falls back to a user-space buffer that
-//! likewise exists only while data flows.
+//! cannot splice), or no pipe can be had (the process is out of file
+//! descriptors: a pipe takes two), the direction falls back to a user-space
+//! buffer that likewise exists only while data flows: running short of
+//! descriptors slows a session down, it never ends it.
 
 use std::io;
 use std::net::Shutdown;
@@ -62,6 +64,9 @@ pub async fn pump(
         Err(Fallback::Unsupported) => {
             tracing::debug!("splice unsupported for this session; copying in user space")
         }
+        Err(Fallback::NoPipe(e)) => {
+            tracing::debug!(error = %e, "no pipe for splicing; copying in user space")
+        }
     }
     copy_pump(session, from, to, bytes, &mut total).await?;
     Ok(total)
@@ -71,6 +76,9 @@ pub async fn pump(
 enum Fallback {
     /// The kernel cannot splice these sockets; nothing was lost, copy instead.
     Unsupported,
+    /// No pipe could be made (EMFILE, ENFILE, ENOMEM); the pipe held
+    /// nothing, so nothing was lost: copy instead.
+    NoPipe(io::Error),
     Error(LegError),
 }
 
@@ -125,7 +133,7 @@ async fn splice_pump(
         src.readable().await.map_err(read_err)?;
         let p = match &pipe {
             Some(p) => p,
-            None => pipe.insert(Pipe::take().map_err(read_err)?),
+            None => pipe.insert(Pipe::take().map_err(Fallback::NoPipe)?),
         };
         let moved = src.try_io(Interest::READABLE, || {
             splice(src, None, &p.write, None, PIPE_SIZE, splice_flags()).map_err(io::Error::from)
@@ -140,8 +148,7 @@ async fn splice_pump(
             }
             Ok(n) => {
                 session.note_read(from);
-                session.note_write(to);
-                drain(p, dst, n)
+                drain(p, session, to, n)
                     .await
                     .map_err(|error| Fallback::Error(LegError { leg: to, error }))?;
                 *total += n as u64;
@@ -163,8 +170,10 @@ async fn splice_pump(
     }
 }
 
-/// Moves `n` bytes from the pipe to `dst`.
-async fn drain(pipe: &Pipe, dst: &TcpStream, mut n: usize) -> io::Result<()> {
+/// Moves `n` bytes from the pipe to leg `to`, telling the watcher after
+/// each write.
+async fn drain(pipe: &Pipe, session: &Watched, to: Leg, mut n: usize) -> io::Result<()> {
+    let dst = session.socket(to);
     while n > 0 {
         dst.writable().await?;
         let sent = dst.try_io(Interest::WRITABLE, || {
@@ -172,7 +181,10 @@ async fn drain(pipe: &Pipe, dst: &TcpStream, mut n: usize) -> io::Result<()> {
         });
         match sent {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(k) => n -= k,
+            Ok(k) => {
+                session.note_write(to);
+                n -= k;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -206,8 +218,7 @@ async fn copy_pump(
             }
             Ok(n) => {
                 session.note_read(from);
-                session.note_write(to);
-                write_all(dst, &buf[..n])
+                write_all(session, to, &buf[..n])
                     .await
                     .map_err(|error| LegError { leg: to, error })?;
                 *total += n as u64;
@@ -221,12 +232,16 @@ async fn copy_pump(
     }
 }
 
-async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+async fn write_all(session: &Watched, to: Leg, mut bytes: &[u8]) -> io::Result<()> {
+    let dst = session.socket(to);
     while !bytes.is_empty() {
         dst.writable().await?;
         match dst.try_write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
+            Ok(n) => {
+                session.note_write(to);
+                bytes = &bytes[n..];
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::BackendSet;
 use crate::config::{Listener, OnEvict};
 use crate::evict::{self, EvictReason, Leg, SessionLabels, Verdict};
-use crate::liveness::{Watched, WatcherHandle};
+use crate::liveness::{Suspicions, Watched, WatcherHandle};
 use crate::pool::Pool;
 use crate::registry::Registry;
 use crate::relay;
@@ -39,6 +39,8 @@ pub struct ListenerShared {
     pub drain_deadline: CancellationToken,
     pub meters: Arc<ListenerMeters>,
     pub registry: Arc<Registry>,
+    /// Legs waiting for a verdict's corroboration, for `/status`.
+    pub suspicions: Arc<Suspicions>,
     sessions: AtomicUsize,
     /// Stopped accepting (shutdown, or removed or moved by a reload) and
     /// waiting for its sessions.
@@ -52,6 +54,7 @@ impl ListenerShared {
             drain_deadline: CancellationToken::new(),
             meters: Arc::new(ListenerMeters::new(name)),
             registry,
+            suspicions: Arc::default(),
             sessions: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
         }

@@ -56,7 +56,16 @@ pub struct TcpInfo {
     pub last_data_recv_ms: u32,
     pub last_ack_recv_ms: u32,
     pub rtt_us: u32,
+    /// The current retransmission timeout (µs): how long the kernel waits
+    /// for an ACK before it re-sends.
+    pub rto_us: u32,
     pub total_retrans: u32,
+    /// Segments received, and those of them that carried data: the rest
+    /// are pure ACKs, which a peer sends only when it hears us.
+    pub segs_in: u32,
+    pub data_segs_in: u32,
+    /// Data segments sent (retransmissions included).
+    pub data_segs_out: u32,
     /// Bytes queued but not yet sent (e.g. held back by a zero window).
     pub notsent_bytes: u32,
     /// Bytes the peer has acknowledged so far (0 on kernels before 4.1).
@@ -116,6 +125,8 @@ struct RawTcpInfo {
     segs_in: u32,
     notsent_bytes: u32,
     min_rtt: u32,
+    data_segs_in: u32,
+    data_segs_out: u32,
 }
 
 /// Reads TCP_INFO for a connected TCP socket.
@@ -153,14 +164,15 @@ pub fn tcp_info(socket: &impl AsFd) -> io::Result<TcpInfo> {
         last_data_recv_ms: raw.last_data_recv,
         last_ack_recv_ms: raw.last_ack_recv,
         rtt_us: raw.rtt,
+        rto_us: raw.rto,
         total_retrans: raw.total_retrans,
+        segs_in: raw.segs_in,
         bytes_acked: raw.bytes_acked,
-        // Older kernels (< 4.6) stop before this field; len tells.
-        notsent_bytes: if (len as usize) >= std::mem::size_of::<RawTcpInfo>() - 4 {
-            raw.notsent_bytes
-        } else {
-            0
-        },
+        // Older kernels stop before these fields (< 4.6, < 4.6); len tells,
+        // and the fields it did not reach stay 0.
+        notsent_bytes: raw.notsent_bytes,
+        data_segs_in: raw.data_segs_in,
+        data_segs_out: raw.data_segs_out,
     })
 }
 

@@ -11,6 +11,41 @@ use crate::config::{BackendAddr, SocketSettings};
 use crate::sockopt;
 use crate::telemetry::metrics::BackendMeters;
 
+/// What a failed connect says about the host at the other end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The host answered with a refusal (RST): it is alive, its port is not.
+    Refused,
+    /// Nothing came back in time, or the network says the host cannot be
+    /// reached: the host, or the way to it, is gone.
+    NoAnswer,
+    /// Our own side could not even try: out of file descriptors, local
+    /// ports or memory, no route from here, a local firewall. Says nothing
+    /// about the host.
+    Local,
+}
+
+impl ConnectFailure {
+    /// Classifies a connect error (a timeout is [`ConnectFailure::NoAnswer`]).
+    pub fn of(error: &io::Error) -> Self {
+        use libc::*;
+        match error.raw_os_error() {
+            Some(ECONNREFUSED | ECONNRESET) => ConnectFailure::Refused,
+            Some(
+                EMFILE | ENFILE | ENOBUFS | ENOMEM | EADDRNOTAVAIL | EADDRINUSE | ENETUNREACH
+                | EACCES | EPERM | EAFNOSUPPORT,
+            ) => ConnectFailure::Local,
+            Some(_) => ConnectFailure::NoAnswer,
+            None => match error.kind() {
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => {
+                    ConnectFailure::Refused
+                }
+                _ => ConnectFailure::NoAnswer,
+            },
+        }
+    }
+}
+
 /// Every backend refused or timed out.
 #[derive(Debug, thiserror::Error)]
 #[error("no backend accepted the connection: {}", .attempts.join("; "))]
@@ -127,5 +162,34 @@ async fn connect_one(
                 humantime::format_duration(timeout)
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_errors_say_whether_the_host_answered() {
+        let os = io::Error::from_raw_os_error;
+        assert_eq!(
+            ConnectFailure::of(&os(libc::ECONNREFUSED)),
+            ConnectFailure::Refused
+        );
+        assert_eq!(ConnectFailure::of(&os(libc::EMFILE)), ConnectFailure::Local);
+        assert_eq!(
+            ConnectFailure::of(&os(libc::ENETUNREACH)),
+            ConnectFailure::Local
+        );
+        assert_eq!(
+            ConnectFailure::of(&os(libc::EHOSTUNREACH)),
+            ConnectFailure::NoAnswer
+        );
+        assert_eq!(
+            ConnectFailure::of(&os(libc::ETIMEDOUT)),
+            ConnectFailure::NoAnswer
+        );
+        let timeout = io::Error::new(io::ErrorKind::TimedOut, "no answer");
+        assert_eq!(ConnectFailure::of(&timeout), ConnectFailure::NoAnswer);
     }
 }

@@ -8,12 +8,20 @@
 //! to it is probed at once. `fall` consecutive failures make it `Down`:
 //! new connections go elsewhere and `on_down` applies to its sessions.
 //! `rise` consecutive successes bring it back `Up`.
+//!
+//! A check that could not run on our side (`unknown`) counts neither way.
+//! A backend that went down on unanswered connects alone says so
+//! ([`Change::no_answer_only`]): the network may be lossy rather than the
+//! host gone, so its sessions are probed, not all evicted. Without any
+//! check, a backend made suspect by a dead session is up again once no
+//! other session to it was found dead for a while.
 
 pub mod check;
 pub mod monitor;
 
 use std::fmt;
 use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
 
 pub use check::{CheckOutcome, CheckStatus, Role};
 
@@ -56,6 +64,9 @@ pub struct Change {
     /// A role was known before this change (so a change is news, not the
     /// first check learning it).
     pub had_role: bool,
+    /// Every failed check of the run that led here was a connect that got
+    /// no answer (none answered wrongly).
+    pub no_answer_only: bool,
 }
 
 impl Change {
@@ -72,20 +83,30 @@ pub struct Tracker {
     fall: u32,
     successes: u32,
     failures: u32,
+    /// Every failure of the current run was [`CheckStatus::NoAnswer`].
+    failures_unanswered: bool,
     role: Option<Role>,
     last: Option<CheckOutcome>,
+    /// Health checks run for this backend (else a suspect state expires).
+    checked: bool,
+    /// When the watcher last found a session to it dead.
+    dead_session_at: Option<Instant>,
 }
 
 impl Tracker {
-    pub fn new(rise: NonZeroU32, fall: NonZeroU32) -> Self {
+    /// A tracker; `checked` says whether health checks will feed it.
+    pub fn new(rise: NonZeroU32, fall: NonZeroU32, checked: bool) -> Self {
         Tracker {
             state: State::Up,
             rise: rise.get(),
             fall: fall.get(),
             successes: 0,
             failures: 0,
+            failures_unanswered: false,
             role: None,
             last: None,
+            checked,
+            dead_session_at: None,
         }
     }
 
@@ -93,10 +114,12 @@ impl Tracker {
         self.state
     }
 
-    /// A reload changed `rise` or `fall`; the state and counts stay.
-    pub fn set_thresholds(&mut self, rise: NonZeroU32, fall: NonZeroU32) {
+    /// A reload changed `rise`, `fall` or whether checks run; the state
+    /// and counts stay.
+    pub fn set_thresholds(&mut self, rise: NonZeroU32, fall: NonZeroU32, checked: bool) {
         self.rise = rise.get();
         self.fall = fall.get();
+        self.checked = checked;
     }
 
     pub fn role(&self) -> Option<Role> {
@@ -107,10 +130,25 @@ impl Tracker {
         self.last.as_ref()
     }
 
+    fn change(&self, from: State, old_role: Option<Role>) -> Change {
+        Change {
+            from,
+            to: self.state,
+            role_changed: old_role != self.role,
+            had_role: old_role.is_some(),
+            no_answer_only: self.failures > 0 && self.failures_unanswered,
+        }
+    }
+
     /// Applies one check outcome.
     pub fn record(&mut self, outcome: CheckOutcome) -> Change {
         let from = self.state;
         let old_role = self.role;
+        if outcome.status == CheckStatus::Unknown {
+            // Our side could not check: nothing learned about the backend.
+            self.last = Some(outcome);
+            return self.change(from, old_role);
+        }
         if outcome.status == CheckStatus::Up {
             self.role = outcome.role;
             self.failures = 0;
@@ -122,7 +160,11 @@ impl Tracker {
             }
         } else {
             self.successes = 0;
+            if self.failures == 0 {
+                self.failures_unanswered = true;
+            }
             self.failures += 1;
+            self.failures_unanswered &= outcome.status == CheckStatus::NoAnswer;
             if self.failures >= self.fall {
                 self.state = State::Down;
                 self.role = None;
@@ -131,27 +173,32 @@ impl Tracker {
             }
         }
         self.last = Some(outcome);
-        Change {
-            from,
-            to: self.state,
-            role_changed: old_role != self.role,
-            had_role: old_role.is_some(),
-        }
+        self.change(from, old_role)
     }
 
-    /// A connection to this backend was found dead by the watcher: an up
-    /// backend becomes suspect (its checks decide the rest).
-    pub fn connection_dead(&mut self) -> Change {
+    /// A connection to this backend was found dead by the watcher at `now`:
+    /// an up backend becomes suspect (its checks decide the rest).
+    pub fn connection_dead(&mut self, now: Instant) -> Change {
         let from = self.state;
+        self.dead_session_at = Some(now);
         if self.state == State::Up {
             self.state = State::Suspect;
         }
-        Change {
-            from,
-            to: self.state,
-            role_changed: false,
-            had_role: self.role.is_some(),
+        self.change(from, self.role)
+    }
+
+    /// Without health checks nothing else would bring a suspect backend
+    /// back: it is up again once no session to it was found dead for
+    /// `hold`.
+    pub fn expire_suspect(&mut self, now: Instant, hold: Duration) -> Change {
+        let from = self.state;
+        let quiet = self
+            .dead_session_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= hold);
+        if !self.checked && self.state == State::Suspect && quiet {
+            self.state = State::Up;
         }
+        self.change(from, self.role)
     }
 }
 
@@ -173,6 +220,7 @@ mod tests {
         Tracker::new(
             NonZeroU32::new(rise).unwrap(),
             NonZeroU32::new(fall).unwrap(),
+            true,
         )
     }
 
@@ -229,12 +277,61 @@ mod tests {
     #[test]
     fn a_dead_connection_makes_an_up_backend_suspect_only() {
         let mut t = tracker(2, 2);
-        assert_eq!(t.connection_dead().to, State::Suspect);
+        let now = Instant::now();
+        assert_eq!(t.connection_dead(now).to, State::Suspect);
         // Only checks count towards `fall`.
         t.record(outcome(CheckStatus::Down, None));
         assert_eq!(t.state(), State::Suspect);
         t.record(outcome(CheckStatus::Down, None));
         assert_eq!(t.state(), State::Down);
-        assert_eq!(t.connection_dead().to, State::Down);
+        assert_eq!(t.connection_dead(now).to, State::Down);
+    }
+
+    #[test]
+    fn a_check_that_could_not_run_here_counts_neither_way() {
+        let mut t = tracker(2, 2);
+        for _ in 0..5 {
+            assert_eq!(t.record(outcome(CheckStatus::Unknown, None)).to, State::Up);
+        }
+        t.record(outcome(CheckStatus::Down, None));
+        t.record(outcome(CheckStatus::Unknown, None));
+        assert_eq!(t.record(outcome(CheckStatus::Down, None)).to, State::Down);
+        assert_eq!(t.last().unwrap().status, CheckStatus::Down);
+    }
+
+    #[test]
+    fn down_on_unanswered_connects_alone_is_told_apart_from_wrong_answers() {
+        let mut t = tracker(2, 2);
+        t.record(outcome(CheckStatus::NoAnswer, None));
+        let c = t.record(outcome(CheckStatus::NoAnswer, None));
+        assert!(c.to == State::Down && c.no_answer_only, "{c:?}");
+        let mut t = tracker(2, 2);
+        t.record(outcome(CheckStatus::NoAnswer, None));
+        let c = t.record(outcome(CheckStatus::Down, None));
+        assert!(c.to == State::Down && !c.no_answer_only, "{c:?}");
+        let mut t = tracker(2, 3);
+        t.record(outcome(CheckStatus::Down, None));
+        t.record(outcome(CheckStatus::NoAnswer, None));
+        let c = t.record(outcome(CheckStatus::NoAnswer, None));
+        assert!(c.to == State::Down && !c.no_answer_only, "{c:?}");
+    }
+
+    #[test]
+    fn without_checks_a_suspect_backend_is_up_again_once_quiet() {
+        let hold = Duration::from_secs(10);
+        let start = Instant::now();
+        let mut unchecked = Tracker::new(NonZeroU32::MIN, NonZeroU32::MIN, false);
+        unchecked.connection_dead(start);
+        let later = |s| start + Duration::from_secs(s);
+        assert_eq!(unchecked.expire_suspect(later(5), hold).to, State::Suspect);
+        // Another dead session renews the suspicion.
+        unchecked.connection_dead(later(6));
+        assert_eq!(unchecked.expire_suspect(later(12), hold).to, State::Suspect);
+        let c = unchecked.expire_suspect(later(16), hold);
+        assert_eq!((c.from, c.to), (State::Suspect, State::Up));
+        // With checks, only they bring it back.
+        let mut checked = tracker(2, 2);
+        checked.connection_dead(start);
+        assert_eq!(checked.expire_suspect(later(60), hold).to, State::Suspect);
     }
 }

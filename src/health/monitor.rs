@@ -1,6 +1,13 @@
 //! The check loop of one backend: every `interval` (± `jitter`) resolve its
 //! address, run the check on a fresh connection, feed the outcome to the
 //! backend's state machine, and act on what changed.
+//!
+//! A check whose connect got no answer while sessions to the same backend
+//! were answered is the network losing a packet, not the backend going
+//! away: it counts as `unknown`. A backend that goes down on unanswered
+//! connects alone has its sessions probed (those that do not answer are
+//! evicted); one that answered wrongly (refused, wrong role, an error, a
+//! frozen process) has them all evicted, as `on_down` says.
 
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
@@ -12,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::{check, Change, CheckOutcome, CheckStatus, Role, State};
 use crate::backend::BackendSet;
 use crate::config::{BackendAddr, CheckConfig, OnDown, Routing};
-use crate::liveness::WatcherHandle;
+use crate::liveness::{now_ms, WatcherHandle};
 
 /// Everything a backend's check loop needs.
 pub struct Monitor {
@@ -28,10 +35,12 @@ impl Monitor {
     /// Checks at once, then every interval, until `stop` is cancelled.
     pub async fn run(self, stop: CancellationToken) {
         loop {
+            let started_ms = now_ms();
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
                 outcome = self.check_once() => outcome,
             };
+            let outcome = self.corroborate(outcome, started_ms);
             let status = outcome.status;
             let detail = outcome.detail.clone();
             let change = self.backends.record(self.backend, outcome);
@@ -70,6 +79,21 @@ impl Monitor {
         }
     }
 
+    /// A connect that got no answer, while a session to the backend was
+    /// answered during the check, proves only loss on the way: unknown.
+    fn corroborate(&self, mut outcome: CheckOutcome, started_ms: u64) -> CheckOutcome {
+        if outcome.status == CheckStatus::NoAnswer
+            && self.backends.heard_at(self.backend) >= started_ms
+        {
+            outcome.status = CheckStatus::Unknown;
+            outcome.detail = format!(
+                "{}; but sessions to it were answered meanwhile: loss on the way, not counted",
+                outcome.detail
+            );
+        }
+        outcome
+    }
+
     fn react(&self, change: Change, status: CheckStatus, detail: &str) {
         let label = self.backends.label(self.backend);
         let role = self.backends.role(self.backend);
@@ -90,9 +114,16 @@ impl Monitor {
         }
         let lost_role = change.role_changed && !self.backends.wants(role);
         let went_down = change.state_changed() && change.to == State::Down;
-        if (went_down || (lost_role && change.to != State::Down))
-            && self.routing.on_down == OnDown::Evict
-        {
+        if self.routing.on_down != OnDown::Evict {
+            return;
+        }
+        if went_down && change.no_answer_only {
+            // Maybe the host is gone, maybe only the network loses packets:
+            // the sessions' own probes tell, each for itself.
+            tracing::warn!(listener = %self.listener, backend = %label,
+                "backend down on unanswered connects alone: probing its sessions, evicting only those that do not answer");
+            self.watcher.probe_backend(self.backend);
+        } else if went_down || (lost_role && change.to != State::Down) {
             self.watcher
                 .evict_backend(self.backend, self.routing.down_grace);
         }

@@ -21,6 +21,7 @@ pub struct ProxyConfig {
     /// TCP_USER_TIMEOUT on both legs: kept high so that only the watcher
     /// decides within an experiment.
     pub user_timeout: Duration,
+    pub connect_timeout: Duration,
     /// More TOML appended to the listener (e.g. `[listener.check]`).
     pub extra: String,
 }
@@ -34,6 +35,7 @@ impl ProxyConfig {
             probe_interval: Duration::from_secs(1),
             dead_after: Duration::from_secs(1),
             user_timeout: Duration::from_secs(60),
+            connect_timeout: crate::config::defaults::connect_timeout(),
             extra: String::new(),
         }
     }
@@ -46,6 +48,7 @@ impl ProxyConfig {
              name = \"lab\"\n\
              bind = \"{bind}\"\n\
              backends = [\"{backend}\"]\n\
+             connect_timeout = \"{connect}\"\n\
              \n\
              [listener.liveness]\n\
              probe_interval = \"{probe}\"\n\
@@ -62,6 +65,7 @@ impl ProxyConfig {
             probe = d(self.probe_interval),
             dead = d(self.dead_after),
             ut = d(self.user_timeout),
+            connect = d(self.connect_timeout),
             extra = self.extra,
         )
     }
@@ -80,14 +84,17 @@ impl Lab {
     }
 
     /// Like [`Lab::start_pulsegate`], with the config file's text as given;
-    /// `bind` is the listener to wait for.
+    /// `bind` is the listener to wait for. Logs at `info`, or at the level
+    /// `PULSEGATE_LAB_LOG` names (e.g. `debug` to see every verdict
+    /// weighed).
     pub fn start_pulsegate_with(
         &self,
         exe: &Path,
         bind: SocketAddr,
         toml: &str,
     ) -> Result<LabProcess, LabError> {
-        self.start_pulsegate_logging(exe, bind, toml, "info")
+        let level = std::env::var("PULSEGATE_LAB_LOG").unwrap_or_else(|_| "info".into());
+        self.start_pulsegate_logging(exe, bind, toml, &level)
     }
 
     /// Like [`Lab::start_pulsegate_with`], with a `--log-level` filter.

@@ -1,26 +1,27 @@
-//! The sweeper: one task per listener that visits every session's legs,
-//! applies the death rule, and carries out the health subsystem's orders
-//! (probe every session of a suspect backend now; evict the sessions of a
-//! down backend).
-//!
-//! A config reload hands every session over to the new generation's
-//! sweeper, renumbered to the new backend list and with its legs' probe
-//! state, and the old sweeper then only forwards sessions that were still
-//! starting under the old generation.
+//! The sweeper of one listener: visits every session's legs on a schedule,
+//! arms on-demand probes, applies the death rule, and carries out the
+//! orders of health checks, the resolver and reloads. Suspicions are
+//! judged with their host in [`judge`].
 
+mod hosts;
+mod judge;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{leg_index, now_ms, Action, LegState, Rule, Watched, REMOVED};
+use super::leg::{Action, Evidence, LegState, Rule};
+use super::{leg_index, now_ms, Watched, REMOVED};
 use crate::backend::BackendSet;
 use crate::config::{Liveness, SocketSettings};
 use crate::evict::{EvictReason, Leg, Verdict};
-use crate::sockopt;
+use crate::sockopt::{self, TcpInfo};
 use crate::telemetry::metrics::ListenerMeters;
+
+use hosts::{HostKey, Hosts};
 
 /// Each sweep period is cut into this many slices, and every session is
 /// visited in its own slice. Arming in one burst would synchronise the
@@ -29,11 +30,14 @@ use crate::telemetry::metrics::ListenerMeters;
 /// default) and get dropped, which reads as unanswered probes. Spread over
 /// the slices, each leg keeps its own phase.
 const SLICES: usize = 16;
+/// An unchecked backend made suspect by a dead session stays suspect at
+/// least this long (and three times probe_interval + dead_after).
+const SUSPECT_HOLD_MIN: Duration = Duration::from_secs(10);
 
 enum Order {
     Watch(Weak<Watched>),
     /// A session handed over by the previous generation's sweeper.
-    Adopt(Entry),
+    Adopt(Box<Entry>),
     /// A reload: give every session to `to`, renumbered by `remap` (old
     /// index → new index, `None`: the backend was removed, and the session
     /// is evicted like a down backend's, busy ones after `grace`).
@@ -50,13 +54,15 @@ enum Order {
         backend: usize,
         grace: Duration,
     },
-    /// The backend's name no longer resolves to these addresses: evict the
-    /// sessions connected to them, like `EvictBackend`.
-    EvictAddresses {
+    /// The backend's name no longer resolves to these addresses: probe the
+    /// sessions connected to them now; those that do not answer are evicted
+    /// with reason `address_removed`.
+    ProbeAddresses {
         backend: usize,
         gone: Vec<SocketAddr>,
-        grace: Duration,
     },
+    /// Fresh connects to a host, made to corroborate a suspicion, ended.
+    Connected(hosts::ConnectReport),
 }
 
 /// Talks to a listener's watcher.
@@ -71,7 +77,8 @@ impl WatcherHandle {
         let _ = self.tx.send(Order::Watch(Arc::downgrade(session)));
     }
 
-    /// Probes every session of `backend` at once (the on-demand probe).
+    /// Probes every session of `backend` at once (the on-demand probe); the
+    /// ones that do not answer are judged with their host as usual.
     pub fn probe_backend(&self, backend: usize) {
         let _ = self.tx.send(Order::ProbeBackend(backend));
     }
@@ -89,26 +96,114 @@ impl WatcherHandle {
     }
 
     fn adopt(&self, entry: Entry) {
-        let _ = self.tx.send(Order::Adopt(entry));
+        let _ = self.tx.send(Order::Adopt(Box::new(entry)));
     }
 
-    /// Evicts the sessions of `backend` connected to addresses its name no
-    /// longer resolves to: idle ones now, busy ones after `grace`.
-    pub fn evict_addresses(&self, backend: usize, gone: Vec<SocketAddr>, grace: Duration) {
-        let _ = self.tx.send(Order::EvictAddresses {
-            backend,
-            gone,
-            grace,
-        });
+    /// The sessions of `backend` connected to addresses its name no longer
+    /// resolves to are probed now; those that fail their probe are evicted
+    /// (reason `address_removed`), the others live on.
+    pub fn probe_addresses(&self, backend: usize, gone: Vec<SocketAddr>) {
+        let _ = self.tx.send(Order::ProbeAddresses { backend, gone });
+    }
+}
+
+/// A leg whose own evidence suffices to ask for a verdict, as `/status`
+/// shows it while it waits for corroboration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suspect {
+    pub client: Option<SocketAddr>,
+    pub backend: String,
+    pub leg: Leg,
+    pub reason: EvictReason,
+    pub silent_for: Duration,
+    /// Its own exchanges known lost, and how many a verdict needs.
+    pub lost: u32,
+    pub needed: u32,
+    /// What the verdict waits for.
+    pub waiting_for: &'static str,
+    pub evidence: TcpInfo,
+}
+
+/// The legs of a listener under suspicion now, for `/status`. Shared by
+/// every config generation's sweeper (sessions move between them).
+#[derive(Default)]
+pub struct Suspicions {
+    legs: Mutex<HashMap<(usize, Leg), Suspect>>,
+}
+
+impl Suspicions {
+    /// The legs under suspicion, longest silent first.
+    pub fn snapshot(&self) -> Vec<Suspect> {
+        let mut all: Vec<Suspect> = self.lock().values().cloned().collect();
+        all.sort_by_key(|s| std::cmp::Reverse(s.silent_for));
+        all
+    }
+
+    fn set(&self, session: usize, suspect: Suspect) {
+        self.lock().insert((session, suspect.leg), suspect);
+    }
+
+    fn clear(&self, session: usize, leg: Leg) {
+        self.lock().remove(&(session, leg));
+    }
+
+    fn clear_session(&self, session: usize) {
+        let mut legs = self.lock();
+        for leg in [Leg::Client, Leg::Upstream] {
+            legs.remove(&(session, leg));
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, Leg), Suspect>> {
+        self.legs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 struct Entry {
     session: Weak<Watched>,
+    /// Identifies the session while it lives (its address).
+    id: usize,
     legs: [LegState; 2],
+    /// Each leg's peer ([`leg_index`]), read once: it names the leg's host.
+    peers: [Option<SocketAddr>; 2],
     /// Set by a backend going down while this session was busy: when, and
     /// with which reason.
     evict_at: Option<(u64, EvictReason)>,
+    /// Its address left its backend's DNS answer: if it dies, that is why.
+    address_removed: bool,
+}
+
+impl Entry {
+    fn new(session: Weak<Watched>) -> Self {
+        let peers = session.upgrade().map_or([None, None], |s| {
+            [s.client.peer_addr().ok(), s.upstream.peer_addr().ok()]
+        });
+        Entry {
+            id: session.as_ptr() as usize,
+            session,
+            legs: [LegState::default(); 2],
+            peers,
+            evict_at: None,
+            address_removed: false,
+        }
+    }
+
+    fn host(&self, leg: Leg) -> Option<HostKey> {
+        self.peers[leg_index(leg)].map(|p| HostKey::new(leg, p))
+    }
+}
+
+/// A leg suspected at this visit, to be judged with its host.
+struct Suspected {
+    session: Arc<Watched>,
+    id: usize,
+    leg: Leg,
+    peer: SocketAddr,
+    evidence: Evidence,
+    info: TcpInfo,
+    /// When its own evidence first sufficed.
+    since_ms: u64,
+    address_removed: bool,
 }
 
 struct Sweeper {
@@ -118,6 +213,11 @@ struct Sweeper {
     liveness: Liveness,
     backends: Arc<BackendSet>,
     meters: Arc<ListenerMeters>,
+    hosts: Hosts,
+    suspicions: Arc<Suspicions>,
+    /// Where connect reports come back (weak: the sweeper must not keep
+    /// its own channel open).
+    own_tx: mpsc::WeakUnboundedSender<Order>,
     /// Backends found with a dead connection during this sweep.
     suspects: Vec<usize>,
     /// Set by a hand-over: where sessions go now, and their renumbering.
@@ -132,6 +232,7 @@ pub fn spawn_watcher(
     client: SocketSettings,
     backends: Arc<BackendSet>,
     meters: Arc<ListenerMeters>,
+    suspicions: Arc<Suspicions>,
 ) -> WatcherHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let sweeper = Sweeper {
@@ -144,6 +245,9 @@ pub fn spawn_watcher(
         liveness,
         backends,
         meters,
+        hosts: Hosts::default(),
+        suspicions,
+        own_tx: tx.downgrade(),
         suspects: Vec::new(),
         successor: None,
     };
@@ -163,6 +267,7 @@ impl Sweeper {
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => {
                         if self.slots.iter().all(Vec::is_empty) {
+                            self.suspicions.lock().clear();
                             return;
                         }
                         break;
@@ -170,38 +275,53 @@ impl Sweeper {
                 }
             }
             self.sweep(slice).await;
-            for backend in std::mem::take(&mut self.suspects) {
-                let change = self.backends.connection_dead(backend);
-                if change.state_changed() {
-                    // The same event the health checks log, so operators
-                    // and tools see every state change in one place.
-                    tracing::warn!(backend = %self.backends.label(backend), from = %change.from,
-                        to = %change.to, cause = "a session to it was found dead",
-                        "backend state changed");
-                    self.obey(Order::ProbeBackend(backend));
-                }
+            self.report_suspect_backends();
+            if slice == 0 {
+                self.publish_link_estimates();
+                self.hosts.forget_stale(now_ms());
+                self.expire_suspect_backends();
+            }
+        }
+    }
+
+    fn report_suspect_backends(&mut self) {
+        for backend in std::mem::take(&mut self.suspects) {
+            let change = self.backends.connection_dead(backend);
+            if change.state_changed() {
+                // The same event the health checks log, so operators
+                // and tools see every state change in one place.
+                tracing::warn!(backend = %self.backends.label(backend), from = %change.from,
+                    to = %change.to, cause = "a session to it was found dead",
+                    "backend state changed");
+                self.obey(Order::ProbeBackend(backend));
+            }
+        }
+    }
+
+    /// Without health checks, a backend made suspect by a dead session is
+    /// up again once no other session to it was found dead for a while.
+    fn expire_suspect_backends(&self) {
+        let hold = (self.liveness.probe_interval + self.liveness.dead_after) * 3;
+        let hold = hold.max(SUSPECT_HOLD_MIN);
+        for backend in 0..self.backends.len() {
+            let change = self.backends.expire_suspect(backend, hold);
+            if change.state_changed() {
+                tracing::warn!(backend = %self.backends.label(backend), from = %change.from,
+                    to = %change.to, cause = "no session to it found dead since",
+                    quiet_for = %humantime::format_duration(hold), "backend state changed");
             }
         }
     }
 
     fn obey(&mut self, order: Order) {
         match order {
-            Order::Watch(session) => self.add(Entry {
-                session,
-                legs: [LegState::default(); 2],
-                evict_at: None,
-            }),
-            Order::Adopt(entry) => self.add(entry),
+            Order::Watch(session) => self.add(Entry::new(session)),
+            Order::Adopt(entry) => self.add(*entry),
             Order::HandOver { to, remap, grace } => self.hand_over(to, remap, grace),
-            Order::ProbeBackend(backend) => self.probe_backend(backend),
-            Order::EvictBackend { backend, grace } => {
-                self.evict_sessions(backend, grace, None, EvictReason::BackendDown)
-            }
-            Order::EvictAddresses {
-                backend,
-                gone,
-                grace,
-            } => self.evict_sessions(backend, grace, Some(&gone), EvictReason::AddressRemoved),
+            Order::ProbeBackend(backend) => self.probe_backend(backend, None),
+            Order::EvictBackend { backend, grace } => self.evict_backend(backend, grace),
+            Order::ProbeAddresses { backend, gone } => self.probe_backend(backend, Some(&gone)),
+            Order::Connected(report) => self.connected(report),
         }
     }
 
@@ -239,14 +359,21 @@ impl Sweeper {
         })
     }
 
-    /// The on-demand probe of every session of a suspect backend: the
-    /// kernel's minimum TCP_KEEPIDLE (1 s) makes every leg quiet for a second
-    /// or more send its probe at once, whatever `probe_interval` is.
-    fn probe_backend(&mut self, backend: usize) {
+    /// The on-demand probe of every session of a suspect backend (only
+    /// those connected to `only`, when given, which a name no longer
+    /// resolves to): the kernel's minimum TCP_KEEPIDLE (1 s) makes every
+    /// leg quiet for a second or more send its probe at once, whatever
+    /// `probe_interval` is.
+    fn probe_backend(&mut self, backend: usize, only: Option<&[SocketAddr]>) {
         const MIN_KEEPIDLE: Duration = Duration::from_secs(1);
         let mut probed = 0;
         let meters = self.meters.clone();
         for (entry, session) in self.sessions_of(backend) {
+            let peer = entry.peers[leg_index(Leg::Upstream)];
+            if only.is_some_and(|only| peer.is_none_or(|p| !only.contains(&p))) {
+                continue;
+            }
+            entry.address_removed |= only.is_some();
             for leg in [Leg::Upstream, Leg::Client] {
                 let socket = session.socket(leg);
                 if sockopt::set_keepalive_idle(socket, MIN_KEEPIDLE).is_ok() {
@@ -257,26 +384,22 @@ impl Sweeper {
             }
             probed += 1;
         }
-        tracing::info!(backend = %self.backends.label(backend), sessions = probed,
-            "backend suspect: probing all its sessions now");
+        let label = self.backends.label(backend).to_string();
+        match only {
+            None => tracing::info!(backend = %label, sessions = probed,
+                "backend suspect: probing all its sessions now"),
+            Some(gone) => tracing::info!(backend = %label, sessions = probed, addresses = ?gone,
+                "backend name no longer resolves to these addresses: probing their sessions now"),
+        }
     }
 
-    /// Evicts the sessions of `backend` (only those connected to `only`
-    /// addresses, when given): idle ones now, busy ones after `grace`.
-    fn evict_sessions(
-        &mut self,
-        backend: usize,
-        grace: Duration,
-        only: Option<&[SocketAddr]>,
-        reason: EvictReason,
-    ) {
+    /// Evicts the sessions of a down backend: idle ones now, busy ones
+    /// after `grace`.
+    fn evict_backend(&mut self, backend: usize, grace: Duration) {
         let now = now_ms();
+        let reason = EvictReason::BackendDown;
         let (mut now_count, mut later) = (0, 0);
         for (entry, session) in self.sessions_of(backend) {
-            let peer = session.upstream.peer_addr().ok();
-            if only.is_some_and(|only| peer.is_none_or(|p| !only.contains(&p))) {
-                continue;
-            }
             if busy(&session) {
                 entry.evict_at = Some((now + grace.as_millis() as u64, reason));
                 later += 1;
@@ -291,25 +414,23 @@ impl Sweeper {
     }
 
     async fn sweep(&mut self, slice: usize) {
+        let mut suspected = Vec::new();
         let mut i = 0;
         while i < self.slots[slice].len() {
             let entry = &mut self.slots[slice][i];
             let Some(session) = entry.session.upgrade() else {
+                self.suspicions.clear_session(entry.id);
                 self.slots[slice].swap_remove(i);
                 continue;
             };
             if session.verdict().is_none() {
                 if let Some((_, reason)) = entry.evict_at.filter(|&(t, _)| now_ms() >= t) {
                     session.evict(Verdict::decided(Leg::Upstream, reason));
-                } else if let Some(leg) = check_session(
-                    &session,
-                    &mut entry.legs,
-                    &self.rules,
-                    &self.liveness,
-                    &self.meters,
-                ) {
-                    if leg == Leg::Upstream && session.backend() != REMOVED {
-                        self.suspects.push(session.backend());
+                } else {
+                    for leg in [Leg::Upstream, Leg::Client] {
+                        if let Some(s) = self.visit(slice, i, &session, leg, false) {
+                            suspected.push(s);
+                        }
                     }
                 }
             }
@@ -319,6 +440,82 @@ impl Sweeper {
                 tokio::task::yield_now().await;
             }
         }
+        for s in suspected {
+            self.judge(s);
+        }
+    }
+
+    /// Samples one leg of the entry at `slots[slice][index]` if it is due
+    /// (or `force`d), applies the death rule and what it implies (keepalive
+    /// re-arm, pending mark, the host's loss and last answer); returns the
+    /// leg if its own evidence now suffices to ask for a verdict.
+    fn visit(
+        &mut self,
+        slice: usize,
+        index: usize,
+        session: &Arc<Watched>,
+        leg: Leg,
+        force: bool,
+    ) -> Option<Suspected> {
+        let entry = &mut self.slots[slice][index];
+        let idx = leg_index(leg);
+        let now = now_ms();
+        let pending = session.pending(leg);
+        let state = &mut entry.legs[idx];
+        if !force && !state.due(now) && pending == 0 {
+            return None;
+        }
+        let socket = session.socket(leg);
+        // An error means the socket is already closed; the relay reports it.
+        let info = sockopt::tcp_info(socket).ok()?;
+        let was_suspected = state.suspected_since().is_some();
+        let a = state.assess(&info, now, pending, &self.rules[idx]);
+        let since_ms = state.suspected_since();
+        if a.probe_unanswered {
+            self.meters.probe_unanswered(leg);
+        }
+        let result = match a.action {
+            Action::None => Ok(()),
+            Action::Arm => {
+                self.meters.probe_sent(leg);
+                sockopt::set_keepalive_idle(socket, self.liveness.probe_interval)
+            }
+            Action::Restore => sockopt::set_keepalive_idle(
+                socket,
+                Duration::from_millis(self.rules[idx].keepidle_ms),
+            ),
+        };
+        if let Err(e) = result {
+            tracing::debug!(leg = %leg, error = %e, "cannot re-arm keepalive");
+        }
+        if a.clear_pending {
+            session.clear_pending(leg, pending, now);
+        }
+        let (id, address_removed) = (entry.id, entry.address_removed);
+        let (host, peer) = (entry.host(leg), entry.peers[idx]);
+        if let Some(key) = host {
+            self.hosts.observe(key, &a, now);
+        }
+        let backend = session.backend();
+        if let (Leg::Upstream, Some(at), true) = (leg, a.heard_at_ms, backend != REMOVED) {
+            self.backends.heard(backend, at);
+        }
+        if was_suspected && a.suspect.is_none() {
+            // Answered after all: the suspicion is lifted.
+            self.meters.suspicion_ended(leg, false);
+            self.suspicions.clear(id, leg);
+        }
+        let evidence = a.suspect?;
+        Some(Suspected {
+            session: session.clone(),
+            id,
+            leg,
+            peer: peer?,
+            evidence,
+            info,
+            since_ms: since_ms.unwrap_or(now),
+            address_removed,
+        })
     }
 }
 
@@ -357,63 +554,4 @@ fn forward(
     drop(session);
     to.adopt(entry);
     Some(new.is_some())
-}
-
-/// Visits both legs of a session; returns the leg it found dead, if any.
-fn check_session(
-    session: &Watched,
-    legs: &mut [LegState; 2],
-    rules: &[Rule; 2],
-    liveness: &Liveness,
-    meters: &ListenerMeters,
-) -> Option<Leg> {
-    let now = now_ms();
-    for leg in [Leg::Upstream, Leg::Client] {
-        let idx = leg_index(leg);
-        let pending = session.pending_since[idx].load(Ordering::Relaxed);
-        let state = &mut legs[idx];
-        if !state.due(now) && pending == 0 {
-            continue;
-        }
-        let socket = session.socket(leg);
-        // An error means the socket is already closed; the relay reports it.
-        let Ok(info) = sockopt::tcp_info(socket) else {
-            continue;
-        };
-        let a = state.assess(&info, now, pending, &rules[idx]);
-        if a.probe_unanswered {
-            meters.probe_unanswered(leg);
-        }
-        let result = match a.action {
-            Action::None => Ok(()),
-            Action::Arm => {
-                meters.probe_sent(leg);
-                sockopt::set_keepalive_idle(socket, liveness.probe_interval)
-            }
-            Action::Restore => {
-                sockopt::set_keepalive_idle(socket, Duration::from_millis(rules[idx].keepidle_ms))
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(leg = %leg, error = %e, "cannot re-arm keepalive");
-        }
-        if a.clear_pending {
-            let _ = session.pending_since[idx].compare_exchange(
-                pending,
-                0,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-        }
-        if let Some(reason) = a.dead {
-            session.evict(Verdict {
-                leg,
-                reason,
-                evidence: Some(info),
-                silent_for: Some(Duration::from_millis(a.silent_ms)),
-            });
-            return Some(leg);
-        }
-    }
-    None
 }

@@ -40,6 +40,11 @@ pub const BACKEND_ACTIVE: &str = "pulsegate_backend_active_connections";
 pub const POOL_IDLE: &str = "pulsegate_pool_idle_connections";
 pub const PROBES_SENT: &str = "pulsegate_probes_sent_total";
 pub const PROBES_UNANSWERED: &str = "pulsegate_probes_unanswered_total";
+pub const SUSPICIONS: &str = "pulsegate_suspicions_total";
+pub const CORROBORATION: &str = "pulsegate_verdict_corroboration_seconds";
+pub const CORROBORATION_CONNECTS: &str = "pulsegate_corroboration_connects_total";
+pub const LINK_LOSS: &str = "pulsegate_backend_link_loss_ratio";
+pub const VERDICT_EXCHANGES: &str = "pulsegate_backend_verdict_exchanges";
 
 /// Buckets for sub-second latencies (connects, checks).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -133,7 +138,7 @@ fn describe() {
     );
     describe_counter!(
         CHECKS,
-        "Health checks run, by result (up, not_ready, down)."
+        "Health checks run, by result (up, not_ready, down: answered wrongly, no_answer: the connect got none, unknown: could not run on our side)."
     );
     describe_histogram!(CHECK_DURATION, Unit::Seconds, "Health check latency.");
     describe_gauge!(
@@ -156,6 +161,27 @@ fn describe() {
     describe_counter!(
         PROBES_UNANSWERED,
         "Keepalive probes seen unanswered (a probe debt began)."
+    );
+    describe_counter!(
+        SUSPICIONS,
+        "Legs whose own silence sufficed to ask for a verdict, by outcome: evicted, or answered after all."
+    );
+    describe_histogram!(
+        CORROBORATION,
+        Unit::Seconds,
+        "From a leg's suspicion to its eviction: what corroboration added, by basis (own: its own exchanges; host: its host judged gone)."
+    );
+    describe_counter!(
+        CORROBORATION_CONNECTS,
+        "Fresh connects made to ask a suspected host, by result (answered, unanswered, unknown: failed on our side)."
+    );
+    describe_gauge!(
+        LINK_LOSS,
+        "Estimated chance that a probe or segment to the backend, or its answer, is lost."
+    );
+    describe_gauge!(
+        VERDICT_EXCHANGES,
+        "Unanswered exchanges in a row that a verdict on one connection to the backend needs at its measured loss."
     );
 }
 
@@ -182,6 +208,11 @@ pub struct ListenerMeters {
     detection: Vec<Histogram>,
     probes_sent: [Counter; 2],
     probes_unanswered: [Counter; 2],
+    /// Per leg: [evicted, answered].
+    suspicions: [[Counter; 2]; 2],
+    corroboration: [Histogram; 2],
+    /// answered, unanswered, unknown.
+    connects: [Counter; 3],
 }
 
 impl ListenerMeters {
@@ -216,11 +247,27 @@ impl ListenerMeters {
                 .collect(),
             probes_sent: per_leg(PROBES_SENT),
             probes_unanswered: per_leg(PROBES_UNANSWERED),
+            suspicions: [Leg::Client, Leg::Upstream].map(|leg| {
+                ["evicted", "answered"].map(|outcome| {
+                    counter!(SUSPICIONS, "listener" => l.clone(), "leg" => leg.as_str(), "outcome" => outcome)
+                })
+            }),
+            corroboration: ["own", "host"]
+                .map(|basis| histogram!(CORROBORATION, "listener" => l.clone(), "basis" => basis)),
+            connects: ["answered", "unanswered", "unknown"].map(|result| {
+                counter!(CORROBORATION_CONNECTS, "listener" => l.clone(), "result" => result)
+            }),
         };
         for c in meters.refused.iter().chain(&meters.evictions) {
             c.increment(0);
         }
-        for c in meters.probes_sent.iter().chain(&meters.probes_unanswered) {
+        for c in meters
+            .probes_sent
+            .iter()
+            .chain(&meters.probes_unanswered)
+            .chain(meters.suspicions.iter().flatten())
+            .chain(&meters.connects)
+        {
             c.increment(0);
         }
         meters.accepted.increment(0);
@@ -255,6 +302,25 @@ impl ListenerMeters {
     pub fn probe_unanswered(&self, leg: Leg) {
         self.probes_unanswered[leg_slot(leg)].increment(1);
     }
+
+    /// A suspected leg was evicted, or answered after all.
+    pub fn suspicion_ended(&self, leg: Leg, evicted: bool) {
+        self.suspicions[leg_slot(leg)][usize::from(!evicted)].increment(1);
+    }
+
+    /// What corroboration added to a verdict: from suspicion to eviction,
+    /// on the leg's own evidence (`own`) or its host's (`host`).
+    pub fn corroborated(&self, basis: &str, added: Duration) {
+        let i = usize::from(basis != "own");
+        self.corroboration[i].record(added.as_secs_f64());
+    }
+
+    /// Counts a round of fresh connects to a suspected host.
+    pub fn corroboration_connects(&self, answered: u32, unanswered: u32, unknown: u32) {
+        for (c, n) in self.connects.iter().zip([answered, unanswered, unknown]) {
+            c.increment(u64::from(n));
+        }
+    }
 }
 
 fn reason_index(reason: EvictReason) -> usize {
@@ -275,12 +341,14 @@ fn leg_slot(leg: Leg) -> usize {
 pub struct BackendMeters {
     pub connect_duration: Histogram,
     pub connect_failures: Counter,
-    checks: [Counter; 3],
+    checks: [Counter; 5],
     pub check_duration: Histogram,
     state: [Gauge; 3],
     role: [Gauge; 3],
     pub active: Gauge,
     pub pool_idle: Gauge,
+    link_loss: Gauge,
+    verdict_exchanges: Gauge,
 }
 
 const STATES: [State; 3] = [State::Up, State::Suspect, State::Down];
@@ -293,7 +361,7 @@ impl BackendMeters {
         let meters = BackendMeters {
             connect_duration: histogram!(CONNECT_DURATION, "listener" => l.clone(), "backend" => b.clone()),
             connect_failures: counter!(CONNECT_FAILURES, "listener" => l.clone(), "backend" => b.clone()),
-            checks: [check("up"), check("not_ready"), check("down")],
+            checks: CheckStatus::ALL.map(|s| check(s.as_str())),
             check_duration: histogram!(CHECK_DURATION, "listener" => l.clone(), "backend" => b.clone()),
             state: STATES.map(|s| {
                 gauge!(BACKEND_STATE, "listener" => l.clone(), "backend" => b.clone(), "state" => s.as_str())
@@ -303,6 +371,8 @@ impl BackendMeters {
             }),
             active: gauge!(BACKEND_ACTIVE, "listener" => l.clone(), "backend" => b.clone()),
             pool_idle: gauge!(POOL_IDLE, "listener" => l.clone(), "backend" => b.clone()),
+            link_loss: gauge!(LINK_LOSS, "listener" => l.clone(), "backend" => b.clone()),
+            verdict_exchanges: gauge!(VERDICT_EXCHANGES, "listener" => l.clone(), "backend" => b.clone()),
         };
         meters.connect_failures.increment(0);
         for c in &meters.checks {
@@ -315,13 +385,19 @@ impl BackendMeters {
     }
 
     pub fn check(&self, status: CheckStatus, latency: Duration) {
-        let i = match status {
-            CheckStatus::Up => 0,
-            CheckStatus::NotReady => 1,
-            CheckStatus::Down => 2,
-        };
+        let i = CheckStatus::ALL
+            .iter()
+            .position(|&s| s == status)
+            .unwrap_or(0);
         self.checks[i].increment(1);
         self.check_duration.record(latency.as_secs_f64());
+    }
+
+    /// The link's estimated exchange loss, and the unanswered exchanges in
+    /// a row a verdict on a lone connection needs at that loss.
+    pub fn set_link(&self, loss: f64, needed: u32) {
+        self.link_loss.set(loss);
+        self.verdict_exchanges.set(f64::from(needed));
     }
 
     /// Sets the state and role gauges (1 for the current value, 0 else).

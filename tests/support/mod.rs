@@ -73,7 +73,7 @@ pub fn start_echo_backend_on(
 ) -> LabProcess {
     let mut command = Command::new(exe());
     command.args(["lab-backend", "--listen", &addr.to_string()]);
-    command.args(["--max-lifetime", "2m"]);
+    command.args(["--max-lifetime", "5m"]);
     if let Some((bytes, duration)) = pause {
         command.args(["--pause-reading-after", &bytes.to_string()]);
         command.args(["--pause-for", &format!("{}ms", duration.as_millis())]);

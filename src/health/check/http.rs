@@ -10,8 +10,9 @@ use hyper::body::Bytes;
 use hyper::header::{CONNECTION, HOST, USER_AGENT};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
-use super::{connect, CheckError, Verdict};
+use super::{CheckError, Verdict};
 use crate::config::CheckConfig;
 
 /// Status codes hyper accepts: three digits, 100 to 999.
@@ -58,7 +59,11 @@ fn accepts(ranges: &[RangeInclusive<u16>], status: StatusCode) -> bool {
 }
 
 /// Runs the check: one request on a fresh connection, `Connection: close`.
-pub(super) async fn check(config: &CheckConfig, addr: SocketAddr) -> Result<Verdict, CheckError> {
+pub(super) async fn check(
+    config: &CheckConfig,
+    addr: SocketAddr,
+    stream: TcpStream,
+) -> Result<Verdict, CheckError> {
     let ranges = match parse_status_ranges(&config.expect_status) {
         Ok(ranges) => ranges,
         Err(e) => return Ok(Verdict::down(format!("expect_status: {e}"))),
@@ -73,7 +78,6 @@ pub(super) async fn check(config: &CheckConfig, addr: SocketAddr) -> Result<Verd
         Ok(request) => request,
         Err(e) => return Ok(Verdict::down(format!("path `{}`: {e}", config.path))),
     };
-    let stream = connect(addr).await?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(CheckError::Http)?;

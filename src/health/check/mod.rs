@@ -5,6 +5,16 @@
 //! Each protocol lives in its own submodule, split into pure parsers of what
 //! the backend sends (unit- and property-tested beside them) and the little
 //! I/O that feeds them. The whole check runs under `config.timeout`.
+//!
+//! How a check fails matters as much as whether it does. A backend that
+//! *answered wrongly* (refused the connection, sent an error, spoke the
+//! wrong protocol, or accepted the connection and then said nothing — a
+//! frozen process) is [`CheckStatus::Down`]. A connect that got *no
+//! answer* is [`CheckStatus::NoAnswer`]: the host, or only the network on
+//! the way, is silent, which the sessions' own probes can tell apart. A
+//! check that could not even run on our side (out of file descriptors, no
+//! route from here, an unreadable password) is [`CheckStatus::Unknown`]
+//! and says nothing about the backend.
 
 mod http;
 mod mysql;
@@ -14,6 +24,7 @@ mod tcp;
 
 pub use http::parse_status_ranges;
 
+use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -22,6 +33,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{CheckConfig, CheckKind};
 use crate::telemetry::one_line;
+use crate::upstream::ConnectFailure;
 
 /// A backend's role as its last check reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,8 +64,43 @@ pub enum CheckStatus {
     Up,
     /// Alive but not ready to serve (e.g. Redis `-LOADING`).
     NotReady,
-    /// Refused, timed out, or answered with an error.
+    /// Answered wrongly: refused, an error, the wrong protocol, closed, or
+    /// connected and then silent (a frozen process).
     Down,
+    /// The connect got no answer within the timeout, or the network says
+    /// the host cannot be reached.
+    NoAnswer,
+    /// Could not run on our side: says nothing about the backend.
+    Unknown,
+}
+
+impl CheckStatus {
+    pub const ALL: [CheckStatus; 5] = [
+        CheckStatus::Up,
+        CheckStatus::NotReady,
+        CheckStatus::Down,
+        CheckStatus::NoAnswer,
+        CheckStatus::Unknown,
+    ];
+
+    /// The name in logs, metrics and `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckStatus::Up => "up",
+            CheckStatus::NotReady => "not_ready",
+            CheckStatus::Down => "down",
+            CheckStatus::NoAnswer => "no_answer",
+            CheckStatus::Unknown => "unknown",
+        }
+    }
+
+    /// Counts against the backend (towards `fall`).
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            CheckStatus::NotReady | CheckStatus::Down | CheckStatus::NoAnswer
+        )
+    }
 }
 
 /// The result of one check.
@@ -70,31 +117,56 @@ pub struct CheckOutcome {
 /// Runs one check of `addr` under `config.timeout`.
 pub async fn check(config: &CheckConfig, addr: SocketAddr) -> CheckOutcome {
     let started = Instant::now();
-    let result = tokio::time::timeout(config.timeout, run(config, addr)).await;
-    let latency = started.elapsed();
-    let verdict = match result {
-        Ok(Ok(verdict)) => verdict,
-        Ok(Err(e)) => Verdict::down(one_line(&e)),
-        Err(_) => Verdict::down(format!(
-            "no answer within timeout ({})",
-            humantime::format_duration(config.timeout)
-        )),
-    };
+    let verdict = connect_and_run(config, addr).await;
     CheckOutcome {
         status: verdict.status,
         role: verdict.role,
-        latency,
+        latency: started.elapsed(),
         detail: verdict.detail,
     }
 }
 
-async fn run(config: &CheckConfig, addr: SocketAddr) -> Result<Verdict, CheckError> {
+async fn connect_and_run(config: &CheckConfig, addr: SocketAddr) -> Verdict {
+    let deadline = tokio::time::Instant::now() + config.timeout;
+    let timeout = humantime::format_duration(config.timeout);
+    let stream = match tokio::time::timeout_at(deadline, connect(addr, config.timeout)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return connect_failure(&e),
+        Err(_) => {
+            return Verdict::no_answer(format!("connect: no answer within timeout ({timeout})"))
+        }
+    };
+    match tokio::time::timeout_at(deadline, run(config, addr, stream)).await {
+        Ok(Ok(verdict)) => verdict,
+        Ok(Err(e @ CheckError::Password(_))) => {
+            Verdict::unknown(format!("cannot run the check here: {}", one_line(&e)))
+        }
+        Ok(Err(e)) => Verdict::down(one_line(&e)),
+        Err(_) => Verdict::down(format!(
+            "connected, but no answer within timeout ({timeout})"
+        )),
+    }
+}
+
+fn connect_failure(e: &io::Error) -> Verdict {
+    match ConnectFailure::of(e) {
+        ConnectFailure::Refused => Verdict::down(format!("connect: {e}")),
+        ConnectFailure::NoAnswer => Verdict::no_answer(format!("connect: {e}")),
+        ConnectFailure::Local => Verdict::unknown(format!("connect failed on our side: {e}")),
+    }
+}
+
+async fn run(
+    config: &CheckConfig,
+    addr: SocketAddr,
+    stream: TcpStream,
+) -> Result<Verdict, CheckError> {
     match config.kind {
-        CheckKind::Tcp => tcp::check(addr).await,
-        CheckKind::Postgres => postgres::check(config, addr).await,
-        CheckKind::Mysql => mysql::check(config, addr).await,
-        CheckKind::Redis => redis::check(config, addr).await,
-        CheckKind::Http => http::check(config, addr).await,
+        CheckKind::Tcp => tcp::check(stream).await,
+        CheckKind::Postgres => postgres::check(config, stream).await,
+        CheckKind::Mysql => mysql::check(config, stream).await,
+        CheckKind::Redis => redis::check(config, stream).await,
+        CheckKind::Http => http::check(config, addr, stream).await,
     }
 }
 
@@ -130,13 +202,28 @@ impl Verdict {
             detail: detail.into(),
         }
     }
+
+    fn no_answer(detail: impl Into<String>) -> Self {
+        Verdict {
+            status: CheckStatus::NoAnswer,
+            role: None,
+            detail: detail.into(),
+        }
+    }
+
+    fn unknown(detail: impl Into<String>) -> Self {
+        Verdict {
+            status: CheckStatus::Unknown,
+            role: None,
+            detail: detail.into(),
+        }
+    }
 }
 
-/// Why a check could not reach a verdict: these all mean Down.
+/// Why a check could not reach a verdict once connected: these all mean
+/// Down, but for `Password` (our side: Unknown).
 #[derive(Debug, thiserror::Error)]
 enum CheckError {
-    #[error("connect")]
-    Connect(#[source] std::io::Error),
     #[error("i/o")]
     Io(#[source] std::io::Error),
     #[error("closed the connection {0}")]
@@ -160,14 +247,46 @@ enum PasswordError {
     },
 }
 
-/// Connects to `addr`, with TCP_NODELAY (checks are small exchanges).
-async fn connect(addr: SocketAddr) -> Result<TcpStream, CheckError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(CheckError::Connect)?;
-    // Only latency is at stake: a check works without it.
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+/// Connect attempts per check: a new SYN every third of the timeout while
+/// none is answered.
+const CONNECT_ATTEMPTS: u32 = 3;
+
+/// Connects to `addr`, with TCP_NODELAY (checks are small exchanges). The
+/// kernel re-sends a lost SYN only after a second, longer than most check
+/// timeouts, so one lost packet would fail the check: while no attempt is
+/// answered, another starts every `timeout / 3`, and the first to connect
+/// wins. A refusal or a local failure ends it at once (the host answered;
+/// or trying again cannot help).
+async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stagger = timeout / CONNECT_ATTEMPTS;
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut last_error = None;
+    for n in 1..=CONNECT_ATTEMPTS {
+        attempts.spawn(TcpStream::connect(addr));
+        let next = tokio::time::sleep(stagger);
+        tokio::pin!(next);
+        loop {
+            tokio::select! {
+                done = attempts.join_next() => match done {
+                    // Every attempt so far failed: start the next one now.
+                    None => break,
+                    Some(Ok(Ok(stream))) => {
+                        // Only latency is at stake: a check works without it.
+                        let _ = stream.set_nodelay(true);
+                        return Ok(stream);
+                    }
+                    Some(Ok(Err(e))) if ConnectFailure::of(&e) != ConnectFailure::NoAnswer => {
+                        return Err(e)
+                    }
+                    Some(Ok(Err(e))) => last_error = Some(e),
+                    Some(Err(e)) => last_error = Some(io::Error::other(e)),
+                },
+                _ = &mut next, if n < CONNECT_ATTEMPTS => break,
+            }
+        }
+    }
+    Err(last_error
+        .unwrap_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "no answer to any attempt")))
 }
 
 /// Appends what the peer sends next to `buf`; `what` names the awaited
@@ -251,10 +370,27 @@ mod tests {
 
     #[test]
     fn one_line_joins_sources() {
-        let e = CheckError::Connect(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "Connection refused",
+        let e = CheckError::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "Connection reset by peer",
         ));
-        assert_eq!(one_line(&e), "connect: Connection refused");
+        assert_eq!(one_line(&e), "i/o: Connection reset by peer");
+    }
+
+    #[test]
+    fn a_failed_connect_says_whether_the_backend_answered() {
+        let os = io::Error::from_raw_os_error;
+        assert_eq!(
+            connect_failure(&os(libc::ECONNREFUSED)).status,
+            CheckStatus::Down
+        );
+        assert_eq!(
+            connect_failure(&os(libc::EHOSTUNREACH)).status,
+            CheckStatus::NoAnswer
+        );
+        assert_eq!(
+            connect_failure(&os(libc::EMFILE)).status,
+            CheckStatus::Unknown
+        );
     }
 }

@@ -9,12 +9,10 @@
 //! the host — pulsegate's host, for every client it proxies. Only a
 //! successful login resets the count; a refused one does not add to it.
 
-use std::net::SocketAddr;
-
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{connect, excerpt, password, read_more, CheckError, Verdict};
+use super::{excerpt, password, read_more, CheckError, Verdict};
 use crate::config::CheckConfig;
 
 /// The largest packet we accept; real greetings are ~100 bytes.
@@ -237,7 +235,7 @@ fn empty_password_for(plugin: &str) -> &'static [u8] {
 }
 
 /// Reads the first packet and judges it; logs in when a user is set.
-pub(super) async fn check(config: &CheckConfig, addr: SocketAddr) -> Result<Verdict, CheckError> {
+pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Verdict, CheckError> {
     let user = config.user.as_deref();
     if user.is_some() && password(config).map_err(CheckError::Password)?.is_some() {
         return Ok(Verdict::down(
@@ -245,7 +243,7 @@ pub(super) async fn check(config: &CheckConfig, addr: SocketAddr) -> Result<Verd
              remove the password or the user",
         ));
     }
-    let mut conn = Conn::new(connect(addr).await?);
+    let mut conn = Conn::new(stream);
     let (seq, greeting) = match conn.greeting().await? {
         Ok(pair) => pair,
         Err(e) => return Ok(Verdict::down(e.to_string())),

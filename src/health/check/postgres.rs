@@ -4,12 +4,11 @@
 //! `user`: a real login through tokio-postgres and `SELECT
 //! pg_is_in_recovery()`, which tells a primary from a replica.
 
-use std::net::SocketAddr;
-
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
-use super::{connect, excerpt, one_line, password, read_more, CheckError, Verdict};
+use super::{excerpt, one_line, password, read_more, CheckError, Verdict};
 use crate::config::CheckConfig;
 use crate::health::check::Role;
 
@@ -77,19 +76,18 @@ fn error_message(body: &[u8]) -> String {
 }
 
 /// Runs the check: SSLRequest without a user, a login with one.
-pub(super) async fn check(config: &CheckConfig, addr: SocketAddr) -> Result<Verdict, CheckError> {
+pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Verdict, CheckError> {
     match &config.user {
-        None => ssl_probe(addr).await,
+        None => ssl_probe(stream).await,
         Some(user) => {
             let password = password(config).map_err(CheckError::Password)?;
             let database = config.database.as_deref().unwrap_or(user);
-            login(addr, user, password.as_deref(), database).await
+            login(stream, user, password.as_deref(), database).await
         }
     }
 }
 
-async fn ssl_probe(addr: SocketAddr) -> Result<Verdict, CheckError> {
-    let mut stream = connect(addr).await?;
+async fn ssl_probe(mut stream: TcpStream) -> Result<Verdict, CheckError> {
     stream
         .write_all(&SSL_REQUEST)
         .await
@@ -107,22 +105,19 @@ async fn ssl_probe(addr: SocketAddr) -> Result<Verdict, CheckError> {
 }
 
 async fn login(
-    addr: SocketAddr,
+    stream: TcpStream,
     user: &str,
     password: Option<&str>,
     database: &str,
 ) -> Result<Verdict, CheckError> {
     let mut pg = tokio_postgres::Config::new();
-    pg.host(addr.ip().to_string())
-        .hostaddr(addr.ip())
-        .port(addr.port())
-        .user(user)
+    pg.user(user)
         .dbname(database)
         .application_name("pulsegate-check");
     if let Some(password) = password {
         pg.password(password);
     }
-    let (client, connection) = match pg.connect(NoTls).await {
+    let (client, connection) = match pg.connect_raw(stream, NoTls).await {
         Ok(pair) => pair,
         Err(e) => return Ok(login_failure(&e)),
     };

@@ -6,12 +6,10 @@
 //! a backend can make us hold: bulk strings up to 1 MiB, nesting up to 8,
 //! a whole reply up to 64 KiB.
 
-use std::net::SocketAddr;
-
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{connect, excerpt, password, read_more, CheckError, Role, Verdict};
+use super::{excerpt, password, read_more, CheckError, Role, Verdict};
 use crate::config::CheckConfig;
 
 /// The longest bulk string accepted.
@@ -181,7 +179,7 @@ pub(crate) fn encode_command(args: &[&[u8]]) -> Vec<u8> {
 }
 
 /// Runs the check: one write of every command, then the replies in order.
-pub(super) async fn check(config: &CheckConfig, addr: SocketAddr) -> Result<Verdict, CheckError> {
+pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Verdict, CheckError> {
     let password = password(config).map_err(CheckError::Password)?;
     let mut request = Vec::new();
     if let Some(password) = &password {
@@ -193,7 +191,7 @@ pub(super) async fn check(config: &CheckConfig, addr: SocketAddr) -> Result<Verd
     request.extend(encode_command(&[b"PING"]));
     request.extend(encode_command(&[b"ROLE"]));
 
-    let mut stream = connect(addr).await?;
+    let mut stream = stream;
     stream.write_all(&request).await.map_err(CheckError::Io)?;
     let mut replies = Replies::new(stream);
     if password.is_some() {

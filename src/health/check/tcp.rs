@@ -1,11 +1,10 @@
 //! The `tcp` check: a backend is up when a connection to it succeeds.
 
-use std::net::SocketAddr;
+use tokio::net::TcpStream;
 
-use super::{connect, CheckError, Verdict};
+use super::{CheckError, Verdict};
 
-/// Connects, then closes at once.
-pub(super) async fn check(addr: SocketAddr) -> Result<Verdict, CheckError> {
-    let _stream = connect(addr).await?;
+/// The connection was made (by the caller); it closes when dropped.
+pub(super) async fn check(_stream: TcpStream) -> Result<Verdict, CheckError> {
     Ok(Verdict::up(None, "connected"))
 }
