@@ -83,8 +83,10 @@ impl DebtKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Evidence {
     pub kind: DebtKind,
-    /// When the leg began to owe an ACK.
-    pub debt_start_ms: u64,
+    /// When its silence began: the later of when it began to owe an ACK
+    /// and when it was last answered. Anything its host answered after
+    /// this proves the host alive.
+    pub silent_since_ms: u64,
     /// How long it has owed one without an answer.
     pub silent_ms: u64,
     /// Its exchanges known to be lost: probes or transmissions that went
@@ -246,7 +248,7 @@ impl LegState {
             }
             Evidence {
                 kind,
-                debt_start_ms: start,
+                silent_since_ms: now_ms.saturating_sub(silence),
                 silent_ms: silence,
                 lost,
             }

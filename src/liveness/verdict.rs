@@ -115,13 +115,13 @@ impl LinkLoss {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct HostEvidence {
     /// Another leg to the host, or a fresh connect, was answered after
-    /// this leg's debt began.
+    /// this leg went silent.
     pub answered: bool,
     /// Exchanges lost on the host's other legs while this one was silent:
     /// each other leg owing an ACK for longer than an answer takes counts
     /// as one.
     pub witnesses: u32,
-    /// Fresh connects made after this leg's debt began that went
+    /// Fresh connects made after this leg went silent that went
     /// unanswered.
     pub connects_unanswered: u32,
     /// Fresh connects to the host are under way.

@@ -21,18 +21,39 @@ const FORGET_AFTER_MS: u64 = 10 * 60 * 1000;
 /// Connects that have not reported after this long are given up on.
 const CONNECTS_STALE_MS: u64 = 10_000;
 
-/// A host, as seen from one side: the backends' hosts (upstream legs) and
-/// the clients' hosts (client legs) are kept apart even when they share an
-/// address, as on loopback.
+/// The far end that legs share, as seen from one side. Upstream legs are
+/// grouped by backend address (IP and port: two servers on one machine,
+/// or a firewall that drops one port, fail apart); client legs by the
+/// client's IP (each connection has its own ephemeral port). The two
+/// sides are kept apart even when they share an address, as on loopback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct HostKey {
     pub leg: Leg,
     pub ip: IpAddr,
+    /// The backend's port; 0 for clients.
+    pub port: u16,
 }
 
 impl HostKey {
     pub fn new(leg: Leg, peer: SocketAddr) -> Self {
-        HostKey { leg, ip: peer.ip() }
+        let port = match leg {
+            Leg::Upstream => peer.port(),
+            Leg::Client => 0,
+        };
+        HostKey {
+            leg,
+            ip: peer.ip(),
+            port,
+        }
+    }
+}
+
+impl std::fmt::Display for HostKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.leg {
+            Leg::Upstream => write!(f, "{}", SocketAddr::new(self.ip, self.port)),
+            Leg::Client => write!(f, "{} (client)", self.ip),
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::hosts::{self, Connects, HostKey};
 use super::{Suspect, Suspected, Sweeper};
 use crate::evict::{EvictReason, Leg, Verdict};
+use crate::liveness::bounds::{CONNECT_WINDOW_MAX, CONNECT_WINDOW_MIN};
 use crate::liveness::leg::{answer_window_ms, SLACK_MS};
 use crate::liveness::verdict::{self, Decision, HostEvidence};
 use crate::liveness::{leg_index, now_ms, REMOVED};
@@ -16,9 +17,6 @@ use crate::sockopt::{self, TcpInfo};
 /// more than any verdict needs, and a bound on the cost when thousands of
 /// legs go silent together.
 const SIBLINGS_SAMPLED: usize = 64;
-/// Fresh connects get three round trips to be answered, within these bounds.
-const CONNECT_WINDOW_MIN: Duration = Duration::from_millis(250);
-const CONNECT_WINDOW_MAX: Duration = Duration::from_secs(2);
 
 /// When a leg was last answered, judging from one sample; `None` when what
 /// it received cannot count: data in flight that the kernel already had to
@@ -50,8 +48,10 @@ impl Sweeper {
         let probe_ms = self.rules[leg_index(s.leg)].probe_ms;
         let needed = verdict::needed(self.hosts.get(key).loss.exchange_loss(), probe_ms);
         let host = self.host_evidence(key, &s);
+        let heard_ago_ms = now_ms().saturating_sub(self.hosts.get(key).heard_at_ms);
         let decision = verdict::decide(s.evidence.lost, needed, &host, s.leg == Leg::Upstream);
         tracing::debug!(leg = %s.leg, peer = %s.peer, silent_ms = s.evidence.silent_ms,
+            heard_ago_ms,
             lost = s.evidence.lost, needed, host = ?host, decision = ?decision, "suspected leg weighed");
         match decision {
             Decision::EvictAlone => {
@@ -84,7 +84,7 @@ impl Sweeper {
     /// What the host of `s` says: its last answer and fresh connects as
     /// recorded, then a sample of its other legs.
     fn host_evidence(&mut self, key: HostKey, s: &Suspected) -> HostEvidence {
-        let since = s.evidence.debt_start_ms + SLACK_MS;
+        let since = s.evidence.silent_since_ms + SLACK_MS;
         let now = now_ms();
         let host = self.hosts.get(key);
         let mut evidence = HostEvidence {
@@ -98,7 +98,7 @@ impl Sweeper {
                 started_ms,
                 answered,
                 unanswered,
-            } if started_ms + SLACK_MS >= s.evidence.debt_start_ms => {
+            } if started_ms + SLACK_MS >= s.evidence.silent_since_ms => {
                 evidence.answered |= answered > 0;
                 evidence.connects_unanswered = unanswered;
             }
@@ -138,7 +138,7 @@ impl Sweeper {
     /// reason `host_silent`. Returns false, evicting nothing, if one of them
     /// turns out to have been answered after `s` went silent.
     fn condemn_host(&mut self, key: HostKey, s: &Suspected) -> bool {
-        let since = s.evidence.debt_start_ms;
+        let since = s.evidence.silent_since_ms;
         let now = now_ms();
         let mut doomed = Vec::new();
         for entry in self.slots.iter().flatten() {
@@ -155,7 +155,7 @@ impl Sweeper {
             if let Some(at) = info.and_then(|i| heard_at(&i, now)) {
                 if at > since + SLACK_MS {
                     self.hosts.get(key).hear(at);
-                    tracing::info!(host = %key.ip, leg = %key.leg,
+                    tracing::info!(host = %key,
                         "a suspected host answered another connection: not judged gone");
                     return false;
                 }
@@ -179,7 +179,7 @@ impl Sweeper {
             });
             self.suspicions.clear(id, key.leg);
         }
-        tracing::warn!(host = %key.ip, leg = %key.leg, silent_ms = silent_for.as_millis() as u64,
+        tracing::warn!(host = %key, silent_ms = silent_for.as_millis() as u64,
             other_sessions = others,
             "host silent: no connection to it answers, nor does a fresh connect; evicting every session to it");
         true
