@@ -21,6 +21,7 @@
 //! link. Legs whose verdict cannot change before a known time are not
 //! sampled until then, which keeps the cost of 10,000 idle sessions low.
 
+pub mod bounds;
 pub mod leg;
 pub mod verdict;
 mod watcher;

@@ -77,9 +77,9 @@ fn several_problems_are_reported_together_with_their_lines() {
 fn shipped_examples_pass_check_with_defaults_and_bounds() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for (file, listener, idle, busy) in [
-        ("config/pulsegate.toml", "app", "4s 500ms", "3s 500ms"),
-        ("config/postgres.toml", "postgres", "4s 500ms", "3s 500ms"),
-        ("config/redis.toml", "redis", "3s 500ms", "2s 500ms"),
+        ("config/pulsegate.toml", "app", "4s 750ms", "3s 750ms"),
+        ("config/postgres.toml", "postgres", "4s 750ms", "3s 750ms"),
+        ("config/redis.toml", "redis", "3s 750ms", "2s 750ms"),
     ] {
         let (code, stdout, stderr) = check(&root.join(file));
         assert_eq!(code, 0, "{file}: {stderr}");

@@ -9,7 +9,7 @@
 mod bounds;
 mod validate;
 
-pub use bounds::{DetectionBounds, FailoverBounds, Warning};
+pub use bounds::Warning;
 pub use validate::{ConfigError, Problem};
 
 use std::fmt;
