@@ -242,8 +242,9 @@ async fn redis_acl_user_without_role_permission_is_up_without_a_role() {
     let mut config = config("redis");
     config.user = Some("pinger".into());
     config.password_env = Some("PULSEGATE_TEST_REDIS_ACL_PASSWORD".into());
+    // Our side cannot run the check: that says nothing about redis.
     let unset = check(&config, redis.addr()).await;
-    assert_status(&unset, CheckStatus::Down);
+    assert_status(&unset, CheckStatus::Unknown);
     assert!(unset.detail.contains("password_env"), "{unset:?}");
 
     std::env::set_var("PULSEGATE_TEST_REDIS_ACL_PASSWORD", "pingpw");

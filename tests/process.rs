@@ -247,3 +247,79 @@ fn accept_loop_survives_running_out_of_descriptors_without_spinning() {
         echo_once(&mut c).expect("served again once descriptors are free");
     }
 }
+
+/// Running out of descriptors is our problem, not the backend's: the
+/// health check that cannot open its socket (EMFILE) counts neither way,
+/// so the backend is never marked down and no live session is evicted.
+/// (Measured before: all 25 live sessions evicted as `backend_down`.)
+#[test]
+fn running_out_of_descriptors_marks_no_backend_down_and_evicts_no_session() {
+    const LIMIT: usize = 64;
+    let backend = echo_backend();
+    let admin = free_port();
+    let extra = format!(
+        "[listener.check]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n\
+         jitter = \"0s\"\nfall = 2\n\
+         [admin]\nbind = \"127.0.0.1:{admin}\"\nrequest_timeout = \"60s\"\n"
+    );
+    let p = Running::start(backend, &extra, &format!("ulimit -n {LIMIT};"));
+    let mut clients: Vec<TcpStream> = (0..60)
+        .map(|_| TcpStream::connect(("127.0.0.1", p.port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // Asked side by side: a client still queued waits out its read timeout.
+    let asked: Vec<_> = clients
+        .drain(..)
+        .map(|mut c| std::thread::spawn(move || echo_once(&mut c).ok().map(|()| c)))
+        .collect();
+    let mut live: Vec<TcpStream> = asked
+        .into_iter()
+        .filter_map(|t| t.join().unwrap())
+        .collect();
+    assert!(
+        (5..60).contains(&live.len()),
+        "the limit should leave some sessions live and refuse the rest: {} live",
+        live.len()
+    );
+    // Take the descriptors the refused clients left free with idle admin
+    // connections (one descriptor each), so the checks run at the limit.
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", p.child.id()))
+            .unwrap()
+            .count()
+    };
+    let mut holders = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_fds() < LIMIT {
+        assert!(
+            Instant::now() < deadline,
+            "cannot fill the descriptor table: {} open",
+            open_fds()
+        );
+        holders.extend(TcpStream::connect(("127.0.0.1", admin)).ok());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Ten checks at the limit.
+    std::thread::sleep(Duration::from_secs(2));
+    for (i, c) in live.iter_mut().enumerate() {
+        echo_once(c).unwrap_or_else(|e| panic!("live session {i} was lost: {e}\n{}", p.log()));
+    }
+    let log = p.log();
+    assert!(
+        log.contains("health check could not run on our side"),
+        "the checks never hit the limit, so this test proves nothing:\n{log}"
+    );
+    assert!(
+        !log.contains("\"to\":\"down\""),
+        "the backend was marked down:\n{log}"
+    );
+    assert!(
+        !log.contains("backend_down"),
+        "sessions were evicted:\n{log}"
+    );
+    eprintln!(
+        "{} live sessions kept, and the backend up, while its checks failed with EMFILE",
+        live.len()
+    );
+    drop(holders);
+}

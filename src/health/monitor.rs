@@ -34,13 +34,20 @@ pub struct Monitor {
 impl Monitor {
     /// Checks at once, then every interval, until `stop` is cancelled.
     pub async fn run(self, stop: CancellationToken) {
+        let mut last_status = None;
         loop {
             let started_ms = now_ms();
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
                 outcome = self.check_once() => outcome,
             };
+            let local = outcome.status == CheckStatus::Unknown;
             let outcome = self.corroborate(outcome, started_ms);
+            if local && last_status != Some(CheckStatus::Unknown) {
+                tracing::warn!(listener = %self.listener, backend = %self.backends.label(self.backend),
+                    detail = %outcome.detail, "health check could not run on our side; not counted");
+            }
+            last_status = Some(outcome.status);
             let status = outcome.status;
             let detail = outcome.detail.clone();
             let change = self.backends.record(self.backend, outcome);
