@@ -1,6 +1,9 @@
 //! DNS following: a backend named by host name is re-resolved, and when the
-//! name moves to another address new connections follow without a restart
-//! and sessions to the old address are evicted. The name is controlled
+//! name moves to another address new connections follow without a restart.
+//! Sessions to the old address are left alone while it answers (a name
+//! that rotates its answers must not churn them); once the address has
+//! been missing from several lookups they are probed, and those that stop
+//! answering are evicted as `address_removed`. The name is controlled
 //! through the namespace's own /etc/hosts (`ip netns exec` bind-mounts
 //! /etc/netns/<ns>/hosts), rewritten in place by the test.
 
@@ -83,24 +86,102 @@ fn backend_name_moving_to_another_address_is_followed_without_restart() {
         "resolve_interval 500ms: {followed:?}"
     );
 
-    // The idle session to the address that left the set is evicted: the
-    // watcher carries out the resolver's order at its next tick (tens of ms).
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !evictions(&proxy)
-        .iter()
-        .any(|e| e.reason == "address_removed")
-    {
+    // The old address left the answer, but its server still answers: the
+    // session lives on. Three lookups later (1.5 s) it is probed.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while !proxy.stderr().contains("probing their sessions") {
         assert!(
             Instant::now() < deadline,
-            "no address_removed eviction: {}",
+            "the removed address's sessions were never probed: {}",
             proxy.stderr()
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
     }
-    let r = ask(&mut pooled);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        ask(&mut pooled).unwrap(),
+        "old",
+        "a live session to a removed address was cut: {}",
+        proxy.stderr()
+    );
+    assert!(evictions(&proxy).is_empty(), "{}", proxy.stderr());
+
+    // The old server vanishes: the session is found dead like any other,
+    // and the reason says why it was watched.
+    lab.drop_host("127.0.0.2".parse().unwrap()).unwrap();
+    let vanished = Instant::now();
+    let deadline = vanished + Duration::from_secs(8);
+    let eviction = loop {
+        if let Some(e) = evictions(&proxy).first() {
+            break e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no eviction of the dead old session: {}",
+            proxy.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "session to the removed, vanished address evicted after {:.2} s: {}",
+        vanished.elapsed().as_secs_f64(),
+        eviction.json
+    );
+    assert_eq!(eviction.reason, "address_removed", "{}", eviction.json);
+}
+
+#[test]
+fn a_name_that_rotates_its_answers_does_not_churn_sessions() {
+    let Some(lab) = lab_or_skip("dns-rotate") else {
+        return;
+    };
+    let a: SocketAddr = "127.0.0.2:7000".parse().unwrap();
+    let b: SocketAddr = "127.0.0.3:7000".parse().unwrap();
+    tagged_server(listen(&lab, a), "a");
+    tagged_server(listen(&lab, b), "b");
+    let hosts = |ip: &str| format!("127.0.0.1 localhost\n{ip} db.pulsegate.test\n");
+    lab.set_hosts(&hosts("127.0.0.2")).unwrap();
+    let toml = format!(
+        "[[listener]]\nname = \"dns\"\nbind = \"{}\"\nbackends = [\"db.pulsegate.test:7000\"]\n\
+         resolve_interval = \"300ms\"\n",
+        proxy_addr()
+    );
+    let proxy = lab
+        .start_pulsegate_with(&exe(), proxy_addr(), &toml)
+        .expect("start pulsegate");
+    // A reader endpoint answering one address, then the other, then back:
+    // sessions on both, every one of them kept.
+    let mut sessions = Vec::new();
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        lab.set_hosts(&hosts(if round % 2 == 0 {
+            "127.0.0.3"
+        } else {
+            "127.0.0.2"
+        }))
+        .unwrap();
+        round += 1;
+        let mut s = connect(&lab, proxy_addr());
+        ask(&mut s).expect("a new session is served");
+        sessions.push(s);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let tags: Vec<String> = sessions
+        .iter_mut()
+        .enumerate()
+        .map(|(i, s)| {
+            ask(s).unwrap_or_else(|e| panic!("session {i} was cut: {e}\n{}", proxy.stderr()))
+        })
+        .collect();
     assert!(
-        matches!(r.as_deref(), Err(_) | Ok("")),
-        "the old session is evicted: {r:?}\n{}",
+        tags.iter().any(|t| t == "a") && tags.iter().any(|t| t == "b"),
+        "the name should have sent sessions to both: {tags:?}"
+    );
+    assert!(evictions(&proxy).is_empty(), "{}", proxy.stderr());
+    assert!(
+        !proxy.stderr().contains("probing their sessions"),
+        "{}",
         proxy.stderr()
     );
 }

@@ -205,6 +205,19 @@ impl Lab {
         netns::run_in(&self.tools, &self.name, &self.tools.iptables, &args).map(|_| ())
     }
 
+    /// Blackholes every TCP segment to or from `ip` (iptables DROP in INPUT
+    /// on `-d` and `-s`): on loopback, a host with that address vanishes.
+    pub fn drop_host(&self, ip: std::net::IpAddr) -> Result<(), LabError> {
+        let ip = ip.to_string();
+        for direction in ["-d", "-s"] {
+            let args = [
+                "-w", "-A", "INPUT", "-p", "tcp", direction, &ip, "-j", "DROP",
+            ];
+            netns::run_in(&self.tools, &self.name, &self.tools.iptables, &args)?;
+        }
+        Ok(())
+    }
+
     /// Removes the rules [`Lab::drop_port`] added.
     pub fn undrop_port(&self, port: u16) -> Result<(), LabError> {
         self.port_rules("-D", port)
