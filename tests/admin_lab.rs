@@ -143,3 +143,101 @@ fn readyz_follows_a_blackholed_backend() {
         }
     });
 }
+
+/// While a leg waits for corroboration, `/status` shows it with its
+/// evidence; once it is evicted, the metrics say on what basis. A flow
+/// silently dropped on the emulated link while its host answers the other
+/// sessions: the leg is suspected after two unanswered probes and evicted
+/// on its own after four.
+#[test]
+fn a_leg_under_suspicion_shows_its_evidence_in_status_then_its_verdict_in_metrics() {
+    let Some(lab) = linked_lab_or_skip("admin-suspect") else {
+        return;
+    };
+    let backend_at = pulsegate::lab::LinkedLab::far_addr(BACKEND_PORT);
+    let _backend = start_echo_backend_on(lab.far(), backend_at, None);
+    let mut config = ProxyConfig::new(proxy_addr(), backend_at);
+    config.extra = format!("\n[admin]\nbind = \"{ADMIN}\"\n");
+    let proxy = lab
+        .near()
+        .start_pulsegate(&exe(), &config)
+        .expect("start pulsegate");
+    let mut clients: Vec<_> = (0..5).map(|_| connect(lab.near(), proxy_addr())).collect();
+    for c in &mut clients {
+        exchange_line(c);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let upstream = lab
+        .near()
+        .tcp_sockets()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.remote == backend_at)
+        .expect("an upstream connection");
+    lab.link()
+        .drop_flow(upstream.local, upstream.remote)
+        .unwrap();
+
+    let suspect = wait_for(
+        "a leg under suspicion in /status",
+        Duration::from_secs(8),
+        || {
+            let status = call(lab.near(), "GET", "/status").json();
+            match status["listeners"][0]["under_suspicion"].as_array() {
+                Some(legs) if !legs.is_empty() => Ok(legs[0].clone()),
+                other => Err(other.cloned()),
+            }
+        },
+    );
+    eprintln!("under suspicion: {suspect}");
+    assert_eq!(suspect["leg"], "upstream", "{suspect}");
+    assert_eq!(suspect["reason"], "probe_unanswered", "{suspect}");
+    assert_eq!(suspect["exchanges_needed"], 4, "a clean link: {suspect}");
+    assert!(
+        suspect["waiting_for"]
+            .as_str()
+            .unwrap()
+            .contains("its host answers"),
+        "{suspect}"
+    );
+    assert!(
+        suspect["tcp_info"]["probes"].as_u64().unwrap() >= 2,
+        "{suspect}"
+    );
+    assert!(suspect["silent_ms"].as_u64().unwrap() >= 950, "{suspect}");
+
+    let eviction = wait_eviction(&proxy, Duration::from_secs(10));
+    assert_eq!(eviction.reason, "probe_unanswered", "{}", eviction.json);
+    let text = wait_for("the verdict in /metrics", Duration::from_secs(5), || {
+        let text = call(lab.near(), "GET", "/metrics").body;
+        let evicted = [
+            ("listener", "lab"),
+            ("leg", "upstream"),
+            ("outcome", "evicted"),
+        ];
+        match sample(&text, "pulsegate_suspicions_total", &evicted) {
+            Some(n) if n >= 1.0 => Ok(text),
+            other => Err(other),
+        }
+    });
+    let own = [("listener", "lab"), ("basis", "own")];
+    assert_eq!(
+        sample(&text, "pulsegate_verdict_corroboration_seconds_count", &own),
+        Some(1.0),
+        "{text}"
+    );
+    let backend = [("listener", "lab"), ("backend", "10.200.0.2:7000")];
+    assert_eq!(
+        sample(&text, "pulsegate_backend_verdict_exchanges", &backend),
+        Some(4.0),
+        "{text}"
+    );
+    let status = call(lab.near(), "GET", "/status").json();
+    assert_eq!(
+        status["listeners"][0]["under_suspicion"],
+        serde_json::json!([]),
+        "an evicted leg is no longer listed"
+    );
+    // The host answered throughout: no other session was touched.
+    assert_eq!(evictions(&proxy).len(), 1);
+}

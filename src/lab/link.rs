@@ -276,10 +276,14 @@ fn create_device(lab: &Lab, local: Ipv4Addr, peer: Ipv4Addr) -> Result<SyncDevic
                 .tx_queue_len(TX_QUEUE_LEN)
                 .build_sync()
         })?
-        .map_err(LabError::io(format!(
-            "cannot create TUN device {DEVICE} in {} (is /dev/net/tun there?)",
-            lab.name()
-        )))?;
+        .map_err(|e| {
+            LabError::Unavailable(format!(
+                "cannot create TUN device {DEVICE} in network namespace {} ({e}); the \
+                 emulated link needs /dev/net/tun (the `tun` kernel module; \
+                 `modprobe tun`, or `mkdir -p /dev/net && mknod /dev/net/tun c 10 200`)",
+                lab.name()
+            ))
+        })?;
     device
         .set_nonblocking(true)
         .map_err(LabError::io("cannot make the TUN device non-blocking"))?;
