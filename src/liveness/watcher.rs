@@ -5,10 +5,13 @@
 
 mod hosts;
 mod judge;
+mod orders;
+mod suspicions;
 
-use std::collections::HashMap;
+pub use suspicions::{Suspect, Suspicions};
+
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -104,58 +107,6 @@ impl WatcherHandle {
     /// (reason `address_removed`), the others live on.
     pub fn probe_addresses(&self, backend: usize, gone: Vec<SocketAddr>) {
         let _ = self.tx.send(Order::ProbeAddresses { backend, gone });
-    }
-}
-
-/// A leg whose own evidence suffices to ask for a verdict, as `/status`
-/// shows it while it waits for corroboration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Suspect {
-    pub client: Option<SocketAddr>,
-    pub backend: String,
-    pub leg: Leg,
-    pub reason: EvictReason,
-    pub silent_for: Duration,
-    /// Its own exchanges known lost, and how many a verdict needs.
-    pub lost: u32,
-    pub needed: u32,
-    /// What the verdict waits for.
-    pub waiting_for: &'static str,
-    pub evidence: TcpInfo,
-}
-
-/// The legs of a listener under suspicion now, for `/status`. Shared by
-/// every config generation's sweeper (sessions move between them).
-#[derive(Default)]
-pub struct Suspicions {
-    legs: Mutex<HashMap<(usize, Leg), Suspect>>,
-}
-
-impl Suspicions {
-    /// The legs under suspicion, longest silent first.
-    pub fn snapshot(&self) -> Vec<Suspect> {
-        let mut all: Vec<Suspect> = self.lock().values().cloned().collect();
-        all.sort_by_key(|s| std::cmp::Reverse(s.silent_for));
-        all
-    }
-
-    fn set(&self, session: usize, suspect: Suspect) {
-        self.lock().insert((session, suspect.leg), suspect);
-    }
-
-    fn clear(&self, session: usize, leg: Leg) {
-        self.lock().remove(&(session, leg));
-    }
-
-    fn clear_session(&self, session: usize) {
-        let mut legs = self.lock();
-        for leg in [Leg::Client, Leg::Upstream] {
-            legs.remove(&(session, leg));
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, Leg), Suspect>> {
-        self.legs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -327,90 +278,11 @@ impl Sweeper {
 
     fn add(&mut self, entry: Entry) {
         if let Some((to, remap)) = &self.successor {
-            forward(entry, to, remap, Duration::ZERO);
+            orders::forward(entry, to, remap, Duration::ZERO);
             return;
         }
         self.slots[self.registered % SLICES].push(entry);
         self.registered += 1;
-    }
-
-    fn hand_over(&mut self, to: WatcherHandle, remap: Vec<Option<usize>>, grace: Duration) {
-        let entries: Vec<Entry> = self.slots.iter_mut().flat_map(std::mem::take).collect();
-        let (mut kept, mut removed) = (0, 0);
-        for entry in entries {
-            match forward(entry, &to, &remap, grace) {
-                Some(true) => kept += 1,
-                Some(false) => removed += 1,
-                None => {}
-            }
-        }
-        tracing::debug!(
-            sessions = kept,
-            removed_backend = removed,
-            "sessions handed to the new config generation"
-        );
-        self.successor = Some((to, remap));
-    }
-
-    fn sessions_of(&mut self, backend: usize) -> impl Iterator<Item = (&mut Entry, Arc<Watched>)> {
-        self.slots.iter_mut().flatten().filter_map(move |e| {
-            let session = e.session.upgrade()?;
-            (session.backend() == backend && session.verdict().is_none()).then_some((e, session))
-        })
-    }
-
-    /// The on-demand probe of every session of a suspect backend (only
-    /// those connected to `only`, when given, which a name no longer
-    /// resolves to): the kernel's minimum TCP_KEEPIDLE (1 s) makes every
-    /// leg quiet for a second or more send its probe at once, whatever
-    /// `probe_interval` is.
-    fn probe_backend(&mut self, backend: usize, only: Option<&[SocketAddr]>) {
-        const MIN_KEEPIDLE: Duration = Duration::from_secs(1);
-        let mut probed = 0;
-        let meters = self.meters.clone();
-        for (entry, session) in self.sessions_of(backend) {
-            let peer = entry.peers[leg_index(Leg::Upstream)];
-            if only.is_some_and(|only| peer.is_none_or(|p| !only.contains(&p))) {
-                continue;
-            }
-            entry.address_removed |= only.is_some();
-            for leg in [Leg::Upstream, Leg::Client] {
-                let socket = session.socket(leg);
-                if sockopt::set_keepalive_idle(socket, MIN_KEEPIDLE).is_ok() {
-                    meters.probe_sent(leg);
-                    entry.legs[leg_index(leg)]
-                        .force_probe(now_ms(), MIN_KEEPIDLE.as_millis() as u64);
-                }
-            }
-            probed += 1;
-        }
-        let label = self.backends.label(backend).to_string();
-        match only {
-            None => tracing::info!(backend = %label, sessions = probed,
-                "backend suspect: probing all its sessions now"),
-            Some(gone) => tracing::info!(backend = %label, sessions = probed, addresses = ?gone,
-                "backend name no longer resolves to these addresses: probing their sessions now"),
-        }
-    }
-
-    /// Evicts the sessions of a down backend: idle ones now, busy ones
-    /// after `grace`.
-    fn evict_backend(&mut self, backend: usize, grace: Duration) {
-        let now = now_ms();
-        let reason = EvictReason::BackendDown;
-        let (mut now_count, mut later) = (0, 0);
-        for (entry, session) in self.sessions_of(backend) {
-            if busy(&session) {
-                entry.evict_at = Some((now + grace.as_millis() as u64, reason));
-                later += 1;
-            } else {
-                session.evict(Verdict::decided(Leg::Upstream, reason));
-                now_count += 1;
-            }
-        }
-        tracing::warn!(backend = %self.backends.label(backend), reason = reason.as_str(),
-            idle_evicted = now_count, busy_after_grace = later,
-            grace = %humantime::format_duration(grace), "evicting sessions of a backend");
     }
 
     async fn sweep(&mut self, slice: usize) {
@@ -517,41 +389,4 @@ impl Sweeper {
             address_removed,
         })
     }
-}
-
-/// A request waiting for its answer (the client spoke last), or bytes not
-/// yet delivered on either leg: such a session gets `down_grace`.
-fn busy(session: &Watched) -> bool {
-    let in_flight = |leg| {
-        sockopt::tcp_info(session.socket(leg)).is_ok_and(|i| i.unacked > 0 || i.notsent_bytes > 0)
-    };
-    session.client_spoke_last() || in_flight(Leg::Upstream) || in_flight(Leg::Client)
-}
-
-/// Sends one session to the next generation's sweeper, renumbered; a
-/// session whose backend was removed is evicted (idle: now; busy: after
-/// `grace`). Returns whether it kept its backend (`None`: it had ended).
-fn forward(
-    mut entry: Entry,
-    to: &WatcherHandle,
-    remap: &[Option<usize>],
-    grace: Duration,
-) -> Option<bool> {
-    let session = entry.session.upgrade()?;
-    let old = session.backend();
-    let new = remap.get(old).copied().flatten();
-    session.set_backend(new.unwrap_or(REMOVED));
-    if new.is_none() && session.verdict().is_none() && entry.evict_at.is_none() {
-        if grace.is_zero() || !busy(&session) {
-            session.evict(Verdict::decided(Leg::Upstream, EvictReason::BackendRemoved));
-        } else {
-            entry.evict_at = Some((
-                now_ms() + grace.as_millis() as u64,
-                EvictReason::BackendRemoved,
-            ));
-        }
-    }
-    drop(session);
-    to.adopt(entry);
-    Some(new.is_some())
 }
