@@ -156,6 +156,44 @@ fn short_user_timeout_is_accepted_with_a_slow_reader_warning() {
 }
 
 #[test]
+fn an_open_admin_bind_without_a_token_needs_an_explicit_yes_and_still_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener =
+        "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:7000\"\nbackends = [\"127.0.0.1:7001\"]\n";
+    let write = |name: &str, admin: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("[admin]\n{admin}\n{listener}")).unwrap();
+        path
+    };
+    // Refused: see tests/fixtures/bad/admin_open_without_token.toml.
+    let (code, _, stderr) = check(&write("open.toml", "bind = \"0.0.0.0:9900\""));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("allow_unauthenticated = true"), "{stderr}");
+    // Accepted when said so, with a warning.
+    let (code, stdout, stderr) = check(&write(
+        "accepted.toml",
+        "bind = \"0.0.0.0:9900\"\nallow_unauthenticated = true",
+    ));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("warning: admin.allow_unauthenticated"),
+        "{stdout}"
+    );
+    // Loopback, or a token: no warning.
+    for (name, admin) in [
+        ("loopback.toml", "bind = \"127.0.0.1:9900\""),
+        (
+            "token.toml",
+            "bind = \"0.0.0.0:9900\"\ntoken_env = \"PULSEGATE_ADMIN_TOKEN\"",
+        ),
+    ] {
+        let (code, stdout, stderr) = check(&write(name, admin));
+        assert_eq!(code, 0, "{name}: {stderr}");
+        assert!(!stdout.contains("warning: admin"), "{name}: {stdout}");
+    }
+}
+
+#[test]
 fn missing_file_is_a_clear_error() {
     let (code, _, stderr) = check(Path::new("/nonexistent/pulsegate.toml"));
     assert_eq!(code, 2);

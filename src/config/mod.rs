@@ -50,6 +50,11 @@ pub struct AdminConfig {
     /// never do: kubelet probes send none).
     #[serde(default = "defaults::yes")]
     pub token_protects_metrics: bool,
+    /// Serve a bind reachable from other hosts without a token. Anyone who
+    /// reaches the port can then drain (stop) or reload the proxy; refused
+    /// unless this says the risk is accepted (`check` still warns).
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
     /// How many recent evictions `/status` shows.
     #[serde(default = "defaults::recent_evictions")]
     pub recent_evictions: usize,

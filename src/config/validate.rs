@@ -106,7 +106,19 @@ pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<ValidConfig
             problems,
         });
     }
-    let warnings = bounds::warnings(&listeners);
+    let mut warnings = bounds::warnings(&listeners);
+    if let (Some(admin), Some(bind)) = (&config.admin, admin_bind) {
+        if open_to_others(admin, bind) {
+            warnings.push(bounds::Warning {
+                key: "admin.allow_unauthenticated".into(),
+                message: format!(
+                    "the admin server on {bind} has no token: anyone who reaches that port can \
+                     drain (stop) or reload pulsegate. Set token_file or token_env unless only \
+                     a trusted network can reach it."
+                ),
+            });
+        }
+    }
     Ok(ValidConfig {
         raw: config,
         listeners,
@@ -343,7 +355,20 @@ fn check_admin(admin: &AdminConfig, problems: &mut Vec<Problem>) -> Option<Socke
         );
     }
     match admin.bind.parse::<SocketAddr>() {
-        Ok(addr) => Some(addr),
+        Ok(addr) => {
+            if open_to_others(admin, addr) && !admin.allow_unauthenticated {
+                c.problem(
+                    "bind",
+                    format!(
+                        "{addr} can be reached from other hosts and no token is set: anyone who \
+                         reaches it can POST /drain (which stops the proxy) or /reload"
+                    ),
+                    "set token_file or token_env, or bind to 127.0.0.1; to accept the risk \
+                     (e.g. a port only a trusted network can reach), add allow_unauthenticated = true",
+                );
+            }
+            Some(addr)
+        }
         Err(_) => {
             c.problem(
                 "bind",
@@ -353,6 +378,12 @@ fn check_admin(admin: &AdminConfig, problems: &mut Vec<Problem>) -> Option<Socke
             None
         }
     }
+}
+
+/// An admin server anyone else can reach and drive: a bind other than
+/// loopback, and no token.
+pub(super) fn open_to_others(admin: &AdminConfig, bind: SocketAddr) -> bool {
+    !bind.ip().is_loopback() && admin.token_file.is_none() && admin.token_env.is_none()
 }
 
 fn validate(config: &Config, problems: &mut Vec<Problem>) -> Vec<Listener> {
