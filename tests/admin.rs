@@ -15,7 +15,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use admin::{call, sample, wait_for};
 use nix::sys::signal::Signal;
@@ -587,6 +587,53 @@ fn slow_and_malformed_admin_clients_do_not_stall_the_data_path() {
         admin::request(admin_addr, "GET", "/healthz", None, b"").map_err(|e| e.to_string())
     });
     assert_eq!(healthz.status, 200);
+    drop(stalled);
+}
+
+/// A kubelet gives up on a probe after a second: with every admin slot held
+/// by a client stalled half-way through its headers, `/healthz` and
+/// `/readyz` are still answered at once, from the probe reserve (measured
+/// before: 4.5 s, the stalled clients' request_timeout). Other routes get a
+/// quick 503 meanwhile.
+#[test]
+fn probes_are_answered_at_once_while_slow_clients_hold_every_admin_slot() {
+    let echo = echo_server();
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let token = write_token();
+    let _proxy = HostProxy::start(&exe(), |bind| {
+        format!(
+            "[admin]\nbind = \"{admin_addr}\"\ntoken_file = \"{}\"\n\n[[listener]]\n\
+             name = \"app\"\nbind = \"{bind}\"\nbackends = [\"{}\"]\n",
+            token.path().display(),
+            echo.addr
+        )
+    });
+    let mut stalled = Vec::new();
+    for _ in 0..80 {
+        let mut s = TcpStream::connect(admin_addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .unwrap();
+        stalled.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for path in ["/healthz", "/readyz", "/healthz"] {
+        let started = Instant::now();
+        let reply = admin::request(admin_addr, "GET", path, None, b"").expect(path);
+        let took = started.elapsed();
+        eprintln!(
+            "{path} with 80 stalled admin clients: {} after {took:?}",
+            reply.status
+        );
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        assert!(took < Duration::from_millis(500), "{path} took {took:?}");
+    }
+    let busy = admin::request(admin_addr, "GET", "/status", None, b"").expect("/status");
+    assert_eq!(busy.status, 503, "{}", busy.body);
+    assert!(
+        busy.body.contains("only /healthz and /readyz"),
+        "{}",
+        busy.body
+    );
     drop(stalled);
 }
 

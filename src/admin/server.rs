@@ -4,6 +4,10 @@
 //! Every connection holds one of `max_connections` slots until it closes.
 //! The slot is taken *before* `accept`, so when all slots are busy new
 //! connections wait in the kernel's accept queue rather than being refused.
+//! Beyond them, [`PROBE_RESERVE`] more connections are served for the
+//! probes alone (`/healthz`, `/readyz`): one request each, which must
+//! arrive within [`PROBE_HEADER_TIMEOUT`]. A kubelet gives up on a probe
+//! after a second by default; it must not queue behind slow clients.
 //! No slot is held for long by a client that misbehaves: headers (and the
 //! wait for the next request on a keep-alive connection) must arrive within
 //! `request_timeout`, the body and the handler have another
@@ -46,6 +50,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 /// Read buffer cap per connection, which bounds the request head.
 const MAX_READ_BUFFER: usize = 64 * 1024;
+/// Connections served beyond `max_connections`, for probes only.
+pub const PROBE_RESERVE: usize = 32;
+/// A reserve connection must send its request head within this: a probe
+/// sends it at once, and a stalled client frees the slot quickly.
+const PROBE_HEADER_TIMEOUT: Duration = Duration::from_millis(250);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -141,23 +150,66 @@ pub async fn serve(
         .map_result(move |result| timeout_to_reply(result, request_timeout))
         .layer(TimeoutLayer::new(request_timeout))
         .layer(ConcurrencyLimitLayer::new(max_connections))
-        .service_fn(move |request| {
+        .service_fn({
             let admin = Arc::clone(&admin);
-            async move { Ok::<_, Infallible>(admin.handle(request).await) }
+            move |request| {
+                let admin = Arc::clone(&admin);
+                async move { Ok::<_, Infallible>(admin.handle(request).await) }
+            }
         });
 
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let probe_http = probe_connection_builder(&settings);
+    let probe_service = ServiceBuilder::new()
+        .layer(trace_layer())
+        .map_result(move |result| timeout_to_reply(result, request_timeout))
+        .layer(TimeoutLayer::new(request_timeout))
+        .service_fn({
+            let admin = Arc::clone(&admin);
+            move |request: Request<Incoming>| {
+                let admin = Arc::clone(&admin);
+                async move {
+                    Ok::<_, Infallible>(if is_probe(&request) {
+                        admin.handle(request).await
+                    } else {
+                        json_response(Reply::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "admin server busy: every connection slot is taken; \
+                             only /healthz and /readyz are answered now",
+                        ))
+                    })
+                }
+            }
+        });
+
+    let slots = Slots {
+        normal: Arc::new(Semaphore::new(max_connections)),
+        reserve: Arc::new(Semaphore::new(PROBE_RESERVE)),
+    };
     let connections = TaskTracker::new();
     while let Some((stream, peer, slot)) = next_connection(&listener, &slots, &shutdown).await {
         let span = tracing::debug_span!("admin_connection", %peer);
-        let task = serve_connection(
-            http.clone(),
-            stream,
-            service.clone(),
-            shutdown.clone(),
-            slot,
-        );
-        connections.spawn(task.instrument(span));
+        match slot {
+            Slot::Normal(slot) => connections.spawn(
+                serve_connection(
+                    http.clone(),
+                    stream,
+                    service.clone(),
+                    shutdown.clone(),
+                    slot,
+                )
+                .instrument(span),
+            ),
+            Slot::Reserve(slot) => connections.spawn(
+                serve_connection(
+                    probe_http.clone(),
+                    stream,
+                    probe_service.clone(),
+                    shutdown.clone(),
+                    slot,
+                )
+                .instrument(span),
+            ),
+        };
     }
     drop(listener);
     connections.close();
@@ -180,6 +232,21 @@ fn connection_builder(settings: &AdminSettings) -> http1::Builder {
         .keep_alive(true)
         .max_buf_size(MAX_READ_BUFFER);
     http
+}
+
+/// A reserve connection: one request, whose head must come at once.
+fn probe_connection_builder(settings: &AdminSettings) -> http1::Builder {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(settings.request_timeout.min(PROBE_HEADER_TIMEOUT))
+        .keep_alive(false)
+        .max_buf_size(MAX_READ_BUFFER);
+    http
+}
+
+/// A kubelet's probe: what the reserve serves.
+fn is_probe<B>(request: &Request<B>) -> bool {
+    request.method() == hyper::Method::GET && matches!(request.uri().path(), "/healthz" | "/readyz")
 }
 
 /// Request tracing at debug level, without headers: the `Authorization`
@@ -229,22 +296,39 @@ fn timeout_to_reply(
     })
 }
 
-/// Waits for a free connection slot, then for a connection. `None` once
-/// `shutdown` is cancelled.
+/// The connection slots: `normal` for every route, `reserve` for probes.
+struct Slots {
+    normal: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
+}
+
+enum Slot {
+    Normal(OwnedSemaphorePermit),
+    Reserve(OwnedSemaphorePermit),
+}
+
+/// Waits for a free connection slot (a normal one first, else one of the
+/// probe reserve), then for a connection. `None` once `shutdown` is
+/// cancelled.
 async fn next_connection(
     listener: &TcpListener,
-    slots: &Arc<Semaphore>,
+    slots: &Slots,
     shutdown: &CancellationToken,
-) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
-    let slot = match Arc::clone(slots).try_acquire_owned() {
-        Ok(slot) => slot,
-        Err(_) => {
-            debug!("admin connection limit reached; new connections wait to be accepted");
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return None,
-                slot = Arc::clone(slots).acquire_owned() => slot.ok()?,
-            }
+) -> Option<(TcpStream, SocketAddr, Slot)> {
+    let slot = if let Ok(slot) = Arc::clone(&slots.normal).try_acquire_owned() {
+        Slot::Normal(slot)
+    } else if let Ok(slot) = Arc::clone(&slots.reserve).try_acquire_owned() {
+        debug!("admin connection limit reached; serving probes only on the reserve");
+        Slot::Reserve(slot)
+    } else {
+        debug!(
+            "admin connection limit and probe reserve reached; new connections wait to be accepted"
+        );
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return None,
+            slot = Arc::clone(&slots.normal).acquire_owned() => Slot::Normal(slot.ok()?),
+            slot = Arc::clone(&slots.reserve).acquire_owned() => Slot::Reserve(slot.ok()?),
         }
     };
     loop {
