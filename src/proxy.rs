@@ -50,6 +50,10 @@ pub enum ReloadError {
     Draining,
     #[error("no config file to reload from (the proxy was started from a config in memory)")]
     NoFile,
+    /// The reload task did not finish (it panicked, or the runtime is
+    /// shutting down).
+    #[error("the reload did not finish: {0}")]
+    Interrupted(String),
 }
 
 /// What a reload changed, by listener name.
@@ -106,6 +110,8 @@ pub struct Proxy {
     drain: CancellationToken,
     exit_after_drain: AtomicBool,
     metrics: Option<PrometheusHandle>,
+    /// Itself, so that a reload can run on its own task.
+    me: std::sync::Weak<Proxy>,
 }
 
 impl Proxy {
@@ -124,25 +130,28 @@ impl Proxy {
             .map_or(crate::config::defaults::recent_evictions(), |a| {
                 a.recent_evictions
             });
-        let mut proxy = Proxy {
-            path,
-            registry: Arc::new(Registry::new(keep)),
-            state: Mutex::new((HashMap::new(), config)),
-            tasks: TaskTracker::new(),
-            drain: CancellationToken::new(),
-            exit_after_drain: AtomicBool::new(true),
-            metrics,
-        };
-        metrics::config_generation(proxy.registry.generation());
-        let running = bound
-            .into_iter()
-            .map(|(config, tcp)| {
-                let r = proxy.spawn_listener(config, tcp);
-                (r.config.name.clone(), r)
-            })
-            .collect();
-        proxy.state.get_mut().0 = running;
-        Arc::new(proxy)
+        Arc::new_cyclic(|me| {
+            let mut proxy = Proxy {
+                path,
+                registry: Arc::new(Registry::new(keep)),
+                state: Mutex::new((HashMap::new(), config)),
+                tasks: TaskTracker::new(),
+                drain: CancellationToken::new(),
+                exit_after_drain: AtomicBool::new(true),
+                metrics,
+                me: me.clone(),
+            };
+            metrics::config_generation(proxy.registry.generation());
+            let running = bound
+                .into_iter()
+                .map(|(config, tcp)| {
+                    let r = proxy.spawn_listener(config, tcp);
+                    (r.config.name.clone(), r)
+                })
+                .collect();
+            proxy.state.get_mut().0 = running;
+            proxy
+        })
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -169,7 +178,21 @@ impl Proxy {
     /// Re-reads the config file and applies it: listeners added, removed
     /// (drained) or changed in place. Nothing changes if the file is
     /// invalid or a new address cannot be bound.
+    ///
+    /// The reload runs to completion on its own task; the caller only waits
+    /// for it. A caller that gives up (an admin request past its timeout)
+    /// cannot leave the stored config and the listeners' generations half
+    /// updated.
     pub async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
+        let Some(me) = self.me.upgrade() else {
+            return Err(ReloadError::Interrupted("the proxy is stopping".into()));
+        };
+        tokio::spawn(async move { me.reload_to_completion().await })
+            .await
+            .unwrap_or_else(|e| Err(ReloadError::Interrupted(e.to_string())))
+    }
+
+    async fn reload_to_completion(&self) -> Result<ReloadSummary, ReloadError> {
         let result = self.try_reload().await;
         let outcome = match &result {
             Ok(_) => "ok",
@@ -410,4 +433,64 @@ pub async fn serve(bound: Vec<(Listener, TcpListener)>, shutdown: CancellationTo
     shutdown.cancelled().await;
     proxy.drain(true);
     proxy.drained().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener_config(port: u16, dead_after: &str) -> String {
+        format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:{port}\"\nbackends = [\"127.0.0.1:9\"]\n\
+             [listener.liveness]\ndead_after = \"{dead_after}\"\n"
+        )
+    }
+
+    /// An admin request that times out drops its reload future; the reload
+    /// must still finish, or the listener would run the new config while
+    /// the stored config and the generation say the old one.
+    #[tokio::test]
+    async fn a_reload_whose_caller_gives_up_still_completes() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pulsegate.toml");
+        std::fs::write(&path, listener_config(port, "3s")).unwrap();
+        let config = config::load(&path).unwrap();
+        let bound = bind_all(&config).await.unwrap();
+        let proxy = Proxy::start(config, bound, Some(path.clone()), None);
+        assert_eq!(proxy.registry().generation(), 1);
+
+        std::fs::write(&path, listener_config(port, "1s")).unwrap();
+        {
+            let reload = proxy.reload();
+            tokio::pin!(reload);
+            // One poll, then the caller gives up.
+            tokio::select! {
+                biased;
+                _ = &mut reload => panic!("the reload finished in one poll: this test proves nothing"),
+                () = std::future::ready(()) => {}
+            }
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        while proxy.registry().generation() != 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the abandoned reload never completed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let state = proxy.state.lock().await;
+        assert_eq!(
+            state.1.listeners[0].settings.liveness.dead_after,
+            std::time::Duration::from_secs(1),
+            "the stored config is the new one"
+        );
+        drop(state);
+        proxy.drain(true);
+        proxy.drained().await;
+    }
 }
