@@ -12,14 +12,15 @@
 //!   that session's client is timed until it is reset.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use pulsegate::lab::link::Counters;
 use pulsegate::lab::{read_evictions, Direction, Impairment, LabError, LinkedLab, TcpState};
 
-use crate::common::Via;
-use crate::fleet::{Death, Fleet, FleetReport, Kind, Spec};
+use crate::common::{self, Via};
+use crate::fleet::{Death, Fleet, FleetReport, Kind, Spec, Stopped};
 use crate::proxies::{self, ProxyRecord};
 
 /// A busy session's pause between requests.
@@ -70,6 +71,8 @@ pub struct HoldOutcome {
     pub record: ProxyRecord,
     /// The proxy's exit status, if it died during the hold.
     pub exited: Option<String>,
+    /// pulsegate's log, kept beside the report when it ended sessions.
+    pub kept_log: Option<PathBuf>,
 }
 
 pub struct HoldResult {
@@ -130,9 +133,9 @@ pub fn hold(case: &HoldCase, vias: &[Via], idle: usize, busy: usize) -> Result<H
             dropped(&lab)
         );
     }
+    let stopped: Vec<Stopped> = fleets.into_iter().map(Fleet::stop).collect::<Result<_>>()?;
     // The logs now, before the final requests and the clients' closes add
     // lines of their own.
-    let mut outcomes = Vec::new();
     let records: Vec<ProxyRecord> = running
         .proxies
         .iter()
@@ -142,12 +145,22 @@ pub fn hold(case: &HoldCase, vias: &[Via], idle: usize, busy: usize) -> Result<H
         lab.link().counters(Direction::ToFar),
         lab.link().counters(Direction::ToNear),
     ];
-    for ((proxy, fleet), record) in running.proxies.iter().zip(fleets).zip(records) {
+    let mut outcomes = Vec::new();
+    for ((proxy, stopped), record) in running.proxies.iter().zip(stopped).zip(records) {
+        let fleet = stopped.report(true);
+        // The lab deletes its files when dropped: keep the log that
+        // explains a false eviction of pulsegate's.
+        let kept_log = if proxy.via == Via::Pulsegate && !fleet.deaths.is_empty() {
+            Some(keep_log(proxy.process.stderr_path(), case.id)?)
+        } else {
+            None
+        };
         outcomes.push(HoldOutcome {
             via: proxy.via,
             exited: proxy.process.exit_status().map(|s| s.to_string()),
-            fleet: fleet.finish(true)?,
+            fleet,
             record,
+            kept_log,
         });
     }
     Ok(HoldResult {
@@ -155,6 +168,16 @@ pub fn hold(case: &HoldCase, vias: &[Via], idle: usize, busy: usize) -> Result<H
         outcomes,
         link,
     })
+}
+
+/// Copies pulsegate's log to `<results>/false_evictions-case<id>-pulsegate.log`.
+fn keep_log(log: &Path, case: u32) -> Result<PathBuf> {
+    let dir = common::results_dir()?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let kept = dir.join(format!("false_evictions-case{case}-pulsegate.log"));
+    std::fs::copy(log, &kept)
+        .with_context(|| format!("copying {} to {}", log.display(), kept.display()))?;
+    Ok(kept)
 }
 
 fn dropped(lab: &LinkedLab) -> u64 {
@@ -233,7 +256,7 @@ pub fn death_trial(
         let via = proxy.via;
         trial.records.push((via, proxy.record()?));
         trial.early.push((via, early));
-        let deaths = fleet.finish(false)?.deaths;
+        let deaths = fleet.stop()?.report(false).deaths;
         for (kind, count) in [(Kind::Idle, idle), (Kind::Busy, busy)] {
             let after: Vec<&Death> = deaths
                 .iter()
@@ -330,7 +353,7 @@ pub fn flow_trial(
                 .find(|e| e.raw.contains(&format!("\"upstream\":\"{flow}\"")))
                 .map(|e| e.reason),
         };
-        let mut deaths = fleet.finish(true)?.deaths;
+        let mut deaths = fleet.stop()?.report(true).deaths;
         deaths.sort_by_key(|d| d.at);
         // The first session to end after the drop is the dropped flow's
         // (a pulsegate eviction naming the flow confirms it); any other

@@ -107,7 +107,7 @@ pub struct Fleet {
     shared: Arc<Shared>,
     poller: Option<JoinHandle<Vec<TcpStream>>>,
     reopeners: Vec<JoinHandle<()>>,
-    busy: Vec<JoinHandle<()>>,
+    busy: Vec<JoinHandle<Option<TcpStream>>>,
     started: Instant,
 }
 
@@ -200,7 +200,7 @@ impl Fleet {
     /// Opens the busy sessions and starts their request loops.
     pub fn start_busy(&mut self, lab: &Lab) -> Result<()> {
         let shared = &self.shared;
-        let busy = lab.enter(|| -> Result<Vec<JoinHandle<()>>> {
+        let busy = lab.enter(|| -> Result<Vec<JoinHandle<Option<TcpStream>>>> {
             let streams = open_many(shared, shared.spec.busy)?;
             streams
                 .into_iter()
@@ -230,19 +230,21 @@ impl Fleet {
         lock(&self.shared.deaths).clone()
     }
 
-    /// Stops every loop; with `final_check`, each surviving idle session
-    /// must then answer one request (a failure is a silent death).
-    pub fn finish(mut self, final_check: bool) -> Result<FleetReport> {
+    /// Stops every loop and keeps the surviving sessions open (a proxy
+    /// logs nothing about them yet), so its log can be read as the hold
+    /// left it.
+    pub fn stop(mut self) -> Result<Stopped> {
         let exposure = self.started.elapsed();
         self.shared.stop.store(true, Ordering::Relaxed);
         self.shared.kicked.notify_all();
         self.shared.reopen_wanted.notify_all();
+        let mut busy = Vec::new();
         for handle in self.busy.drain(..) {
-            handle
+            let stream = handle
                 .join()
                 .map_err(|_| anyhow!("a busy session thread panicked"))?;
+            busy.extend(stream);
         }
-        let busy_requests = self.shared.busy_requests.load(Ordering::Relaxed);
         for handle in self.reopeners.drain(..) {
             handle
                 .join()
@@ -256,23 +258,43 @@ impl Fleet {
             .map_err(|_| anyhow!("the idle poller panicked"))?;
         // Reopened after the poller's last look.
         idle.append(&mut lock(&self.shared.fresh));
-        let mut deaths = self.deaths();
-        if final_check {
-            deaths.extend(final_requests(idle, self.shared.spec.request_timeout));
-        }
-        Ok(FleetReport {
+        let report = FleetReport {
             spec: self.shared.spec,
-            deaths,
-            busy_requests,
+            deaths: self.deaths(),
+            busy_requests: self.shared.busy_requests.load(Ordering::Relaxed),
             reopened: self.shared.reopened.load(Ordering::Relaxed),
             open_failures: self.shared.open_failures.load(Ordering::Relaxed),
             exposure,
-        })
+        };
+        Ok(Stopped { report, idle, busy })
+    }
+}
+
+/// A stopped fleet whose surviving sessions are still open.
+pub struct Stopped {
+    report: FleetReport,
+    idle: Vec<TcpStream>,
+    busy: Vec<TcpStream>,
+}
+
+impl Stopped {
+    /// What became of the fleet; with `final_check`, each surviving idle
+    /// session must first answer one request (a failure is a silent
+    /// death). The sessions close when this returns.
+    pub fn report(self, final_check: bool) -> FleetReport {
+        let mut report = self.report;
+        if final_check {
+            report
+                .deaths
+                .extend(final_requests(self.idle, report.spec.request_timeout));
+        }
+        drop(self.busy);
+        report
     }
 }
 
 impl Drop for Fleet {
-    /// A fleet dropped without [`Fleet::finish`] (an error elsewhere) still
+    /// A fleet dropped without [`Fleet::stop`] (an error elsewhere) still
     /// stops its threads; they end within a request timeout.
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
@@ -468,8 +490,8 @@ fn reopen(shared: &Shared) -> Option<TcpStream> {
 
 /// A busy session: a request every `every` (or at once when kicked) until
 /// the fleet stops; a failure is recorded, then the session is reopened
-/// (with `replace`) or the loop ends.
-fn busy_loop(shared: &Shared, stream: TcpStream, i: usize) {
+/// (with `replace`) or the loop ends. Returns the session if it lives.
+fn busy_loop(shared: &Shared, stream: TcpStream, i: usize) -> Option<TcpStream> {
     let every = shared.spec.every;
     let mut stream = Some(stream);
     let mut seen_kick = *lock(&shared.kick);
@@ -485,7 +507,7 @@ fn busy_loop(shared: &Shared, stream: TcpStream, i: usize) {
                     shared.died(Kind::Busy, Instant::now(), describe(&e));
                     stream = None;
                     if !shared.spec.replace {
-                        return;
+                        return None;
                     }
                 }
             },
@@ -499,6 +521,7 @@ fn busy_loop(shared: &Shared, stream: TcpStream, i: usize) {
             .0;
         seen_kick = *kick;
     }
+    stream
 }
 
 /// One request on each surviving idle session, side by side; the ones

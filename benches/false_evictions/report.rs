@@ -145,7 +145,8 @@ pub fn hold_progress(r: &HoldResult) -> String {
         .iter()
         .map(|o| {
             format!(
-                "case {}: {}: {} of {} sessions ended ({:.1} per 1,000 per 10 min); {}",
+                "case {}: {}: {} session ends among {} sessions kept open ({:.1} per 1,000 \
+                 per 10 min); {}",
                 r.case.id,
                 o.via.label(),
                 o.fleet.deaths.len(),
@@ -515,6 +516,9 @@ fn render_holds(out: &mut String, vias: &[Via], results: &Results) {
                     }
                 }
             }
+            if let Some(log) = &o.kept_log {
+                let _ = write!(line, "; its log is kept in {}", log.display());
+            }
             if let Some(status) = &o.exited {
                 let _ = write!(line, "; **the proxy exited during the hold ({status})**");
             }
@@ -524,12 +528,14 @@ fn render_holds(out: &mut String, vias: &[Via], results: &Results) {
     if vias.contains(&Via::Haproxy) {
         let _ = writeln!(
             out,
-            "\nHAProxy's termination states: the first letter says who ended the session \
-             (`S`: the server side failed, here its keepalive or TCP_USER_TIMEOUT gave up; \
-             `K`: killed by HAProxy, here `on-marked-down shutdown-sessions`; `C`: the client; \
-             `-`: a normal end), the second in which phase (`C`: while connecting, `D`: \
-             while data could flow). Its log also has a line for each failed try to reopen \
-             a session."
+            "\nHAProxy's termination states (its configuration manual, 8.5): the first \
+             letter says what ended the session (`S`: the server side, here its keepalive or \
+             TCP_USER_TIMEOUT gave up, or a connect failed; `D`: HAProxy, because the server \
+             was marked down, `on-marked-down shutdown-sessions`; `C`: the client; `-`: a \
+             normal end), the second in which phase (`C`: while connecting to the server, \
+             `D`: while data could flow, `-`: at a normal end). Its log also has a line for \
+             each failed try to reopen a session (`SC` when a SYN went unanswered for \
+             `timeout connect`)."
         );
     }
 }
