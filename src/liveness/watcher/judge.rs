@@ -8,7 +8,7 @@ use super::hosts::{self, Connects, HostKey};
 use super::{Suspect, Suspected, Sweeper};
 use crate::evict::{EvictReason, Leg, Verdict};
 use crate::liveness::bounds::{CONNECT_WINDOW_MAX, CONNECT_WINDOW_MIN};
-use crate::liveness::leg::{answer_window_ms, SLACK_MS};
+use crate::liveness::leg::answer_window_ms;
 use crate::liveness::verdict::{self, Decision, HostEvidence};
 use crate::liveness::{leg_index, now_ms, REMOVED};
 use crate::sockopt::{self, TcpInfo};
@@ -28,14 +28,36 @@ fn heard_at(info: &TcpInfo, now_ms: u64) -> Option<u64> {
     Some(now_ms.saturating_sub(u64::from(info.last_ack_recv_ms)))
 }
 
-/// Whether one sample shows a leg that owes an ACK and has gone unanswered
-/// for longer than an answer takes: a keepalive probe out for an RTO past
-/// its departure (or a retry out), or data the kernel had to re-send.
-fn witnesses(info: &TcpInfo, probe_ms: u64) -> bool {
+/// What one sample of another leg to the same host says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sibling {
+    /// Answered at or after `since` (when the suspected leg went silent):
+    /// the host was there then. At or after, not strictly: probes armed
+    /// together (a suspect backend's) leave in the same millisecond, and a
+    /// sibling answered within it proves the host answered while the
+    /// suspected leg's probe was lost.
+    Answered,
+    /// Owes an ACK and has gone unanswered for longer than an answer takes:
+    /// a keepalive probe out for an RTO past its departure (or a retry
+    /// out), or data the kernel had to re-send.
+    Witness,
+    /// Neither: answered before, and not asked since.
+    Neutral,
+}
+
+fn sibling(info: &TcpInfo, now_ms: u64, since: u64, probe_ms: u64) -> Sibling {
+    if heard_at(info, now_ms).is_some_and(|at| at >= since) {
+        return Sibling::Answered;
+    }
     let probe_late = u64::from(info.last_ack_recv_ms) >= probe_ms + answer_window_ms(info);
-    info.probes >= 2
+    let witness = info.probes >= 2
         || (info.probes == 1 && probe_late)
-        || (info.unacked > 0 && info.retransmits >= 1)
+        || (info.unacked > 0 && info.retransmits >= 1);
+    if witness {
+        Sibling::Witness
+    } else {
+        Sibling::Neutral
+    }
 }
 
 impl Sweeper {
@@ -84,10 +106,12 @@ impl Sweeper {
     /// What the host of `s` says: its last answer and fresh connects as
     /// recorded, then a sample of its other legs.
     fn host_evidence(&mut self, key: HostKey, s: &Suspected) -> HostEvidence {
-        let since = s.evidence.silent_since_ms + SLACK_MS;
+        let since = s.evidence.silent_since_ms;
         let now = now_ms();
         let host = self.hosts.get(key);
         let mut evidence = HostEvidence {
+            // Strictly after: the record includes this leg's own last answer,
+            // which is when its silence began.
             answered: host.heard_at_ms > since,
             judged_dead: host.judged_dead_at.is_some(),
             ..HostEvidence::default()
@@ -98,7 +122,7 @@ impl Sweeper {
                 started_ms,
                 answered,
                 unanswered,
-            } if started_ms + SLACK_MS >= s.evidence.silent_since_ms => {
+            } if started_ms >= since => {
                 evidence.answered |= answered > 0;
                 evidence.connects_unanswered = unanswered;
             }
@@ -121,14 +145,15 @@ impl Sweeper {
             let Ok(info) = sockopt::tcp_info(session.socket(key.leg)) else {
                 continue;
             };
-            if let Some(at) = heard_at(&info, now) {
-                latest = latest.max(at);
-                if at > since {
+            latest = latest.max(heard_at(&info, now).unwrap_or(0));
+            match sibling(&info, now, since, probe_ms) {
+                Sibling::Answered => {
                     evidence.answered = true;
                     break;
                 }
+                Sibling::Witness => evidence.witnesses += 1,
+                Sibling::Neutral => {}
             }
-            evidence.witnesses += u32::from(witnesses(&info, probe_ms));
         }
         self.hosts.get(key).hear(latest);
         evidence
@@ -153,7 +178,7 @@ impl Sweeper {
             }
             let info = sockopt::tcp_info(session.socket(key.leg)).ok();
             if let Some(at) = info.and_then(|i| heard_at(&i, now)) {
-                if at > since + SLACK_MS {
+                if at >= since {
                     self.hosts.get(key).hear(at);
                     tracing::info!(host = %key,
                         "a suspected host answered another connection: not judged gone");
@@ -331,12 +356,43 @@ mod tests {
 
     #[test]
     fn a_sibling_witnesses_only_once_an_answer_is_late() {
-        // Probe left 1 s after the last answer; 100 ms out: not late yet.
-        assert!(!witnesses(&info(0, 0, 1, 1100), 1000));
-        assert!(witnesses(&info(0, 0, 1, 1300), 1000));
-        assert!(witnesses(&info(0, 0, 2, 1100), 1000), "a retry is out");
-        assert!(witnesses(&info(4, 1, 0, 500), 1000), "data re-sent");
-        assert!(!witnesses(&info(4, 0, 0, 500), 1000));
-        assert!(!witnesses(&info(0, 0, 0, 5000), 1000), "owes nothing");
+        // The suspected leg went silent at 8_950; now is 10_000.
+        let says = |i: TcpInfo| sibling(&i, 10_000, 8_950, 1000);
+        // Probe left 1 s after the last answer (at 8_900); 100 ms out: not
+        // late yet.
+        assert_eq!(says(info(0, 0, 1, 1100)), Sibling::Neutral);
+        assert_eq!(
+            says(info(0, 0, 1, 1000)),
+            Sibling::Answered,
+            "answered at 9_000"
+        );
+        assert_eq!(says(info(0, 0, 1, 2300)), Sibling::Witness);
+        assert_eq!(
+            says(info(0, 0, 2, 1100)),
+            Sibling::Witness,
+            "a retry is out"
+        );
+        assert_eq!(says(info(4, 1, 0, 2500)), Sibling::Witness, "data re-sent");
+        assert_eq!(says(info(4, 0, 0, 2500)), Sibling::Neutral);
+        assert_eq!(says(info(0, 0, 0, 2000)), Sibling::Neutral, "owes nothing");
+    }
+
+    #[test]
+    fn a_sibling_answered_in_the_millisecond_the_silence_began_proves_the_host_alive() {
+        // A suspect backend's probes were armed together at 9_000: this
+        // leg's was lost, a sibling's answered within the same millisecond.
+        assert_eq!(
+            sibling(&info(0, 0, 0, 1000), 10_000, 9_000, 1000),
+            Sibling::Answered
+        );
+        assert_eq!(
+            sibling(&info(0, 0, 0, 1001), 10_000, 9_000, 1000),
+            Sibling::Neutral
+        );
+        // Still re-sending: whatever ACKs it gets prove nothing.
+        assert_eq!(
+            sibling(&info(3, 1, 0, 10), 10_000, 9_000, 1000),
+            Sibling::Witness
+        );
     }
 }
