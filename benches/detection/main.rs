@@ -7,8 +7,8 @@
 //! pulsegate (`benches/pulsegate.toml`: probe_interval 1s, dead_after 3s).
 //! Measures the time from the DROP rules to the client's read ending in RST
 //! or EOF: the median of `DETECT_REPS` (5) trials, each capped at
-//! `DETECT_CAP_SECS` (15) s. Target: pulsegate within probe_interval +
-//! dead_after + 0.5 s, idle and busy.
+//! `DETECT_CAP_SECS` (15) s. Target: pulsegate within the bounds `pulsegate
+//! check` prints for a host gone (`liveness::bounds`), idle and busy.
 //!
 //! Needs root (namespaces, iptables) and `ip` and `iptables`; otherwise it
 //! prints "skipping: <reason>" and writes no results. `PEER=none` skips
@@ -65,8 +65,9 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// probe_interval + dead_after + 0.5 s of the config pulsegate runs with.
-fn detection_target() -> Result<Duration> {
+/// What `pulsegate check` promises for the config pulsegate runs with, for
+/// a host gone: (idle, busy) sessions.
+fn detection_target() -> Result<(Duration, Duration)> {
     let any = "127.0.0.1:1".parse()?;
     let text = common::pulsegate_config(any, any)?;
     let config = pulsegate::config::parse(&text, "benches/pulsegate.toml")
@@ -75,8 +76,8 @@ fn detection_target() -> Result<Duration> {
         .listeners
         .first()
         .context("benches/pulsegate.toml has no listener")?;
-    let liveness = &listener.settings.liveness;
-    Ok(liveness.probe_interval + liveness.dead_after + Duration::from_millis(500))
+    let bounds = pulsegate::liveness::bounds::DetectionBounds::of(listener);
+    Ok((bounds.idle, bounds.busy))
 }
 
 fn progress(o: &Outcome, cap: Duration) -> String {
@@ -103,7 +104,7 @@ fn render(
     outcomes: &[Outcome],
     reps: u32,
     cap: Duration,
-    target: Duration,
+    (idle_target, busy_target): (Duration, Duration),
 ) -> String {
     let haproxy = common::haproxy_version().unwrap_or_else(|| "HAProxy: not installed".into());
     let mut out = format!(
@@ -115,7 +116,7 @@ fn render(
         date = common::machine::today(),
         cap = cap.as_secs(),
     );
-    for mode in [Mode::Idle, Mode::Busy] {
+    for (mode, target) in [(Mode::Idle, idle_target), (Mode::Busy, busy_target)] {
         let cell = |via: Via| {
             let samples: Vec<&Outcome> = outcomes
                 .iter()
@@ -132,7 +133,7 @@ fn render(
             .filter(|o| o.via == Via::Pulsegate && o.mode == mode)
             .collect();
         out += &format!(
-            "| {} | {} | {} | {} | ≤ {:.1} s | {} |\n",
+            "| {} | {} | {} | {} | ≤ {:.2} s | {} |\n",
             mode.label(),
             cell(Via::Direct),
             cell(Via::Haproxy),
