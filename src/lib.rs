@@ -15,14 +15,16 @@
 //! - [`upstream`] — connect to the first backend that accepts; [`pool`]
 //!   keeps probed spare connections ready per backend.
 //! - [`relay`] — exact byte copy both ways with half-close.
-//! - [`liveness`] — the watcher: on-demand probes and the death rule.
+//! - [`liveness`] — the watcher: on-demand probes, the death rule, and
+//!   verdicts corroborated by the host and adapted to the link's loss.
 //! - [`evict`] — eviction reasons and the structured eviction event.
 //! - [`sockopt`] — every socket option, and the one `unsafe` TCP_INFO read.
 //! - [`admin`] — the admin HTTP server (metrics, health, readiness,
 //!   status, drain, reload) and `pulsegate admin`.
 //! - [`telemetry`] — logging, and the Prometheus metrics catalog.
-//! - [`lab`] — network namespaces, firewall rules and processes for the
-//!   demo, the tests and the failover bench (not on the proxy path).
+//! - [`lab`] — network namespaces, firewall rules, processes and an
+//!   emulated lossy or far link for the demo, the tests and the benches
+//!   (not on the proxy path).
 //! - [`demo`] — `pulsegate demo`, the seed experiment in one command.
 //! - [`bench`] — `pulsegate bench failover`, a load test of failover in the lab.
 #![deny(unsafe_code)]

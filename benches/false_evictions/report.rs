@@ -239,7 +239,9 @@ fn build_description() -> String {
             .output()
             .ok()
             .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            // Not trimmed at the start: a porcelain line begins with its
+            // status, which may be a space.
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim_end().to_string())
     };
     let Some(commit) = git(&["rev-parse", "--short", "HEAD"]) else {
         return "pulsegate (commit unknown)".into();

@@ -51,6 +51,11 @@ const EXPORTED_METRICS: &[&str] = &[
     "pulsegate_pool_idle_connections",
     "pulsegate_probes_sent_total",
     "pulsegate_probes_unanswered_total",
+    "pulsegate_suspicions_total",
+    "pulsegate_verdict_corroboration_seconds",
+    "pulsegate_corroboration_connects_total",
+    "pulsegate_backend_link_loss_ratio",
+    "pulsegate_backend_verdict_exchanges",
 ];
 
 // ---------------------------------------------------------------- Kubernetes
