@@ -416,14 +416,15 @@ async fn keep_alive_serves_several_requests_on_one_connection() {
 }
 
 #[tokio::test]
-async fn connections_beyond_the_limit_wait_but_not_forever() {
+async fn connections_beyond_the_limit_and_the_probe_reserve_wait_but_not_forever() {
     let mut small = settings(None);
     small.max_connections = 2;
     small.request_timeout = Duration::from_millis(300);
     let server = start(small, FakeControl::default()).await;
 
+    // Two slots and the probe reserve taken by connections that send nothing.
     let mut idle = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..2 + super::server::PROBE_RESERVE + 4 {
         idle.push(TcpStream::connect(server.addr).await.expect("connect"));
     }
     let started = Instant::now();
@@ -438,13 +439,32 @@ async fn connections_beyond_the_limit_wait_but_not_forever() {
     .expect("served once idle connections time out");
     assert_eq!(status, 200);
     let waited = started.elapsed();
-    // Six idle connections, two slots, 300 ms each: the limit made the
-    // request wait, and the header deadline freed the slots.
+    // The reserve's idle connections are dropped after 250 ms: the request
+    // waited for that, and no longer than a few header deadlines.
     assert!(
-        waited >= Duration::from_millis(500) && waited < Duration::from_secs(8),
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(8),
         "waited {waited:?}"
     );
     drop(idle);
+}
+
+#[tokio::test]
+async fn beyond_the_limit_probes_are_answered_at_once_and_other_routes_get_a_503() {
+    let mut small = settings(None);
+    small.max_connections = 2;
+    let server = start(small, FakeControl::default()).await;
+    let _idle = [
+        TcpStream::connect(server.addr).await.expect("connect"),
+        TcpStream::connect(server.addr).await.expect("connect"),
+    ];
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    assert_eq!(server.get("/healthz", None).await.0, 200);
+    assert_eq!(server.get("/readyz", None).await.0, 200);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let (status, body) = server.get("/metrics", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("only /healthz and /readyz"), "{body}");
 }
 
 #[tokio::test]

@@ -158,6 +158,7 @@ pub struct Link {
     threads: Vec<JoinHandle<()>>,
 }
 
+#[derive(Default)]
 struct Shared {
     stop: AtomicBool,
     impairments: [Mutex<Impairment>; 2],
@@ -175,14 +176,7 @@ impl Link {
     pub fn new(near: &Lab, far: &Lab) -> Result<Link, LabError> {
         let near_dev = Arc::new(create_device(near, NEAR_ADDR, FAR_ADDR)?);
         let far_dev = Arc::new(create_device(far, FAR_ADDR, NEAR_ADDR)?);
-        let shared = Arc::new(Shared {
-            stop: AtomicBool::new(false),
-            impairments: [Mutex::default(), Mutex::default()],
-            dropped_flows: Mutex::default(),
-            forwarded: Default::default(),
-            dropped: Default::default(),
-            overflowed: Default::default(),
-        });
+        let shared = Arc::new(Shared::default());
         let mut threads = Vec::new();
         for (direction, from, to) in [
             (Direction::ToFar, near_dev.clone(), far_dev.clone()),
@@ -475,14 +469,7 @@ mod tests {
     }
 
     fn shared() -> Arc<Shared> {
-        Arc::new(Shared {
-            stop: AtomicBool::new(false),
-            impairments: [Mutex::default(), Mutex::default()],
-            dropped_flows: Mutex::default(),
-            forwarded: Default::default(),
-            dropped: Default::default(),
-            overflowed: Default::default(),
-        })
+        Arc::new(Shared::default())
     }
 
     #[test]
