@@ -51,10 +51,11 @@ pub struct Watched {
     /// Per leg (index [`leg_index`]): when the relay first wrote to it since
     /// the watcher last saw it owe nothing. 0 = nothing written since.
     pending_since: [AtomicU64; 2],
-    /// Per leg: when the relay last wrote to it. The watcher clears a
-    /// pending mark only if no write came after the sample that saw the
-    /// leg owe nothing.
-    last_write: [AtomicU64; 2],
+    /// Per leg: writes the relay made to it, counted. The watcher clears a
+    /// pending mark only if the count did not move since just before the
+    /// sample that saw the leg owe nothing (a count, not a time: no clock
+    /// read per write).
+    writes: [AtomicU64; 2],
     /// Last time a byte was read from either leg.
     last_activity: AtomicU64,
     /// Which leg the last bytes came from ([`leg_index`]): bytes from the
@@ -86,7 +87,7 @@ impl Watched {
             client,
             upstream,
             pending_since: [AtomicU64::new(0), AtomicU64::new(0)],
-            last_write: [AtomicU64::new(0), AtomicU64::new(0)],
+            writes: [AtomicU64::new(0), AtomicU64::new(0)],
             last_activity: AtomicU64::new(now),
             last_read_from: AtomicU64::new(leg_index(Leg::Upstream) as u64),
             backend: AtomicUsize::new(backend),
@@ -115,24 +116,30 @@ impl Watched {
     /// Called by the relay after each write to `leg` (once the bytes are
     /// in the kernel, so a sample that sees nothing owed came before it).
     pub fn note_write(&self, leg: Leg) {
-        let now = now_ms();
         let i = leg_index(leg);
-        self.last_write[i].store(now, Ordering::Relaxed);
+        // One task writes to a leg (the pump towards it): a load and a
+        // store, no locked read-modify-write.
+        let writes = self.writes[i].load(Ordering::Relaxed);
+        self.writes[i].store(writes.wrapping_add(1), Ordering::Release);
         if self.pending_since[i].load(Ordering::Relaxed) == 0 {
-            self.pending_since[i].store(now, Ordering::Relaxed);
+            self.pending_since[i].store(now_ms(), Ordering::Relaxed);
         }
     }
 
-    /// The relay's first write to `leg` since it was last seen clear.
-    pub(crate) fn pending(&self, leg: Leg) -> u64 {
-        self.pending_since[leg_index(leg)].load(Ordering::Relaxed)
+    /// The relay's first write to `leg` since it was last seen clear, and
+    /// how many writes it made so far; read before sampling the leg.
+    pub(crate) fn pending(&self, leg: Leg) -> (u64, u64) {
+        let i = leg_index(leg);
+        let writes = self.writes[i].load(Ordering::Acquire);
+        (self.pending_since[i].load(Ordering::Relaxed), writes)
     }
 
-    /// Clears the pending mark `seen` of `leg`, unless the relay wrote at
-    /// or after `sampled_ms` (when the sample that saw it clear was taken).
-    pub(crate) fn clear_pending(&self, leg: Leg, seen: u64, sampled_ms: u64) {
+    /// Clears the pending mark `seen` of `leg`, unless the relay wrote
+    /// again since [`Watched::pending`] returned `writes` (before the
+    /// sample that saw the leg clear).
+    pub(crate) fn clear_pending(&self, leg: Leg, (seen, writes): (u64, u64)) {
         let i = leg_index(leg);
-        if self.last_write[i].load(Ordering::Relaxed) >= sampled_ms {
+        if self.writes[i].load(Ordering::Acquire) != writes {
             return;
         }
         let _ =
@@ -174,5 +181,37 @@ impl Watched {
             }
             self.wake.notified().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn watched() -> Watched {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (upstream, _) = listener.accept().await.unwrap();
+        Watched::new(client, upstream, 0)
+    }
+
+    #[tokio::test]
+    async fn a_write_after_the_sample_keeps_the_pending_mark() {
+        let w = watched().await;
+        assert_eq!(w.pending(Leg::Upstream), (0, 0));
+        w.note_write(Leg::Upstream);
+        let marks = w.pending(Leg::Upstream);
+        assert_ne!(marks.0, 0);
+        // The watcher sampled the leg clear, then the relay wrote again
+        // before the mark was cleared: the new bytes are owed.
+        w.note_write(Leg::Upstream);
+        w.clear_pending(Leg::Upstream, marks);
+        assert_eq!(w.pending(Leg::Upstream).0, marks.0);
+        // No write since the marks were read: cleared.
+        let marks = w.pending(Leg::Upstream);
+        w.clear_pending(Leg::Upstream, marks);
+        assert_eq!(w.pending(Leg::Upstream).0, 0);
+        assert_eq!(w.pending(Leg::Client), (0, 0), "legs are apart");
     }
 }

@@ -332,7 +332,8 @@ impl Sweeper {
         let entry = &mut self.slots[slice][index];
         let idx = leg_index(leg);
         let now = now_ms();
-        let pending = session.pending(leg);
+        let marks = session.pending(leg);
+        let pending = marks.0;
         let state = &mut entry.legs[idx];
         if !force && !state.due(now) && pending == 0 {
             return None;
@@ -361,7 +362,7 @@ impl Sweeper {
             tracing::debug!(leg = %leg, error = %e, "cannot re-arm keepalive");
         }
         if a.clear_pending {
-            session.clear_pending(leg, pending, now);
+            session.clear_pending(leg, marks);
         }
         let (id, address_removed) = (entry.id, entry.address_removed);
         let (host, peer) = (entry.host(leg), entry.peers[idx]);
