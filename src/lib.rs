@@ -14,7 +14,8 @@
 //! - [`resolver`] — DNS following for backends named by host name.
 //! - [`upstream`] — connect to the first backend that accepts; [`pool`]
 //!   keeps probed spare connections ready per backend.
-//! - [`relay`] — exact byte copy both ways with half-close.
+//! - [`relay`] — exact byte copy both ways with half-close: small reads
+//!   copied, bulk spliced.
 //! - [`liveness`] — the watcher: on-demand probes, the death rule, and
 //!   verdicts corroborated by the host and adapted to the link's loss.
 //! - [`evict`] — eviction reasons and the structured eviction event.

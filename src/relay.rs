@@ -1,20 +1,34 @@
-//! The byte relay: copies each direction exactly and in order, forwards a
-//! FIN as a write shutdown, and tells the liveness watcher when it writes.
+//! The byte relay: copies each direction exactly and in order, ends at the
+//! source's FIN, and tells the liveness watcher when it reads and writes.
 //!
-//! On Linux the bytes never enter user space: each direction splices
-//! socket → pipe → socket (`splice(2)`), which saves two copies per byte and
-//! is what lets a proxy keep up with a direct connection. A direction holds
-//! a pipe only while data flows: it takes an empty one from a small
-//! process-wide pool when bytes arrive and gives it back, empty, as soon as
-//! its source runs dry. An idle session holds no pipe (no memory, no
-//! descriptors), and a busy one costs no pipe creation and no timer per
-//! message. If the kernel refuses to splice (`EINVAL`: a socket type it
-//! cannot splice), or no pipe can be had (the process is out of file
-//! descriptors: a pipe takes two), the direction falls back to a user-space
-//! buffer that likewise exists only while data flows: running short of
+//! Each direction picks its path per read, as HAProxy's `splice-auto`
+//! does:
+//!
+//! - **Small messages are copied** through a 16 KiB scratch buffer that
+//!   belongs to the worker thread, not to the session: one `read` and one
+//!   `write` per message. Splicing a 64-byte query costs more than copying
+//!   it (a pipe, page references, two splice calls), and database traffic
+//!   is mostly such messages.
+//! - **Bulk is spliced.** A read that fills the scratch buffer means the
+//!   stream is moving bulk: the direction switches to splicing socket →
+//!   pipe → socket (`splice(2)`), so those bytes never enter user space,
+//!   until its reads are small again. The pipe comes from a small process-wide
+//!   pool and goes back, empty, when the source runs dry.
+//!
+//! An idle session therefore holds no buffer and no pipe (no memory, no
+//! descriptors). Bytes leave user space within the step that read them;
+//! only when the destination cannot take them all (a slow reader) does the
+//! rest wait in a buffer allocated for that moment. A short read means the
+//! source is drained, so the relay tells tokio so at once (as tokio's own
+//! `poll_read` does) instead of paying a read that returns `EAGAIN`.
+//!
+//! If the kernel refuses to splice (`EINVAL`: a socket type it cannot
+//! splice), or no pipe can be had (the process is out of file descriptors:
+//! a pipe takes two), the direction keeps copying: running short of
 //! descriptors slows a session down, it never ends it.
 
-use std::io;
+use std::cell::RefCell;
+use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::sync::{Mutex, PoisonError};
@@ -27,19 +41,26 @@ use tokio::net::TcpStream;
 use crate::evict::Leg;
 use crate::liveness::Watched;
 
-/// User-space buffer of the fallback copy.
-const BUF_SIZE: usize = 64 * 1024;
+/// The scratch buffer of the copy path, and the read size that marks a
+/// stream as moving bulk.
+const COPY_SIZE: usize = 16 * 1024;
 /// Pipe capacity asked for: larger pipes move more per syscall. The kernel
 /// may grant less (`/proc/sys/fs/pipe-max-size`, per-user limits), which
 /// only costs speed.
 const PIPE_SIZE: usize = 256 * 1024;
 /// Empty pipes kept for reuse; beyond this they are closed. Only
-/// directions moving data at the same instant hold one, so a few dozen
+/// directions moving bulk at the same instant hold one, so a few dozen
 /// serve thousands of sessions.
 const POOL_MAX: usize = 64;
 
 /// The process-wide pool of empty pipes.
 static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// The copy path's buffer: one per worker thread, zeroed once, borrowed
+    /// only within a step that does not wait (so no session owns it).
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; COPY_SIZE].into_boxed_slice());
+}
 
 /// A socket error, attributed to the leg it happened on.
 #[derive(Debug)]
@@ -48,31 +69,133 @@ pub struct LegError {
     pub error: io::Error,
 }
 
-/// Relays `from` → `to` until `from` sends FIN (forwarded as a write
-/// shutdown of `to`), adding each chunk to `bytes`. Returns the number of
-/// bytes relayed.
+/// Relays `from` → `to` until `from` sends FIN, adding each chunk to
+/// `bytes`. Returns the number of bytes relayed. The caller forwards the
+/// FIN ([`finish`]), or closes `to` when this was the last direction open:
+/// the close sends the FIN, one syscall fewer per connection.
 pub async fn pump(
     session: &Watched,
     from: Leg,
     to: Leg,
     bytes: &metrics::Counter,
 ) -> Result<u64, LegError> {
-    let mut total = 0;
-    match splice_pump(session, from, to, bytes, &mut total).await {
-        Ok(()) => return Ok(total),
-        Err(Fallback::Error(e)) => return Err(e),
-        Err(Fallback::Unsupported) => {
-            tracing::debug!("splice unsupported for this session; copying in user space")
+    let src = session.socket(from);
+    let read_err = |error| LegError { leg: from, error };
+    let write_err = |error| LegError { leg: to, error };
+    let mut total = 0u64;
+    let mut may_splice = true;
+    loop {
+        src.readable().await.map_err(read_err)?;
+        let copied = match copy_step(session, from, to) {
+            Ok(copied) => copied,
+            Err(Failed::Read(e)) => return Err(read_err(e)),
+            Err(Failed::Write(e)) => return Err(write_err(e)),
+        };
+        let (n, full) = match copied {
+            Copied::Dry => continue,
+            Copied::End => return Ok(total),
+            Copied::All { n, full } => (n, full),
+            Copied::Part { n, full, rest } => {
+                write_all(session, to, &rest).await.map_err(write_err)?;
+                (n, full)
+            }
+        };
+        total += n as u64;
+        bytes.increment(n as u64);
+        if !(full && may_splice) {
+            continue;
         }
-        Err(Fallback::NoPipe(e)) => {
-            tracing::debug!(error = %e, "no pipe for splicing; copying in user space")
+        match splice_burst(session, from, to, bytes, &mut total).await {
+            Ok(Burst::Dry) => {}
+            Ok(Burst::End) => return Ok(total),
+            Err(Fallback::Unsupported) => {
+                tracing::debug!("splice unsupported for this session; copying in user space");
+                may_splice = false;
+            }
+            Err(Fallback::NoPipe(e)) => {
+                // Out of descriptors now; bulk later may find a pipe again.
+                tracing::debug!(error = %e, "no pipe for splicing; copying in user space");
+            }
+            Err(Fallback::Error(e)) => return Err(e),
         }
     }
-    copy_pump(session, from, to, bytes, &mut total).await?;
-    Ok(total)
 }
 
-/// Why the splice relay stopped without finishing.
+/// What one copy step did.
+enum Copied {
+    /// The source had nothing after all (readiness was stale).
+    Dry,
+    /// The source sent FIN.
+    End,
+    /// `n` bytes read and all written; `full`: the read filled the scratch
+    /// buffer (bulk is moving).
+    All { n: usize, full: bool },
+    /// `n` bytes read; the destination took only part, `rest` still waits.
+    Part { n: usize, full: bool, rest: Vec<u8> },
+}
+
+/// Which side of a copy step failed.
+enum Failed {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// One read from `from` into the thread's scratch buffer and one write of
+/// it to `to`, without waiting: the buffer is free again when this
+/// returns. Whatever `to` could not take is returned in a new buffer.
+fn copy_step(session: &Watched, from: Leg, to: Leg) -> Result<Copied, Failed> {
+    let (src, dst) = (session.socket(from), session.socket(to));
+    SCRATCH.with_borrow_mut(|buf| {
+        let n = match read_draining(src, buf) {
+            Ok(0) => return Ok(Copied::End),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Copied::Dry),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Copied::Dry),
+            Err(e) => return Err(Failed::Read(e)),
+        };
+        session.note_read(from);
+        let full = n == buf.len();
+        let sent = match dst.try_write(&buf[..n]) {
+            Ok(0) => return Err(Failed::Write(io::ErrorKind::WriteZero.into())),
+            Ok(sent) => {
+                session.note_write(to);
+                sent
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(Failed::Write(e)),
+        };
+        Ok(if sent == n {
+            Copied::All { n, full }
+        } else {
+            let rest = buf[sent..n].to_vec();
+            Copied::Part { n, full, rest }
+        })
+    })
+}
+
+/// Reads from `src` into `buf`. A read shorter than `buf` drained the
+/// socket's receive queue, so its read readiness is cleared with it (by
+/// reporting `WouldBlock` to tokio's `try_io`, which clears it only if no
+/// new readiness arrived meanwhile): the next wait goes straight to the
+/// poller instead of paying a read that returns `EAGAIN`.
+fn read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut drained = None;
+    let read = src.try_io(Interest::READABLE, || {
+        let n = (&*SockRef::from(src)).read(buf)?;
+        if 0 < n && n < buf.len() {
+            drained = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match drained {
+        Some(n) => Ok(n),
+        None => read,
+    }
+}
+
+/// Why a splice burst stopped without finishing.
 enum Fallback {
     /// The kernel cannot splice these sockets; nothing was lost, copy instead.
     Unsupported,
@@ -80,6 +203,15 @@ enum Fallback {
     /// nothing, so nothing was lost: copy instead.
     NoPipe(io::Error),
     Error(LegError),
+}
+
+/// How a splice burst ended.
+enum Burst {
+    /// The source ran dry, or sends small messages again: back to
+    /// copying.
+    Dry,
+    /// The source sent FIN.
+    End,
 }
 
 /// A pipe's two ends.
@@ -116,18 +248,23 @@ fn splice_flags() -> SpliceFFlags {
     SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE
 }
 
-async fn splice_pump(
+/// Splices `from` → `to` while the stream moves bulk: until a splice
+/// moves less than the copy path's buffer would hold (small messages again:
+/// back to copying), the source turns out dry, or it sends FIN. Between
+/// reads that drained the socket the pipe goes back to the pool, so a
+/// stream waiting for its next burst holds none.
+async fn splice_burst(
     session: &Watched,
     from: Leg,
     to: Leg,
     bytes: &metrics::Counter,
     total: &mut u64,
-) -> Result<(), Fallback> {
+) -> Result<Burst, Fallback> {
     let src = session.socket(from);
-    let dst = session.socket(to);
     let read_err = |error| Fallback::Error(LegError { leg: from, error });
-    // Only ever held empty between iterations: a pipe with bytes in it is
-    // drained before the next read, and dropped (closed) on an error.
+    // Only ever held empty between iterations: what a splice put in is
+    // drained before the next one, and the pipe is dropped (closed) on an
+    // error.
     let mut pipe: Option<Pipe> = None;
     loop {
         src.readable().await.map_err(read_err)?;
@@ -135,16 +272,21 @@ async fn splice_pump(
             Some(p) => p,
             None => pipe.insert(Pipe::take().map_err(Fallback::NoPipe)?),
         };
+        let mut drained = None;
         let moved = src.try_io(Interest::READABLE, || {
-            splice(src, None, &p.write, None, PIPE_SIZE, splice_flags()).map_err(io::Error::from)
+            let n = splice(src, None, &p.write, None, PIPE_SIZE, splice_flags())?;
+            // A short splice drained the socket, as in `read_draining`.
+            if 0 < n && n < PIPE_SIZE {
+                drained = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
         });
-        match moved {
+        let give_back = |pipe: &mut Option<Pipe>| pipe.take().map(Pipe::give_back);
+        match drained.map_or(moved, Ok) {
             Ok(0) => {
-                finish(dst);
-                if let Some(p) = pipe.take() {
-                    p.give_back();
-                }
-                return Ok(());
+                give_back(&mut pipe);
+                return Ok(Burst::End);
             }
             Ok(n) => {
                 session.note_read(from);
@@ -153,18 +295,20 @@ async fn splice_pump(
                     .map_err(|error| Fallback::Error(LegError { leg: to, error }))?;
                 *total += n as u64;
                 bytes.increment(n as u64);
-            }
-            // Ran dry: the (empty) pipe goes back to the pool.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Some(p) = pipe.take() {
-                    p.give_back();
+                if drained.is_some() {
+                    give_back(&mut pipe);
+                }
+                if n < COPY_SIZE {
+                    return Ok(Burst::Dry);
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // Nothing was read: the fallback loses no bytes.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && *total == 0 => {
-                return Err(Fallback::Unsupported)
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                give_back(&mut pipe);
+                return Ok(Burst::Dry);
             }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // Nothing was read: copying on loses no bytes.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Err(Fallback::Unsupported),
             Err(e) => return Err(read_err(e)),
         }
     }
@@ -193,45 +337,6 @@ async fn drain(pipe: &Pipe, session: &Watched, to: Leg, mut n: usize) -> io::Res
     Ok(())
 }
 
-/// The portable relay: read into a buffer that exists only while data
-/// flows, write it all out.
-async fn copy_pump(
-    session: &Watched,
-    from: Leg,
-    to: Leg,
-    bytes: &metrics::Counter,
-    total: &mut u64,
-) -> Result<(), LegError> {
-    let src = session.socket(from);
-    let dst = session.socket(to);
-    let read_err = |error| LegError { leg: from, error };
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        src.readable().await.map_err(read_err)?;
-        // Reads go into spare capacity: allocated, never zero-filled.
-        buf.clear();
-        buf.reserve(BUF_SIZE);
-        match src.try_read_buf(&mut buf) {
-            Ok(0) => {
-                finish(dst);
-                return Ok(());
-            }
-            Ok(n) => {
-                session.note_read(from);
-                write_all(session, to, &buf[..n])
-                    .await
-                    .map_err(|error| LegError { leg: to, error })?;
-                *total += n as u64;
-                bytes.increment(n as u64);
-            }
-            // Ran dry: give the buffer back, an idle session holds none.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(read_err(e)),
-        }
-    }
-}
-
 async fn write_all(session: &Watched, to: Leg, mut bytes: &[u8]) -> io::Result<()> {
     let dst = session.socket(to);
     while !bytes.is_empty() {
@@ -250,9 +355,9 @@ async fn write_all(session: &Watched, to: Leg, mut bytes: &[u8]) -> io::Result<(
     Ok(())
 }
 
-/// Forwards a FIN. A peer that already went away makes this fail with
+/// Forwards a FIN (a write shutdown of `dst`). A peer that already went away makes this fail with
 /// ENOTCONN, which changes nothing: the other direction reports its end.
-fn finish(dst: &TcpStream) {
+pub fn finish(dst: &TcpStream) {
     if let Err(e) = SockRef::from(dst).shutdown(Shutdown::Write) {
         tracing::debug!(error = %e, "forwarding FIN failed");
     }
