@@ -65,10 +65,12 @@ struct Generation {
 impl Generation {
     fn start(
         config: Listener,
+        tcp: &TcpListener,
         shared: &Arc<ListenerShared>,
         previous: Option<&Generation>,
     ) -> Self {
         let settings = &config.settings;
+        let client_options_preset = preset_client_options(tcp, &config);
         let backends = Arc::new(BackendSet::renewed(
             &config,
             previous.map(|p| &*p.ctx.backends),
@@ -86,6 +88,7 @@ impl Generation {
             pool: Pool::new(&config),
             backends,
             shared: shared.clone(),
+            client_options_preset,
             config,
         });
         let monitors = CancellationToken::new();
@@ -126,7 +129,7 @@ pub async fn serve(task: ListenerTask) {
     } = task;
     let instance = INSTANCES.fetch_add(1, Ordering::Relaxed);
     let shared = Arc::new(ListenerShared::new(&config.name, registry.clone()));
-    let mut current = Generation::start(config, &shared, None);
+    let mut current = Generation::start(config, &tcp, &shared, None);
     registry.publish(instance, current.ctx.clone());
     let sessions = TaskTracker::new();
     let cfg = &current.ctx.config;
@@ -139,7 +142,7 @@ pub async fn serve(task: ListenerTask) {
             _ = stop.cancelled() => break,
             update = updates.recv() => match update {
                 Some(Update { config, applied }) => {
-                    current = apply(current, config, &shared);
+                    current = apply(current, config, &tcp, &shared);
                     registry.publish(instance, current.ctx.clone());
                     let _ = applied.send(());
                 }
@@ -157,8 +160,13 @@ pub async fn serve(task: ListenerTask) {
 }
 
 /// Moves the listener to a new generation built from `config`.
-fn apply(current: Generation, config: Listener, shared: &Arc<ListenerShared>) -> Generation {
-    let next = Generation::start(config, shared, Some(&current));
+fn apply(
+    current: Generation,
+    config: Listener,
+    tcp: &TcpListener,
+    shared: &Arc<ListenerShared>,
+) -> Generation {
+    let next = Generation::start(config, tcp, shared, Some(&current));
     tracing::info!(listener = %shared.name,
         backends = ?next.ctx.config.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
         "listener reconfigured");
@@ -185,6 +193,25 @@ async fn drain(ctx: &ListenerContext, sessions: &TaskTracker) {
             "drain_timeout passed; closing remaining sessions");
         ctx.shared.drain_deadline.cancel();
         sessions.wait().await;
+    }
+}
+
+/// Sets the client-leg options (keepalive, TCP_USER_TIMEOUT, TCP_NODELAY)
+/// on the listening socket: Linux copies a listener's socket options into
+/// each connection it accepts, so the six setsockopt calls per client are
+/// made once per generation instead. A connection whose handshake finished
+/// just before a reload changed them keeps the old values; it is accepted
+/// within microseconds of the change. Returns false (each session then
+/// sets them itself) if the listening socket refused one.
+fn preset_client_options(tcp: &TcpListener, config: &Listener) -> bool {
+    match sockopt::apply(tcp, &config.settings.client) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(listener = %config.name, error = %e,
+                "cannot set client socket options on the listening socket; \
+                 setting them on each accepted client instead");
+            false
+        }
     }
 }
 

@@ -30,6 +30,9 @@ pub struct ListenerContext {
     /// Spare upstream connections, when `[listener.pool]` asks for them.
     pub pool: Option<Arc<Pool>>,
     pub shared: Arc<ListenerShared>,
+    /// The client-leg socket options are set on the listening socket, and
+    /// accepted clients inherit them (see `listener::preset_client_options`).
+    pub client_options_preset: bool,
 }
 
 /// What a listener's sessions share across config generations.
@@ -101,7 +104,9 @@ impl Drop for SessionGuard {
 pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerContext>) {
     let started = Instant::now();
     let cfg = &ctx.config;
-    if let Err(e) = sockopt::apply(&client, &cfg.settings.client) {
+    if ctx.client_options_preset {
+        // Inherited from the listening socket.
+    } else if let Err(e) = sockopt::apply(&client, &cfg.settings.client) {
         tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
             "cannot set client socket options; closing");
         return;
@@ -223,9 +228,13 @@ async fn relay_both(
     let up = relay::pump(session, Leg::Client, Leg::Upstream, &meters.bytes_up);
     let down = relay::pump(session, Leg::Upstream, Leg::Client, &meters.bytes_down);
     tokio::pin!(up, down);
+    // The first direction to end forwards its FIN (half-close: the other
+    // keeps flowing). The last one does not: the session ends and closing
+    // the sockets sends the FIN.
     let idle_before_fin = tokio::select! {
         result = &mut up => {
             result.map_err(|e| verdict_of(session, e))?;
+            relay::finish(session.socket(Leg::Upstream));
             return down.await.map(drop).map_err(|e| verdict_of(session, e));
         }
         result = &mut down => {
@@ -241,6 +250,7 @@ async fn relay_both(
         );
         return Ok(());
     }
+    relay::finish(session.socket(Leg::Client));
     up.await.map(drop).map_err(|e| verdict_of(session, e))
 }
 

@@ -200,4 +200,35 @@ mod tests {
         set_keepalive_idle(&client, Duration::from_secs(1)).unwrap();
         assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(1));
     }
+
+    /// The listener sets the client-leg options once on its listening
+    /// socket and relies on the kernel copying them into every accepted
+    /// connection; this is that property, on the kernel the tests run on.
+    #[test]
+    fn accepted_sockets_inherit_the_listeners_options() {
+        let settings = SocketSettings {
+            keepalive_idle: Duration::from_secs(7),
+            keepalive_interval: Duration::from_secs(3),
+            keepalive_count: 5,
+            user_timeout: Duration::from_millis(12_345),
+            nodelay: true,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        apply(&listener, &settings).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let sock = SockRef::from(&accepted);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 5);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_millis(12_345))
+        );
+        assert!(sock.tcp_nodelay().unwrap());
+    }
 }
