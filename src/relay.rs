@@ -207,8 +207,7 @@ enum Fallback {
 
 /// How a splice burst ended.
 enum Burst {
-    /// The source ran dry, or sends small messages again: back to
-    /// copying.
+    /// The source sends small messages again: back to copying.
     Dry,
     /// The source sent FIN.
     End,
@@ -249,10 +248,14 @@ fn splice_flags() -> SpliceFFlags {
 }
 
 /// Splices `from` → `to` while the stream moves bulk: until a splice
-/// moves less than the copy path's buffer would hold (small messages again:
-/// back to copying), the source turns out dry, or it sends FIN. Between
-/// reads that drained the socket the pipe goes back to the pool, so a
-/// stream waiting for its next burst holds none.
+/// moves less than the copy path's buffer would hold (small messages
+/// again: back to copying) or the source sends FIN. While the source is
+/// momentarily dry the pipe goes back to the pool, so a stream waiting for
+/// its next burst holds none.
+///
+/// Unlike the copy path, a short splice does not clear readiness: during
+/// the drain of a large chunk more bytes usually arrive, and the next
+/// splice takes them at once instead of waiting for the poller.
 async fn splice_burst(
     session: &Watched,
     from: Leg,
@@ -272,20 +275,14 @@ async fn splice_burst(
             Some(p) => p,
             None => pipe.insert(Pipe::take().map_err(Fallback::NoPipe)?),
         };
-        let mut drained = None;
         let moved = src.try_io(Interest::READABLE, || {
-            let n = splice(src, None, &p.write, None, PIPE_SIZE, splice_flags())?;
-            // A short splice drained the socket, as in `read_draining`.
-            if 0 < n && n < PIPE_SIZE {
-                drained = Some(n);
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
+            splice(src, None, &p.write, None, PIPE_SIZE, splice_flags()).map_err(io::Error::from)
         });
-        let give_back = |pipe: &mut Option<Pipe>| pipe.take().map(Pipe::give_back);
-        match drained.map_or(moved, Ok) {
+        match moved {
             Ok(0) => {
-                give_back(&mut pipe);
+                if let Some(p) = pipe.take() {
+                    p.give_back();
+                }
                 return Ok(Burst::End);
             }
             Ok(n) => {
@@ -295,16 +292,18 @@ async fn splice_burst(
                     .map_err(|error| Fallback::Error(LegError { leg: to, error }))?;
                 *total += n as u64;
                 bytes.increment(n as u64);
-                if drained.is_some() {
-                    give_back(&mut pipe);
-                }
                 if n < COPY_SIZE {
+                    if let Some(p) = pipe.take() {
+                        p.give_back();
+                    }
                     return Ok(Burst::Dry);
                 }
             }
+            // Dry for now: the (empty) pipe goes back to the pool.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                give_back(&mut pipe);
-                return Ok(Burst::Dry);
+                if let Some(p) = pipe.take() {
+                    p.give_back();
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // Nothing was read: copying on loses no bytes.
