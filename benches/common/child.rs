@@ -86,6 +86,28 @@ impl Proc {
     pub fn cpu_time(&self) -> Result<Duration> {
         cpu_time(self.pid())
     }
+
+    /// Sends `signal` and waits up to `grace` for the child to exit: a
+    /// server such as PostgreSQL then shuts down cleanly (its backends and
+    /// shared memory go with it) instead of being killed. If it is still
+    /// running after `grace`, dropping the `Proc` kills it.
+    pub fn stop(&mut self, signal: nix::sys::signal::Signal, grace: Duration) {
+        // An exited child may be reaped already, and its pid reused.
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        if nix::sys::signal::kill(pid, signal).is_err() {
+            return;
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Proc {

@@ -1,17 +1,19 @@
-//! Shared by the proxy benches (`proxy_perf`, `detection`): knobs from the
-//! environment, the three ways a client reaches its server ([`Via`]), the
-//! proxies' configs rendered from `benches/haproxy.cfg` and
-//! `benches/pulsegate.toml`, child processes that die with the bench (also
-//! when it fails or panics), and the result files that `benches/run`
-//! splices into docs/BENCHMARKS.md.
+//! Shared by the proxy benches (`proxy_perf`, `detection`, `db_clients`, ...):
+//! knobs from the environment, the three ways a client reaches its server
+//! ([`Via`]), the proxies' configs rendered from `benches/haproxy.cfg` and
+//! `benches/pulsegate.toml` and the proxies started with them, child
+//! processes that die with the bench (also when it fails or panics), the
+//! CPU a proxy used during a test ([`cpu`]), and the result files that
+//! `benches/run` splices into docs/BENCHMARKS.md.
 #![allow(dead_code)] // each bench uses its own subset
 
 pub mod child;
+pub mod cpu;
 pub mod machine;
 
 use std::fmt::Display;
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 use std::time::Duration;
@@ -44,10 +46,13 @@ pub fn knob_secs(key: &str, default: u64) -> Result<Duration> {
     knob(key, default).map(Duration::from_secs)
 }
 
-/// True when the bench runs only to be listed (`cargo bench -- --list`,
-/// `cargo test --benches`), not to measure.
+/// True when the bench runs only to be listed or as a test, not to
+/// measure: `cargo bench -- --list`, or `cargo test --benches` /
+/// `--all-targets`, which run a `harness = false` bench with no arguments,
+/// where `cargo bench` always passes `--bench`.
 pub fn listing_only() -> bool {
-    std::env::args().any(|a| a == "--list")
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    args.iter().any(|a| a == "--list") || !args.iter().any(|a| a == "--bench")
 }
 
 /// How a client reaches its server.
@@ -114,6 +119,14 @@ pub fn haproxy_settings() -> Result<String> {
     Ok(format!("nbthread {}, {splice}", haproxy_threads()?))
 }
 
+/// pulsegate's runtime threads: tokio's `TOKIO_WORKER_THREADS` if set.
+pub fn pulsegate_workers() -> String {
+    match std::env::var("TOKIO_WORKER_THREADS") {
+        Ok(n) => format!("TOKIO_WORKER_THREADS={n}"),
+        Err(_) => "tokio, one worker thread per core".into(),
+    }
+}
+
 /// HAProxy's config: `benches/haproxy.cfg` listening on `bind` in front of
 /// `backend`.
 pub fn haproxy_config(bind: SocketAddr, backend: SocketAddr) -> Result<String> {
@@ -169,6 +182,41 @@ pub fn free_port() -> Result<u16> {
 /// A loopback address on a port that was free a moment ago.
 pub fn free_addr() -> Result<SocketAddr> {
     Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+}
+
+/// Starts `via`'s proxy in front of `backend` on a free loopback port,
+/// its config and log in `dir` (named after `label`), and waits until it
+/// listens. Killed when the returned [`child::Proc`] is dropped.
+pub fn start_proxy(
+    via: Via,
+    label: &str,
+    backend: SocketAddr,
+    dir: &Path,
+) -> Result<(child::Proc, SocketAddr)> {
+    let bind = free_addr()?;
+    let name = format!("{}-{label}", via.label().to_lowercase());
+    let (config, mut command) = match via {
+        Via::Haproxy => {
+            let config = dir.join(format!("{name}.cfg"));
+            std::fs::write(&config, haproxy_config(bind, backend)?)?;
+            let mut command = Command::new("haproxy");
+            command.args(["-db", "-f"]).arg(&config);
+            (config, command)
+        }
+        Via::Pulsegate => {
+            let config = dir.join(format!("{name}.toml"));
+            std::fs::write(&config, pulsegate_config(bind, backend)?)?;
+            let mut command = Command::new(env!("CARGO_BIN_EXE_pulsegate"));
+            command.args(["run", "-c"]).arg(&config);
+            (config, command)
+        }
+        Via::Direct => bail!("direct has no proxy"),
+    };
+    command.current_dir(dir);
+    let mut proxy = child::Proc::spawn(&name, command, dir)
+        .with_context(|| format!("config {}", config.display()))?;
+    proxy.wait_listening(bind)?;
+    Ok((proxy, bind))
 }
 
 /// Where result files go: `$BENCH_RESULTS`, else `bench-results` in the

@@ -26,7 +26,6 @@
 
 #[path = "../common/mod.rs"]
 mod common;
-mod cpu;
 mod report;
 mod servers;
 mod workloads;
@@ -35,8 +34,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use common::cpu::CpuMeter;
 use common::Via;
-use cpu::CpuMeter;
 use servers::{Route, Setup};
 use workloads::{ConnRate, Latency, PingPong};
 

@@ -40,7 +40,7 @@ fn preamble(knobs: &Knobs, machine: &str) -> Result<String> {
          the last two after {warm} s of the same load.",
         date = machine::today(),
         settings = common::haproxy_settings()?,
-        workers = pulsegate_workers(),
+        workers = common::pulsegate_workers(),
         gib = knobs.throughput_gib,
         rounds = knobs.pingpong_rounds,
         pp_warm = knobs.pingpong_warmup,
@@ -50,14 +50,6 @@ fn preamble(knobs: &Knobs, machine: &str) -> Result<String> {
         conn = knobs.conn_window.as_secs(),
         warm = knobs.warmup.as_secs(),
     ))
-}
-
-/// pulsegate's runtime threads: tokio's `TOKIO_WORKER_THREADS` if set.
-fn pulsegate_workers() -> String {
-    match std::env::var("TOKIO_WORKER_THREADS") {
-        Ok(n) => format!("TOKIO_WORKER_THREADS={n}"),
-        Err(_) => "tokio, one worker thread per core".into(),
-    }
 }
 
 /// The figures of `via`, if it was measured.

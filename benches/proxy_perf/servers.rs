@@ -60,8 +60,10 @@ impl Setup {
                     sink_proxy: None,
                 },
                 _ => {
-                    let (echo_proxy, echo_front) = start_proxy(via, "echo", echo_addr, dir.path())?;
-                    let (sink_proxy, sink_front) = start_proxy(via, "sink", sink.addr, dir.path())?;
+                    let (echo_proxy, echo_front) =
+                        common::start_proxy(via, "echo", echo_addr, dir.path())?;
+                    let (sink_proxy, sink_front) =
+                        common::start_proxy(via, "sink", sink.addr, dir.path())?;
                     let route = Route {
                         via,
                         echo: echo_front,
@@ -94,40 +96,6 @@ fn start_echo(addr: SocketAddr, dir: &Path) -> Result<Proc> {
     command.args(["lab-backend", "--max-lifetime", "2h", "--listen"]);
     command.arg(addr.to_string());
     Proc::spawn("echo-backend", command, dir)
-}
-
-/// Starts `via`'s proxy in front of `backend` on a free port and waits
-/// until it listens.
-fn start_proxy(
-    via: Via,
-    label: &str,
-    backend: SocketAddr,
-    dir: &Path,
-) -> Result<(Proc, SocketAddr)> {
-    let bind = common::free_addr()?;
-    let name = format!("{}-{label}", via.label().to_lowercase());
-    let (config, mut command) = match via {
-        Via::Haproxy => {
-            let config = dir.join(format!("{name}.cfg"));
-            std::fs::write(&config, common::haproxy_config(bind, backend)?)?;
-            let mut command = Command::new("haproxy");
-            command.args(["-db", "-f"]).arg(&config);
-            (config, command)
-        }
-        Via::Pulsegate => {
-            let config = dir.join(format!("{name}.toml"));
-            std::fs::write(&config, common::pulsegate_config(bind, backend)?)?;
-            let mut command = Command::new(env!("CARGO_BIN_EXE_pulsegate"));
-            command.args(["run", "-c"]).arg(&config);
-            (config, command)
-        }
-        Via::Direct => bail!("direct has no proxy"),
-    };
-    command.current_dir(dir);
-    let mut proxy =
-        Proc::spawn(&name, command, dir).with_context(|| format!("config {}", config.display()))?;
-    proxy.wait_listening(bind)?;
-    Ok((proxy, bind))
 }
 
 /// A server that reads and discards, and reports each connection's byte

@@ -1,14 +1,15 @@
-//! Where the CPU went during a test: the proxy's own time (user + system,
-//! from /proc/PID/stat) and the whole machine's busy time (/proc/stat),
-//! summed over the spans the test ran. On a machine whose cores the client,
-//! the proxy and the server share, the second says whether the machine was
-//! the limit; the first, how much of it the proxy took.
+//! Where the CPU went during a test (proxy_perf, db_clients): the proxy's
+//! own time (user + system, from /proc/PID/stat) and the whole machine's
+//! busy time (/proc/stat), summed over the spans the test ran. On a machine
+//! whose cores the client, the proxy and the server share, the second says
+//! whether the machine was the limit; the first, how much of it the proxy
+//! took.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::common::{child, machine};
+use super::{child, machine};
 
 /// CPU accounting for one test through one route.
 pub struct CpuMeter {
