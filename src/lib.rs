@@ -27,11 +27,13 @@
 //!   emulated lossy or far link for the demo, the tests and the benches
 //!   (not on the proxy path).
 //! - [`demo`] — `pulsegate demo`, the seed experiment in one command.
-//! - [`bench`] — `pulsegate bench failover`, a load test of failover in the lab.
+//! - `bench` — `pulsegate bench failover`, a load test of failover in the
+//!   lab (the `bench` cargo feature, on by default).
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod backend;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod check;
 pub mod config;

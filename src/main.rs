@@ -73,6 +73,7 @@ enum Command {
         action: AdminAction,
     },
     /// Load tests in a private network namespace (root).
+    #[cfg(feature = "bench")]
     Bench {
         #[command(subcommand)]
         bench: BenchCommand,
@@ -83,6 +84,7 @@ enum Command {
     LabBackend(pulsegate::lab::BackendArgs),
 }
 
+#[cfg(feature = "bench")]
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Failover under load: clients through pulsegate and direct, a fault
@@ -138,6 +140,7 @@ fn main() -> ExitCode {
             timeout,
             action,
         } => admin(url, token_file, timeout, action),
+        #[cfg(feature = "bench")]
         Command::Bench {
             bench: BenchCommand::Failover(args),
         } => match pulsegate::bench::run_failover(&args) {

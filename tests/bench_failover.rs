@@ -8,6 +8,8 @@
 //! The runs need root (the lab); without it they print "skipping:
 //! <reason>", and under `CI=true` they fail instead.
 
+#![cfg(feature = "bench")]
+
 mod support;
 
 use std::path::Path;
