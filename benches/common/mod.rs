@@ -253,3 +253,14 @@ pub fn ratio(part: Option<f64>, whole: Option<f64>) -> String {
         _ => "–".into(),
     }
 }
+
+/// A row of a report's Targets table: the target, what was measured, and
+/// the verdict (`None`: not measured in this run).
+pub fn target_row(name: &str, measured: String, met: Option<bool>) -> String {
+    let verdict = match met {
+        Some(true) => "met",
+        Some(false) => "**not met**",
+        None => "not measured",
+    };
+    format!("| {name} | {measured} | {verdict} |")
+}

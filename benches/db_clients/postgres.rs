@@ -16,6 +16,7 @@ use nix::sys::signal::Signal;
 
 use crate::common::{self, child::Proc};
 use crate::programs;
+use pulsegate::bench::postgres::{is_root, newest_bin, postgres_account};
 
 /// The superuser of the cluster, and the account the server runs as when
 /// the bench is root.
@@ -352,28 +353,6 @@ fn number_after(line: &str, prefix: &str) -> Result<f64> {
     Ok(value)
 }
 
-/// True when this process runs as root (`/proc/self` belongs to uid 0).
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-/// The newest installed PostgreSQL's `bin` directory, Debian's layout.
-fn newest_bin() -> Option<PathBuf> {
-    let mut bins: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|entry| {
-            let entry = entry.ok()?;
-            let version = entry.file_name().to_str()?.parse().ok()?;
-            let bin = entry.path().join("bin");
-            (bin.join("initdb").is_file() && bin.join("postgres").is_file())
-                .then_some((version, bin))
-        })
-        .collect();
-    bins.sort();
-    bins.pop().map(|(_, bin)| bin)
-}
-
 /// The directory of the `initdb` on PATH (symlinks resolved), when
 /// `postgres` is beside it: other layouts than Debian's.
 fn server_bin_on_path() -> Result<PathBuf> {
@@ -391,12 +370,4 @@ fn server_bin_on_path() -> Result<PathBuf> {
         );
     }
     Ok(bin.to_path_buf())
-}
-
-/// The uid and gid of the `postgres` account, from /etc/passwd.
-fn postgres_account() -> Option<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    let line = passwd.lines().find(|l| l.split(':').next() == Some(USER))?;
-    let mut fields = line.split(':').skip(2);
-    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
 }

@@ -325,7 +325,7 @@ fn targets_table(results: &Results) -> String {
             Test::Set | Test::Get => format!("{}, -c {}", test.label(), redis::CLIENTS),
             _ => test.label().to_string(),
         };
-        rows.push(target(
+        rows.push(common::target_row(
             &format!("{name}: {unit} ≥ {factor:.2}× HAProxy's"),
             compare(pulsegate, haproxy, unit, 0, false),
             pulsegate.zip(haproxy).map(|(p, h)| p >= factor * h),
@@ -335,7 +335,7 @@ fn targets_table(results: &Results) -> String {
     for test in [Test::Set, Test::Get] {
         for (name, pick) in percentiles {
             let [_, haproxy, pulsegate] = added(medians(results, test, pick));
-            rows.push(target(
+            rows.push(common::target_row(
                 &format!(
                     "{}, -c {}: latency added over direct ≤ HAProxy's, {name}",
                     test.label(),
@@ -370,13 +370,4 @@ fn compare(
     } else {
         format!("{p:.decimals$} vs {h:.decimals$} {unit}{ratio}")
     }
-}
-
-fn target(name: &str, measured: String, met: Option<bool>) -> String {
-    let verdict = match met {
-        Some(true) => "met",
-        Some(false) => "**not met**",
-        None => "not measured",
-    };
-    format!("| {name} | {measured} | {verdict} |")
 }

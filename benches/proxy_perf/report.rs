@@ -183,12 +183,12 @@ fn targets_table(figures: &[Figures]) -> String {
     let mut rows = vec![
         "| target | measured | verdict |".to_string(),
         "| --- | --- | --- |".to_string(),
-        target(
+        common::target_row(
             "throughput ≥ HAProxy's",
             compare(pulsegate, haproxy, "GiB/s", 2),
             pulsegate.zip(haproxy).map(|(p, h)| p >= h),
         ),
-        target(
+        common::target_row(
             "throughput ≥ 70 % of direct",
             compare(pulsegate, direct, "GiB/s", 2),
             pulsegate.zip(direct).map(|(p, d)| p >= 0.7 * d),
@@ -198,7 +198,7 @@ fn targets_table(figures: &[Figures]) -> String {
     let percentiles: [(&str, Pick); 2] = [("p50", |l| l.p50), ("p99", |l| l.p99)];
     for (name, pick) in percentiles {
         let [_, haproxy, pulsegate] = added(three(figures, |f| f.latency.as_ref().map(pick)));
-        rows.push(target(
+        rows.push(common::target_row(
             &format!("latency added over direct ≤ HAProxy's, {name}"),
             compare(pulsegate, haproxy, "µs added", 1),
             pulsegate.zip(haproxy).map(|(p, h)| p <= h),
@@ -219,13 +219,4 @@ fn compare(pulsegate: Option<f64>, other: Option<f64>, unit: &str, decimals: usi
         format!(" ({ratio}×)")
     };
     format!("{p:.decimals$} vs {o:.decimals$} {unit}{ratio}")
-}
-
-fn target(name: &str, measured: String, met: Option<bool>) -> String {
-    let verdict = match met {
-        Some(true) => "met",
-        Some(false) => "**not met**",
-        None => "not measured",
-    };
-    format!("| {name} | {measured} | {verdict} |")
 }

@@ -30,6 +30,11 @@ mod workload;
 pub use args::{FailoverArgs, FaultKind, WorkloadKind};
 pub use failover::run_failover;
 pub use report::Report;
+/// PostgreSQL's server binaries and the account to run them as, for the
+/// benches that start their own cluster (`benches/db_clients`).
+pub mod postgres {
+    pub use super::servers::postgres::{is_root, newest_bin, postgres_account};
+}
 
 use crate::lab::LabError;
 

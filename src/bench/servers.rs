@@ -3,7 +3,7 @@
 //! ([`postgres`]). A fault kills, freezes or restarts the primary through
 //! [`Backend`].
 
-mod postgres;
+pub(crate) mod postgres;
 
 pub(crate) use postgres::USER as PG_USER;
 

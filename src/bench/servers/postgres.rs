@@ -178,13 +178,14 @@ fn run_bounded(mut command: Command, log: &Path) -> Result<(), BenchError> {
 }
 
 /// True when this process runs as root (`/proc/self` belongs to its uid).
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-/// The newest installed PostgreSQL's `bin` directory.
-fn newest_bin() -> Option<PathBuf> {
+/// The newest installed PostgreSQL's `bin` directory (Debian's layout,
+/// `/usr/lib/postgresql/<version>/bin`, holding `initdb` and `postgres`).
+pub fn newest_bin() -> Option<PathBuf> {
     let mut bins: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .ok()?
         .filter_map(|entry| {
@@ -200,7 +201,7 @@ fn newest_bin() -> Option<PathBuf> {
 }
 
 /// The uid and gid of the `postgres` account, from /etc/passwd.
-fn postgres_account() -> Option<(u32, u32)> {
+pub fn postgres_account() -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd_entry(&passwd, USER)
 }
