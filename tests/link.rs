@@ -126,3 +126,71 @@ fn a_dropped_flow_goes_silent_while_others_to_the_same_host_flow() {
         .read_exact(&mut reply)
         .expect("the echo once restored");
 }
+
+#[test]
+fn a_dropped_endpoint_goes_silent_one_way_or_both_while_another_port_flows() {
+    let Some(lab) = linked_lab_or_skip("link-endpoint") else {
+        return;
+    };
+    let _primary = far_echo(&lab);
+    let secondary = LinkedLab::far_addr(BACKEND_PORT + 1);
+    let _secondary = start_echo_backend_on(lab.far(), secondary, None);
+    let primary = LinkedLab::far_addr(BACKEND_PORT);
+    for directions in [&[Direction::ToFar][..], &Direction::BOTH] {
+        let mut victim = connect(lab.near(), primary);
+        let mut other = connect(lab.near(), secondary);
+        exchange_line(&mut victim);
+        let before = lab.link().counters(Direction::ToFar).dropped;
+        lab.link().drop_endpoint(primary, directions).unwrap();
+        victim.write_all(b"ping\n").unwrap();
+        let (end, _) = read_end(&mut victim, Duration::from_secs(1));
+        assert!(matches!(end, ReadEnd::Nothing), "{directions:?}: {end:?}");
+        assert!(lab.link().counters(Direction::ToFar).dropped > before);
+        exchange_line(&mut other);
+        lab.link().restore_endpoints();
+        victim
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut reply = [0u8; 5];
+        victim
+            .read_exact(&mut reply)
+            .expect("the echo once restored");
+        assert_eq!(&reply, b"ping\n");
+    }
+}
+
+/// `loss 100` (every packet lost at random) is a blackhole: an open
+/// connection hears nothing and a new one cannot be made, exactly as under
+/// a cut; healing resumes the open connection.
+#[test]
+fn total_loss_is_a_blackhole() {
+    let Some(lab) = linked_lab_or_skip("link-loss100") else {
+        return;
+    };
+    let _backend = far_echo(&lab);
+    let addr = LinkedLab::far_addr(BACKEND_PORT);
+    let mut open = connect(lab.near(), addr);
+    exchange_line(&mut open);
+    lab.link().set_both(Impairment::loss(1.0));
+    // Packets admitted before the change may still leave (the delayed ACK).
+    std::thread::sleep(Duration::from_millis(100));
+    let forwarded = lab.link().counters(Direction::ToFar).forwarded;
+    open.write_all(b"ping\n").unwrap();
+    let (end, _) = read_end(&mut open, Duration::from_secs(1));
+    assert!(matches!(end, ReadEnd::Nothing), "{end:?}");
+    let fresh = lab
+        .near()
+        .enter(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+        .unwrap();
+    assert!(fresh.is_err(), "a connection was made through total loss");
+    assert_eq!(
+        lab.link().counters(Direction::ToFar).forwarded,
+        forwarded,
+        "a packet got through"
+    );
+    lab.link().set_both(Impairment::none());
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = [0u8; 5];
+    open.read_exact(&mut reply).expect("the echo once healed");
+    assert_eq!(&reply, b"ping\n");
+}

@@ -17,7 +17,8 @@
 //!
 //! Each direction has its own [`Impairment`], changeable while traffic
 //! flows ([`Link::set`]); one 4-tuple can be dropped silently, as a NAT that
-//! forgot a flow would ([`Link::drop_flow`]). [`Link::counters`] says what
+//! forgot a flow would ([`Link::drop_flow`]), and so can everything of one
+//! endpoint, one way or both ([`Link::drop_endpoint`]). [`Link::counters`] says what
 //! was forwarded and dropped, so an experiment can prove its fault was real.
 
 use std::cmp::Reverse;
@@ -164,6 +165,9 @@ struct Shared {
     impairments: [Mutex<Impairment>; 2],
     /// Flows dropped in both directions, as (one end, other end).
     dropped_flows: Mutex<Vec<(SocketAddrV4, SocketAddrV4)>>,
+    /// Endpoints whose packets are dropped, per direction (indexed by
+    /// [`Direction::index`]).
+    dropped_endpoints: Mutex<Vec<(SocketAddrV4, [bool; 2])>>,
     forwarded: [AtomicU64; 2],
     dropped: [AtomicU64; 2],
     overflowed: [AtomicU64; 2],
@@ -222,6 +226,29 @@ impl Link {
     /// Carries the flows given to [`Link::drop_flow`] again.
     pub fn restore_flows(&self) {
         lock(&self.shared.dropped_flows).clear();
+    }
+
+    /// Silently drops every TCP packet that `directions` carry from or to
+    /// `endpoint` (an address and port, e.g. one backend), while the rest
+    /// of the link carries on: one server of a host partitioned away
+    /// (both directions), or only what is sent to it
+    /// (`[Direction::ToFar]` for a far server: a one-way partition).
+    pub fn drop_endpoint(
+        &self,
+        endpoint: SocketAddr,
+        directions: &[Direction],
+    ) -> Result<(), LabError> {
+        let mut which = [false; 2];
+        for d in directions {
+            which[d.index()] = true;
+        }
+        lock(&self.shared.dropped_endpoints).push((v4(endpoint)?, which));
+        Ok(())
+    }
+
+    /// Carries the endpoints given to [`Link::drop_endpoint`] again.
+    pub fn restore_endpoints(&self) {
+        lock(&self.shared.dropped_endpoints).clear();
     }
 
     /// What `direction` has carried and dropped so far.
@@ -360,7 +387,7 @@ impl Forwarder {
     /// Drops `packet` or queues it with its delay.
     fn admit(&mut self, packet: &[u8], imp: &Impairment, rng: &mut impl Rng) {
         let i = self.direction.index();
-        if self.lose(imp, rng) || self.flow_dropped(packet) {
+        if self.lose(imp, rng) || self.flow_dropped(packet) || self.endpoint_dropped(packet) {
             self.shared.dropped[i].fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -418,6 +445,22 @@ impl Forwarder {
         flows
             .iter()
             .any(|&(a, b)| (a, b) == (src, dst) || (b, a) == (src, dst))
+    }
+}
+
+impl Forwarder {
+    fn endpoint_dropped(&self, packet: &[u8]) -> bool {
+        let endpoints = lock(&self.shared.dropped_endpoints);
+        if endpoints.is_empty() {
+            return false;
+        }
+        let Some((src, dst)) = tcp_endpoints(packet) else {
+            return false;
+        };
+        let i = self.direction.index();
+        endpoints
+            .iter()
+            .any(|&(e, which)| which[i] && (e == src || e == dst))
     }
 }
 
@@ -518,6 +561,20 @@ mod tests {
         assert!(f.flow_dropped(&tcp_packet(a, b)));
         assert!(f.flow_dropped(&tcp_packet(b, a)));
         assert!(!f.flow_dropped(&tcp_packet(other, b)));
+    }
+
+    #[test]
+    fn a_dropped_endpoint_is_dropped_in_the_directions_asked_and_only_it() {
+        let shared = shared();
+        let client = SocketAddrV4::new(NEAR_ADDR, 40000);
+        let primary = SocketAddrV4::new(FAR_ADDR, 7001);
+        let secondary = SocketAddrV4::new(FAR_ADDR, 7002);
+        lock(&shared.dropped_endpoints).push((primary, [true, false]));
+        let to_far = Forwarder::new(Direction::ToFar, shared.clone());
+        let to_near = Forwarder::new(Direction::ToNear, shared);
+        assert!(to_far.endpoint_dropped(&tcp_packet(client, primary)));
+        assert!(!to_near.endpoint_dropped(&tcp_packet(primary, client)));
+        assert!(!to_far.endpoint_dropped(&tcp_packet(client, secondary)));
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub use backend::{echo_server, run_backend, BackendArgs, ReadPause};
 pub use link::{Direction, Impairment, Link};
 pub use process::LabProcess;
 pub use proxy::{read_evictions, EvictionLine, ProxyConfig};
-pub use sockets::{TcpEntry, TcpState};
+pub use sockets::{read_own_namespace as tcp_sockets_here, socket_inodes_of, TcpEntry, TcpState};
 
 use std::fs::File;
 use std::io;

@@ -81,11 +81,34 @@ pub struct TcpEntry {
     pub send_queue: u32,
     /// Bytes received and not yet read by the application.
     pub recv_queue: u32,
+    /// The socket's inode, as a process's `/proc/<pid>/fd/*` links name
+    /// it (`socket:[inode]`); 0 once no process holds it (`TIME_WAIT`).
+    pub inode: u64,
 }
 
-/// Must run on a thread inside the namespace: `/proc/net` (i.e.
-/// `/proc/self/net`) would show the main thread's namespace instead.
-pub(super) fn read_own_namespace() -> Result<Vec<TcpEntry>, LabError> {
+/// The inodes of the sockets that process `pid` holds open, from its
+/// `/proc/<pid>/fd` links (empty if the process is gone).
+pub fn socket_inodes_of(pid: u32) -> std::collections::HashSet<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Default::default();
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Every TCP socket of the calling thread's network namespace. Inside a
+/// lab, call it on a thread in the namespace (`/proc/net`, i.e.
+/// `/proc/self/net`, would show the main thread's namespace instead).
+pub fn read_own_namespace() -> Result<Vec<TcpEntry>, LabError> {
     let mut entries = Vec::new();
     for file in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
         match std::fs::read_to_string(file) {
@@ -124,12 +147,15 @@ fn parse_line(line: &str) -> Option<TcpEntry> {
     let remote = parse_addr(fields.next()?)?;
     let state = TcpState::from_code(u8::from_str_radix(fields.next()?, 16).ok()?)?;
     let (tx, rx) = fields.next()?.split_once(':')?;
+    // Then: timer, retransmits, uid, timeout, inode.
+    let inode = fields.nth(4)?.parse().ok()?;
     Some(TcpEntry {
         local,
         remote,
         state,
         send_queue: u32::from_str_radix(tx, 16).ok()?,
         recv_queue: u32::from_str_radix(rx, 16).ok()?,
+        inode,
     })
 }
 
@@ -174,6 +200,7 @@ mod tests {
         assert_eq!(entries[1].remote, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(entries[1].state, TcpState::Established);
         assert_eq!(entries[1].send_queue, 5);
+        assert_eq!(entries[1].inode, 2);
         let local = "127.0.0.1:7000".parse().unwrap();
         assert_eq!(state_of(&entries, local), Some(TcpState::Listen));
         assert_eq!(state_of(&entries, "127.0.0.1:1".parse().unwrap()), None);
@@ -192,5 +219,12 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let entries = read_own_namespace().unwrap();
         assert_eq!(state_of(&entries, addr), Some(TcpState::Listen));
+        let mine = socket_inodes_of(std::process::id());
+        let entry = entries.iter().find(|e| e.local == addr).unwrap();
+        assert!(
+            mine.contains(&entry.inode),
+            "inode {} not ours",
+            entry.inode
+        );
     }
 }
