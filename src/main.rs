@@ -87,11 +87,14 @@ enum Command {
 #[cfg(feature = "bench")]
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Failover under load: clients through pulsegate and direct, a fault
-    /// on the primary, then time to detect, time until every client is
-    /// served again, failed and hung requests and latency percentiles
-    /// (terminal table, JSON report, SVG timeline). Needs root.
-    Failover(pulsegate::bench::FailoverArgs),
+    /// Failover under load: clients through pulsegate, HAProxy and
+    /// directly, the same fault on the same backends for all (black: a dead
+    /// or frozen primary; gray: loss, latency, a flapping partition, one
+    /// dropped flow, a role flip), then time until every client is served
+    /// again, failed and hung requests, false evictions, writes to the
+    /// wrong role and latency percentiles (terminal table, JSON report, SVG
+    /// timeline); `--matrix` runs every fault. Needs root.
+    Failover(Box<pulsegate::bench::FailoverArgs>),
 }
 
 #[derive(Subcommand)]

@@ -44,6 +44,14 @@ fn report(output: &Output, out: &Path) -> Value {
     serde_json::from_str(&text).expect("report.json is JSON")
 }
 
+/// The report's object for `name` ("pulsegate", "haproxy", "direct").
+fn route<'a>(r: &'a Value, name: &str) -> &'a Value {
+    r["routes"]
+        .as_array()
+        .and_then(|routes| routes.iter().find(|x| x["route"] == name))
+        .unwrap_or_else(|| panic!("no route {name} in the report: {}", r["routes"]))
+}
+
 fn secs(v: &Value) -> f64 {
     v.as_f64()
         .unwrap_or_else(|| panic!("not a number of seconds: {v}"))
@@ -107,7 +115,7 @@ fn blackholed_primary_pulsegate_clients_are_served_again_direct_ones_hang() {
         "false evictions"
     );
 
-    let pulsegate = &r["pulsegate"];
+    let pulsegate = route(&r, "pulsegate");
     assert_eq!(pulsegate["clients_served_again"], 8, "{pulsegate}");
     let served = secs(&pulsegate["served_again_s"]);
     // probe_interval + dead_after + margin.
@@ -121,7 +129,7 @@ fn blackholed_primary_pulsegate_clients_are_served_again_direct_ones_hang() {
         "{pulsegate}"
     );
 
-    let direct = &r["direct"];
+    let direct = route(&r, "direct");
     assert!(
         direct["served_again_s"].is_null(),
         "direct recovered? {direct}"
@@ -159,10 +167,10 @@ fn killed_primary_pulsegate_fails_over_at_once_direct_clients_are_refused() {
         "{}",
         r["detection"]
     );
-    let pulsegate = &r["pulsegate"];
+    let pulsegate = route(&r, "pulsegate");
     assert!(secs(&pulsegate["served_again_s"]) < 1.0, "{pulsegate}");
     assert_eq!(pulsegate["hung"], 0, "{pulsegate}");
-    let direct = &r["direct"];
+    let direct = route(&r, "direct");
     assert!(direct["served_again_s"].is_null(), "{direct}");
     assert!(
         direct["failures"]["refused"].as_u64().unwrap_or(0) > 0,
@@ -228,4 +236,124 @@ fn without_root_it_names_the_privilege_and_exits_3() {
         stderr.contains("needs root") && stderr.contains("CAP_NET_ADMIN"),
         "{stderr}"
     );
+}
+
+/// `haproxy` on PATH or in /usr/sbin; under CI=true it must be there.
+fn haproxy_or_skip() -> bool {
+    let found = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+        .iter()
+        .any(|p| Path::new(p).exists());
+    if !found {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true but haproxy is not installed (apt-get install haproxy)"
+        );
+        eprintln!("skipping: haproxy is not installed (apt-get install haproxy)");
+    }
+    found
+}
+
+/// The short matrix CI runs: echo, three faults (loss, flow, blackhole),
+/// pulsegate, HAProxy and direct side by side. Every route is in every
+/// report, the fault reached every route at the same instant, the counts
+/// add up, and pulsegate's row meets its targets: no false eviction under
+/// 2 % loss, the dropped flow found within 10 s, every client served again
+/// within 2 s of a blackhole.
+#[test]
+fn a_short_matrix_measures_every_route_under_the_same_fault() {
+    if !lab_available("bench-probe") || !haproxy_or_skip() {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        "--matrix",
+        "--faults",
+        "loss,flow,blackhole",
+        "--via",
+        "pulsegate,haproxy,direct",
+        "--clients",
+        "8",
+        "--duration",
+        "8s",
+        "--fault-at",
+        "2s",
+    ];
+    let output = bench(&args, out.path());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        output.status.success(),
+        "matrix failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let markdown = std::fs::read_to_string(out.path().join("matrix.md")).expect("matrix.md");
+    assert!(markdown.contains("| flow | haproxy |"), "{markdown}");
+    let matrix: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("matrix.json")).unwrap())
+            .unwrap();
+    assert_eq!(matrix["rows"].as_array().unwrap().len(), 9, "{matrix}");
+
+    for fault in ["loss", "flow", "blackhole"] {
+        let dir = out.path().join(fault);
+        let text = std::fs::read_to_string(dir.join("report.json")).expect("report.json");
+        let r: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(r["fault"]["kind"], fault);
+        let at = secs(&r["fault"]["at_s"]);
+        for name in ["pulsegate", "haproxy", "direct"] {
+            let x = route(&r, name);
+            let applied = secs(&x["fault_applied_s"]);
+            assert!(
+                (applied - at).abs() <= 0.05,
+                "{fault}: the fault reached {name} at {applied} s, not at {at} s"
+            );
+            let n = |k: &str| x[k].as_u64().unwrap_or_else(|| panic!("{k} in {x}"));
+            assert!(n("requests") > 500, "{fault} {name}: {x}");
+            assert_eq!(
+                n("ok") + n("failed") + n("hung") + n("unfinished"),
+                n("requests"),
+                "{fault} {name}: outcomes do not add up: {x}"
+            );
+            let phases: u64 = ["before", "during", "after"]
+                .iter()
+                .map(|p| x[p]["requests"].as_u64().unwrap())
+                .sum();
+            assert_eq!(phases, n("requests") - n("unfinished"), "{fault} {name}");
+            assert!(n("false_evictions") <= n("sessions_ended"), "{x}");
+        }
+        assert!(dir.join("timeline.svg").exists());
+        assert!(dir.join("haproxy.cfg").exists());
+        assert!(r["configs"]["haproxy"]
+            .as_str()
+            .unwrap()
+            .contains("on-marked-down shutdown-sessions"));
+    }
+
+    let report = |fault: &str| -> Value {
+        let text = std::fs::read_to_string(out.path().join(fault).join("report.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    // 2 % loss: no live session of pulsegate's ended.
+    let loss = report("loss");
+    let pulsegate = route(&loss, "pulsegate");
+    assert_eq!(pulsegate["false_evictions"], 0, "{pulsegate}");
+    assert_eq!(pulsegate["sessions_ended"], 0, "{pulsegate}");
+    assert_eq!(loss["detection"]["evictions"], 0, "{}", loss["detection"]);
+    // The dropped flow: exactly one session ended, found within 10 s.
+    let flow = report("flow");
+    let pulsegate = route(&flow, "pulsegate");
+    assert_eq!(pulsegate["false_evictions"], 0, "{pulsegate}");
+    assert_eq!(pulsegate["sessions_ended"], 1, "{pulsegate}");
+    let found = secs(&pulsegate["served_again_s"]);
+    assert!(found < 10.0, "the dropped flow found after {found} s");
+    // Direct clients have no one to reset the dropped flow: one hangs.
+    assert!(route(&flow, "direct")["hung"].as_u64().unwrap() >= 1);
+    // Blackhole: every pulsegate client served again within 2 s.
+    let blackhole = report("blackhole");
+    let pulsegate = route(&blackhole, "pulsegate");
+    let served = secs(&pulsegate["served_again_s"]);
+    assert!(served < 2.0, "served again after {served} s: {pulsegate}");
+    assert_eq!(pulsegate["hung"], 0, "{pulsegate}");
+    assert!(route(&blackhole, "direct")["served_again_s"].is_null());
 }

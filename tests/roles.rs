@@ -353,3 +353,45 @@ async fn busy_but_alive_backend_is_not_marked_down() {
     .unwrap();
     stop.cancel();
 }
+
+/// The bench's `role-flip` fault (`pulsegate bench failover --fault
+/// role-flip`) swaps the roles without closing a client connection: the
+/// connections opened before it still answer, a write on the demoted
+/// server is refused read-only, and the promoted one takes writes.
+#[cfg(feature = "bench")]
+#[test]
+fn the_benchs_role_flip_swaps_roles_and_leaves_every_connection_open() {
+    if !redis_available() {
+        return;
+    }
+    let a = Redis::start(None);
+    let b = Redis::start(Some(a.port));
+    let mut on_a = TcpStream::connect(a.addr()).unwrap();
+    let mut on_b = TcpStream::connect(b.addr()).unwrap();
+    let ask = |stream: &mut TcpStream, command: &str| -> String {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(command.as_bytes()).unwrap();
+        let mut buf = [0u8; 256];
+        let n = stream.read(&mut buf).expect("the connection is still open");
+        assert!(n > 0, "the server closed the connection");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(ask(&mut on_a, "SET k v\r\n"), "+OK\r\n");
+    assert!(ask(&mut on_b, "SET k v\r\n").starts_with("-READONLY"));
+
+    pulsegate::bench::flip_redis_roles(a.addr(), b.addr()).expect("role flip");
+
+    assert_eq!(ask(&mut on_a, "PING\r\n"), "+PONG\r\n");
+    assert!(ask(&mut on_a, "SET k w\r\n").starts_with("-READONLY"));
+    assert_eq!(ask(&mut on_b, "SET k w\r\n"), "+OK\r\n");
+    assert!(b
+        .cmd(&["INFO", "replication"])
+        .unwrap()
+        .contains("role:master"));
+    assert!(a
+        .cmd(&["INFO", "replication"])
+        .unwrap()
+        .contains("role:slave"));
+}

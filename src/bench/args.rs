@@ -57,6 +57,24 @@ pub enum FaultKind {
     Kill,
     /// SIGKILL, then started again after `--restart-after`.
     Restart,
+    /// `--loss` % of the packets on the link to the backends are lost at
+    /// random (`--loss-direction`): every backend stays alive.
+    Loss,
+    /// The link to the backends gets `--latency` (± `--jitter`) slower in
+    /// each direction: every backend stays alive.
+    Latency,
+    /// The primary is partitioned away (both directions) for `--flap-for`,
+    /// then reachable again; it stays alive.
+    Flap,
+    /// One established connection to the primary per route (a proxy's
+    /// upstream connection, or a direct client's) is silently dropped, as
+    /// a NAT that forgot it; the primary and every other connection live.
+    Flow,
+    /// The roles swap with no connection closed: the secondary (a replica
+    /// from the start) becomes the primary (`REPLICAOF NO ONE`) and the
+    /// primary its replica. Redis only; pulsegate runs with
+    /// `role = "primary"`.
+    RoleFlip,
 }
 
 impl FaultKind {
@@ -67,8 +85,103 @@ impl FaultKind {
             FaultKind::Freeze => "freeze",
             FaultKind::Kill => "kill",
             FaultKind::Restart => "restart",
+            FaultKind::Loss => "loss",
+            FaultKind::Latency => "latency",
+            FaultKind::Flap => "flap",
+            FaultKind::Flow => "flow",
+            FaultKind::RoleFlip => "role-flip",
         }
     }
+
+    /// Every fault, in the order the matrix runs them.
+    pub const ALL: [FaultKind; 10] = [
+        FaultKind::Blackhole,
+        FaultKind::BlackholeOneway,
+        FaultKind::Freeze,
+        FaultKind::Kill,
+        FaultKind::Restart,
+        FaultKind::Loss,
+        FaultKind::Latency,
+        FaultKind::Flap,
+        FaultKind::Flow,
+        FaultKind::RoleFlip,
+    ];
+
+    /// Whether `workload` can have this fault (the roles need servers
+    /// that have roles).
+    pub fn fits(self, workload: WorkloadKind) -> bool {
+        self != FaultKind::RoleFlip || workload == WorkloadKind::Redis
+    }
+
+    /// Which sessions the fault may rightly end: a session that ends
+    /// outside this is a false eviction (see [`Expected`]).
+    pub(crate) fn expected(self) -> Expected {
+        match self {
+            FaultKind::Loss | FaultKind::Latency => Expected::Nothing,
+            FaultKind::Flow => Expected::OneFlow,
+            _ => Expected::PrimarySessions,
+        }
+    }
+}
+
+/// What a fault may rightly cost the sessions it touches, to tell
+/// evictions it explains from false ones. Sessions that end before the
+/// fault are always false evictions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expected {
+    /// Every backend stays alive and reachable (loss, latency): every
+    /// session that ends is a false eviction.
+    Nothing,
+    /// One flow per route is dropped: that one session may end.
+    OneFlow,
+    /// The primary is dead, frozen, partitioned or demoted: its sessions
+    /// may end after the fault.
+    PrimarySessions,
+}
+
+/// How a client reaches the backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
+pub enum RouteKind {
+    /// Through pulsegate, which fails over.
+    Pulsegate,
+    /// Through HAProxy (Debian package `haproxy`), with a config the bench
+    /// writes for the same goal (or `--haproxy-config`).
+    Haproxy,
+    /// Straight to the primary, as an application without a proxy.
+    Direct,
+}
+
+impl RouteKind {
+    /// How many routes there are (the size of per-route arrays).
+    pub const COUNT: usize = 3;
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Pulsegate => "pulsegate",
+            RouteKind::Haproxy => "haproxy",
+            RouteKind::Direct => "direct",
+        }
+    }
+
+    /// Its slot in per-route arrays.
+    pub fn index(self) -> usize {
+        match self {
+            RouteKind::Pulsegate => 0,
+            RouteKind::Haproxy => 1,
+            RouteKind::Direct => 2,
+        }
+    }
+}
+
+/// Which packets `--fault loss` drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LossDirection {
+    /// Both ways.
+    Both,
+    /// Only packets towards the backends.
+    ToBackend,
+    /// Only packets from the backends.
+    FromBackend,
 }
 
 /// `pulsegate bench failover`: a load test of failover.
@@ -90,12 +203,47 @@ pub struct FailoverArgs {
     /// What happens to the primary.
     #[arg(long, value_enum, default_value_t = FaultKind::Blackhole)]
     pub fault: FaultKind,
-    /// Concurrent clients per path (through pulsegate, and direct).
+    /// The routes measured side by side, each with its own clients, on the
+    /// same backends and the same fault: pulsegate, haproxy, direct.
+    /// [default: pulsegate,direct; with --matrix pulsegate,haproxy,direct]
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub via: Vec<RouteKind>,
+    /// Run every fault of --faults in turn (each in a fresh lab, with the
+    /// same settings) and write one summary table of fault × route
+    /// (DIR/matrix.md and DIR/matrix.json), each run's files in DIR/<fault>.
+    #[arg(long)]
+    pub matrix: bool,
+    /// With --matrix: the faults to run [default: every fault the workload
+    /// can have].
+    #[arg(long, value_enum, value_delimiter = ',', requires = "matrix")]
+    pub faults: Vec<FaultKind>,
+    /// With --via haproxy: run HAProxy with this config instead of the one
+    /// the bench writes (it must listen on 127.0.0.1:6433 and use the
+    /// backends the run prints).
+    #[arg(long, value_name = "FILE")]
+    pub haproxy_config: Option<PathBuf>,
+    /// With --fault loss: the percentage of packets lost (0 to 100).
+    #[arg(long, default_value_t = 2.0)]
+    pub loss: f64,
+    /// With --fault loss: which way packets are lost.
+    #[arg(long, value_enum, default_value_t = LossDirection::Both)]
+    pub loss_direction: LossDirection,
+    /// With --fault latency: the delay added each way.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+    /// With --fault latency: each packet's delay varies by ± this much.
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub jitter: Duration,
+    /// With --fault flap: how long the primary stays partitioned away.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub flap_for: Duration,
+    /// Concurrent clients per route.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub clients: u32,
-    /// How long the load runs, e.g. 20s.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-    pub duration: Duration,
+    /// How long the load runs, e.g. 20s [default: 20s; with --matrix 8s
+    /// per fault].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
     /// When the fault is injected, counted from the start of the load
     /// [default: a third of --duration].
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -142,15 +290,31 @@ pub struct FailoverArgs {
     pub quiet: bool,
 }
 
-/// The listener's address inside the lab.
+/// pulsegate's listener inside the lab (the near namespace).
 pub(crate) const PROXY_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 6432);
+/// HAProxy's listener inside the lab.
+pub(crate) const HAPROXY_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 6433);
+
+/// How long a run's load lasts by default, alone and in a matrix.
+const DURATION: Duration = Duration::from_secs(20);
+const MATRIX_DURATION: Duration = Duration::from_secs(8);
 
 /// Every setting of one run, validated.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
     pub workload: WorkloadKind,
     pub fault: FaultKind,
+    /// The routes, each once, in the order given.
+    pub routes: Vec<RouteKind>,
+    pub haproxy_config: Option<PathBuf>,
+    /// `--loss` as a fraction (0.02 for 2 %).
+    pub loss: f64,
+    pub loss_direction: LossDirection,
+    pub latency: Duration,
+    pub jitter: Duration,
+    pub flap_for: Duration,
     pub clients: u32,
     pub duration: Duration,
     pub fault_at: Duration,
@@ -177,13 +341,47 @@ impl Plan {
     /// against pulsegate's own config rules; [`BenchError::Args`] names the
     /// flag at fault.
     pub fn from_args(args: &FailoverArgs) -> Result<Plan, BenchError> {
-        let fault_at = args.fault_at.unwrap_or(args.duration / 3);
+        Plan::for_fault(args, args.fault)
+    }
+
+    /// The plan of one run of `fault` with the settings of `args` (one
+    /// row of a matrix).
+    pub fn for_fault(args: &FailoverArgs, fault: FaultKind) -> Result<Plan, BenchError> {
+        let duration = args.duration.unwrap_or(if args.matrix {
+            MATRIX_DURATION
+        } else {
+            DURATION
+        });
+        let fault_at = args.fault_at.unwrap_or(duration / 3);
+        let via: &[RouteKind] = match (args.via.is_empty(), args.matrix) {
+            (false, _) => &args.via,
+            (true, false) => &[RouteKind::Pulsegate, RouteKind::Direct],
+            (true, true) => &[RouteKind::Pulsegate, RouteKind::Haproxy, RouteKind::Direct],
+        };
+        let out = if args.matrix {
+            args.out.join(fault.as_str())
+        } else {
+            args.out.clone()
+        };
         let [primary, secondary] = servers::backend_addrs(args.workload);
+        let mut routes = Vec::new();
+        for &route in via {
+            if !routes.contains(&route) {
+                routes.push(route);
+            }
+        }
         let plan = Plan {
             workload: args.workload,
-            fault: args.fault,
+            fault,
+            routes,
+            haproxy_config: args.haproxy_config.clone(),
+            loss: args.loss / 100.0,
+            loss_direction: args.loss_direction,
+            latency: args.latency,
+            jitter: args.jitter,
+            flap_for: args.flap_for,
             clients: args.clients,
-            duration: args.duration,
+            duration,
             fault_at,
             restart_after: args.restart_after,
             pace: match args.rate {
@@ -196,10 +394,16 @@ impl Plan {
             dead_after: args.dead_after,
             check_interval: args.check_interval,
             down_grace: args.down_grace,
-            json: args.json.clone().unwrap_or(args.out.join("report.json")),
-            svg: args.svg.clone().unwrap_or(args.out.join("timeline.svg")),
-            csv: args.csv.then(|| args.out.join("requests.csv")),
-            out: args.out.clone(),
+            json: match (&args.json, args.matrix) {
+                (Some(json), false) => json.clone(),
+                _ => out.join("report.json"),
+            },
+            svg: match (&args.svg, args.matrix) {
+                (Some(svg), false) => svg.clone(),
+                _ => out.join("timeline.svg"),
+            },
+            csv: args.csv.then(|| out.join("requests.csv")),
+            out,
             quiet: args.quiet,
             primary,
             secondary,
@@ -220,6 +424,43 @@ impl Plan {
         if self.fault_at.is_zero() || self.fault_at >= self.duration {
             return bad(format!(
                 "--fault-at {} must lie inside the run (after 0s, before --duration {})",
+                s(self.fault_at),
+                s(self.duration)
+            ));
+        }
+        if self.routes.is_empty() {
+            return bad("--via names no route; use e.g. --via pulsegate,haproxy,direct".into());
+        }
+        if self.haproxy_config.is_some() && !self.routes.contains(&RouteKind::Haproxy) {
+            return bad("--haproxy-config is only used with --via ...,haproxy,...".into());
+        }
+        if !self.fault.fits(self.workload) {
+            return bad(format!(
+                "--fault {} needs servers with roles: use --workload redis (the {} workload has none)",
+                self.fault.as_str(),
+                self.workload.as_str()
+            ));
+        }
+        if !(self.loss > 0.0 && self.loss <= 1.0) {
+            return bad(format!(
+                "--loss {} must be a percentage above 0 and at most 100, e.g. 2",
+                self.loss * 100.0
+            ));
+        }
+        if self.latency.is_zero() || self.jitter > self.latency {
+            return bad(format!(
+                "--latency {} must be above zero and --jitter {} at most as large",
+                s(self.latency),
+                s(self.jitter)
+            ));
+        }
+        if self.fault == FaultKind::Flap
+            && (self.flap_for.is_zero() || self.fault_at + self.flap_for >= self.duration)
+        {
+            return bad(format!(
+                "--flap-for {} must be above zero and heal the partition before the run ends \
+                 (--fault-at {} + --flap-for < --duration {})",
+                s(self.flap_for),
                 s(self.fault_at),
                 s(self.duration)
             ));
@@ -245,6 +486,38 @@ impl Plan {
             ))
         })?;
         Ok(())
+    }
+
+    /// The fault in words, with its parameters.
+    pub fn describe_fault(&self) -> String {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        match self.fault {
+            FaultKind::Blackhole => "the primary silenced both ways, then killed".into(),
+            FaultKind::BlackholeOneway => "packets to the primary dropped; it lives".into(),
+            FaultKind::Freeze => "the primary frozen (SIGSTOP)".into(),
+            FaultKind::Kill => "the primary killed (its kernel resets)".into(),
+            FaultKind::Restart => format!(
+                "the primary killed, restarted after {}",
+                d(self.restart_after)
+            ),
+            FaultKind::Loss => format!(
+                "{} % random loss {} on the link to the backends",
+                self.loss * 100.0,
+                match self.loss_direction {
+                    LossDirection::Both => "both ways",
+                    LossDirection::ToBackend => "towards them",
+                    LossDirection::FromBackend => "from them",
+                }
+            ),
+            FaultKind::Latency => format!(
+                "{} ± {} added each way on the link to the backends",
+                d(self.latency),
+                d(self.jitter)
+            ),
+            FaultKind::Flap => format!("the primary partitioned away for {}", d(self.flap_for)),
+            FaultKind::Flow => "one connection to the primary per route silently dropped".into(),
+            FaultKind::RoleFlip => "the replica promoted, the primary made its replica".into(),
+        }
     }
 
     /// pulsegate's config for the run: both backends in failover order, a
@@ -274,7 +547,8 @@ impl Plan {
              [listener.routing]\n\
              balance = \"first_healthy\"\n\
              on_down = \"evict\"\n\
-             down_grace = \"{grace}\"\n",
+             down_grace = \"{grace}\"\n\
+             {role}",
             bind = PROXY_ADDR,
             primary = self.primary,
             secondary = self.secondary,
@@ -283,6 +557,11 @@ impl Plan {
             kind = self.workload.check_kind(),
             check = d(self.check_interval),
             grace = d(self.down_grace),
+            role = if self.fault == FaultKind::RoleFlip {
+                "role = \"primary\"   # only the server whose check says primary\n"
+            } else {
+                ""
+            },
         )
     }
 }

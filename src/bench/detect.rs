@@ -13,6 +13,8 @@ const STATE_CHANGED: &str = "backend state changed";
 /// The liveness watcher's message when a dead connection made a backend
 /// suspect.
 const WATCHER_SUSPECT: &str = "backend suspect: probing all its sessions now";
+/// The health monitor's message when a check reports another role.
+const ROLE_CHANGED: &str = "backend role changed";
 
 /// pulsegate's reaction to the fault, times since the fault.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -28,16 +30,23 @@ pub(crate) struct Detection {
     pub primary_down: Option<Duration>,
     /// The primary reported up again after it was suspect or down.
     pub primary_up_again: Option<Duration>,
+    /// A check found the primary in another role.
+    pub primary_role_changed: Option<Duration>,
 }
 
 impl Detection {
-    /// The first sign that pulsegate saw the fault: an eviction or the
-    /// primary turning suspect or down.
+    /// The first sign that pulsegate saw the fault: an eviction, the
+    /// primary turning suspect or down, or its role changing.
     pub fn detected(&self) -> Option<Duration> {
-        [self.first_eviction, self.primary_suspect, self.primary_down]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.first_eviction,
+            self.primary_suspect,
+            self.primary_down,
+            self.primary_role_changed,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 
@@ -89,6 +98,9 @@ pub(crate) fn parse(text: &str, window: Window) -> Detection {
                 // A dead connection makes the backend suspect through the
                 // watcher, which logs this instead of a state change.
                 Some(WATCHER_SUSPECT) => d.note_state(since, "suspect"),
+                Some(ROLE_CHANGED) if d.primary_role_changed.is_none() => {
+                    d.primary_role_changed = Some(since)
+                }
                 _ => {}
             }
         }
@@ -132,6 +144,7 @@ mod tests {
 {"timestamp":"2025-03-01T10:00:02.300000Z","level":"WARN","event":"eviction","reason":"backend_down","target":"pulsegate::evict"}
 {"timestamp":"2025-03-01T10:00:02.400000Z","level":"WARN","message":"backend state changed","backend":"127.0.0.1:7001","from":"suspect","to":"down"}
 not json
+{"timestamp":"2025-03-01T10:00:04.000000Z","level":"WARN","message":"backend role changed","backend":"127.0.0.1:7001","role":"replica"}
 {"timestamp":"2025-03-01T10:00:05.000000Z","level":"WARN","message":"backend state changed","backend":"127.0.0.1:7001","from":"down","to":"up"}
 "#;
 
@@ -155,6 +168,7 @@ not json
         assert_eq!(d.primary_suspect, Some(Duration::from_millis(600)));
         assert_eq!(d.primary_down, Some(Duration::from_millis(1400)));
         assert_eq!(d.primary_up_again, Some(Duration::from_secs(4)));
+        assert_eq!(d.primary_role_changed, Some(Duration::from_secs(3)));
         assert_eq!(d.detected(), Some(Duration::from_millis(600)));
     }
 

@@ -1,20 +1,24 @@
-//! `pulsegate bench failover`, start to finish: a lab, two backends,
-//! pulsegate in front of them, the load on both routes with the fault
-//! injected on schedule, then the report (terminal table, JSON, SVG).
-//! Every process is killed and the namespace deleted on every path out,
-//! by the drops of [`Backends`](super::servers::Backends) and [`Lab`].
+//! `pulsegate bench failover`, start to finish: a linked lab (backends in
+//! the far namespace, clients and proxies in the near one, an emulated
+//! link between), two backends, the proxies of the routes in front of
+//! them, the load on every route with the fault injected on schedule,
+//! then the report (terminal table, JSON, SVG). Every process is killed
+//! and the namespaces deleted on every path out, by the drops of
+//! [`Backends`](super::servers::Backends) and [`LinkedLab`].
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::args::{FailoverArgs, FaultKind, Plan, PROXY_ADDR};
-use super::fault::{self, FaultTimes};
+use super::args::{FailoverArgs, FaultKind, Plan, HAPROXY_ADDR, PROXY_ADDR};
+use super::fault::{self, FaultTimes, Scene};
 use super::load::{self, Live, LoadPlan, LoadResult};
 use super::report::{self, Report};
 use super::servers::{self, Backends};
-use super::{detect, plot, table, BenchError};
-use crate::lab::{Lab, LabError};
+use super::workload::Route;
+use super::{detect, matrix, peers, plot, table, BenchError};
+use crate::lab::{LabError, LinkedLab};
 
 /// How long the backends and pulsegate get to answer a first request.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,13 +26,22 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// up and every client to be spawned.
 const LEAD: Duration = Duration::from_millis(300);
 
-/// Runs the bench described by `args`, prints the summary and writes the
-/// report files; returns the report.
-pub fn run_failover(args: &FailoverArgs) -> Result<Report, BenchError> {
+/// Runs the bench described by `args` (one fault, or with `--matrix`
+/// each fault in turn), prints the summary and writes the report files;
+/// returns the reports.
+pub fn run_failover(args: &FailoverArgs) -> Result<Vec<Report>, BenchError> {
+    if args.matrix {
+        return matrix::run_matrix(args);
+    }
     let plan = Plan::from_args(args)?;
+    Ok(vec![run_plan(&plan)?])
+}
+
+/// Runs one planned bench (one fault, every route).
+pub(crate) fn run_plan(plan: &Plan) -> Result<Report, BenchError> {
     let exe =
         std::env::current_exe().map_err(BenchError::io("cannot locate the pulsegate binary"))?;
-    let lab = Lab::new("bench").map_err(|e| match e {
+    let lab = LinkedLab::new("bench").map_err(|e| match e {
         LabError::Unavailable(reason) => LabError::Unavailable(format!(
             "{reason} (here: `sudo pulsegate bench failover ...`)"
         )),
@@ -36,19 +49,56 @@ pub fn run_failover(args: &FailoverArgs) -> Result<Report, BenchError> {
     })?;
     create_dir(&plan.out)?;
     println!(
-        "pulsegate bench failover: in network namespace {}, starting two {} backends and pulsegate",
-        lab.name(),
+        "pulsegate bench failover: backends in network namespace {}, clients and proxies in {}, \
+         joined by an emulated link; starting two {} backends",
+        lab.far().name(),
+        lab.near().name(),
         plan.workload.as_str()
     );
-    let mut backends = servers::start(&lab, &exe, &plan)?;
+    let mut backends = servers::start(lab.far(), &exe, plan)?;
     let config = plan.proxy_toml();
     write(&plan.out.join("pulsegate.toml"), &config)?;
-    let proxy = lab.start_pulsegate_with(&exe, PROXY_ADDR, &config)?;
-    let targets = [plan.primary, plan.secondary, PROXY_ADDR];
-    lab.enter(|| load::wait_answering(plan.workload, &targets, READY_TIMEOUT))??;
-    intro(&plan, &backends, proxy.pid());
+    let mut owners = vec![];
+    let mut proxy = None;
+    let mut haproxy = None;
+    let mut targets = vec![];
+    for &route in &plan.routes {
+        let (target, pid) = match route {
+            Route::Pulsegate => {
+                let process = lab.near().start_pulsegate_with(&exe, PROXY_ADDR, &config)?;
+                let pid = process.pid();
+                proxy = Some(process);
+                (PROXY_ADDR, pid)
+            }
+            Route::Haproxy => {
+                let started = peers::start_haproxy(lab.near(), plan)?;
+                write(&plan.out.join("haproxy.cfg"), &started.config)?;
+                let pid = started.process.pid();
+                haproxy = Some(started);
+                (HAPROXY_ADDR, pid)
+            }
+            Route::Direct => (plan.primary, std::process::id()),
+        };
+        owners.push((route, pid));
+        targets.push((route, target));
+    }
+    let mut ready = vec![plan.primary, plan.secondary];
+    ready.extend(targets.iter().map(|&(_, addr)| addr));
+    if plan.fault == FaultKind::RoleFlip {
+        // The replica answers reads, but the clients write: only the
+        // primary and the proxies are asked.
+        ready.retain(|&addr| addr != plan.secondary);
+    }
+    lab.near()
+        .enter(|| load::wait_answering(plan.workload, &ready, READY_TIMEOUT))??;
+    intro(plan, &backends, &owners);
 
-    let (load, fault) = run_with_fault(&lab, &mut backends, &plan)?;
+    let scene = Scene {
+        lab: &lab,
+        backends: &mut backends,
+        owners,
+    };
+    let (load, fault) = run_with_fault(&lab, scene, plan, targets)?;
     if plan.fault == FaultKind::Freeze {
         backends.primary.thaw();
     }
@@ -56,19 +106,31 @@ pub fn run_failover(args: &FailoverArgs) -> Result<Report, BenchError> {
         return Err(BenchError::Interrupted);
     }
     let fault = fault?;
-    let _ = std::fs::copy(proxy.stderr_path(), plan.out.join("pulsegate.log"));
     let primary = plan.primary.to_string();
-    let window = detect::Window {
-        fault: fault.wall,
-        until: plan.duration.saturating_sub(fault.at),
-        primary: &primary,
+    let detection = match (&proxy, fault.wall) {
+        (Some(proxy), Some(wall)) => {
+            let _ = std::fs::copy(proxy.stderr_path(), plan.out.join("pulsegate.log"));
+            let window = detect::Window {
+                fault: wall,
+                until: plan.duration.saturating_sub(fault.at),
+                primary: &primary,
+            };
+            Some(detect::read(proxy.stderr_path(), window))
+        }
+        _ => None,
     };
-    let detection = detect::read(proxy.stderr_path(), window);
-    let report = report::build(&plan, &load.records, &fault, &detection, config);
-    write_outputs(&plan, &report, &load)?;
+    if let Some(haproxy) = &haproxy {
+        let _ = std::fs::copy(haproxy.process.stderr_path(), plan.out.join("haproxy.log"));
+    }
+    let configs = report::Configs {
+        pulsegate: proxy.is_some().then_some(config),
+        haproxy: haproxy.map(|h| h.config),
+    };
+    let report = report::build(plan, &load.records, &fault, detection.as_ref(), configs);
+    write_outputs(plan, &report, &load)?;
     print!("\n{}", table::render(&report));
     println!(
-        "\nwrote {} and {}; pulsegate's config and log are in {}",
+        "\nwrote {} and {}; the proxies' configs and logs are in {}",
         plan.json.display(),
         plan.svg.display(),
         plan.out.display()
@@ -76,12 +138,13 @@ pub fn run_failover(args: &FailoverArgs) -> Result<Report, BenchError> {
     Ok(report)
 }
 
-/// The load on both routes in the lab, and the fault from another thread
-/// at the same time.
+/// The load on every route in the near namespace, and the fault from
+/// another thread at the same time.
 fn run_with_fault(
-    lab: &Lab,
-    backends: &mut Backends,
+    lab: &LinkedLab,
+    scene: Scene<'_>,
     plan: &Plan,
+    targets: Vec<(Route, SocketAddr)>,
 ) -> Result<(LoadResult, Result<FaultTimes, BenchError>), BenchError> {
     let live = Arc::new(Live::default());
     let progress = load::progress_bar(plan.duration, plan.quiet);
@@ -93,15 +156,16 @@ fn run_with_fault(
         hang_bound: plan.hang_bound,
         t0,
         end: t0 + plan.duration,
-        targets: [PROXY_ADDR, plan.primary],
+        targets,
         fault: plan.fault,
         fault_at: plan.fault_at,
     };
-    let primary = &mut backends.primary;
     let live_now: &Live = &live;
     std::thread::scope(|scope| {
-        let injector = scope.spawn(move || fault::inject(lab, primary, plan, t0, live_now));
-        let loaded = lab.enter(|| load::run(&load_plan, live.clone(), &progress));
+        let injector = scope.spawn(move || fault::inject(scene, plan, t0, live_now));
+        let loaded = lab
+            .near()
+            .enter(|| load::run(&load_plan, live.clone(), &progress));
         let fault = injector
             .join()
             .unwrap_or_else(|_| Err(BenchError::Setup("the fault thread panicked".into())));
@@ -110,15 +174,24 @@ fn run_with_fault(
     })
 }
 
-fn intro(plan: &Plan, backends: &Backends, proxy_pid: u32) {
+fn intro(plan: &Plan, backends: &Backends, owners: &[(Route, u32)]) {
     let s = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+    let routes: Vec<String> = owners
+        .iter()
+        .map(|&(route, pid)| match route {
+            Route::Pulsegate => format!("pulsegate on {PROXY_ADDR} (pid {pid})"),
+            Route::Haproxy => format!("HAProxy on {HAPROXY_ADDR} (pid {pid})"),
+            Route::Direct => "direct to the primary".to_string(),
+        })
+        .collect();
     println!(
-        "  primary {}, secondary {}; pulsegate on {PROXY_ADDR} (pid {proxy_pid})",
-        backends.primary.addr, backends.secondary.addr,
+        "  primary {}, secondary {}; routes: {}",
+        backends.primary.addr,
+        backends.secondary.addr,
+        routes.join(", ")
     );
     println!(
-        "  {} clients through pulsegate + {} direct to the primary for {}; fault `{}` at {}",
-        plan.clients,
+        "  {} clients per route for {}; fault `{}` at {}",
         plan.clients,
         s(plan.duration),
         plan.fault.as_str(),
@@ -139,11 +212,11 @@ fn write_outputs(plan: &Plan, report: &Report, load: &LoadResult) -> Result<(), 
     plot::draw(report, &plan.svg)
 }
 
-fn create_dir(dir: &Path) -> Result<(), BenchError> {
+pub(super) fn create_dir(dir: &Path) -> Result<(), BenchError> {
     std::fs::create_dir_all(dir).map_err(BenchError::io(format!("cannot create {}", dir.display())))
 }
 
-fn write(path: &Path, contents: &str) -> Result<(), BenchError> {
+pub(super) fn write(path: &Path, contents: &str) -> Result<(), BenchError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         create_dir(dir)?;
     }

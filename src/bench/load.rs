@@ -37,8 +37,8 @@ pub(crate) struct LoadPlan {
     /// The start of the load; record times count from here.
     pub t0: Instant,
     pub end: Instant,
-    /// Where each route connects, indexed by [`Route::index`].
-    pub targets: [SocketAddr; 2],
+    /// The routes and where each connects.
+    pub targets: Vec<(Route, SocketAddr)>,
     pub fault: FaultKind,
     pub fault_at: Duration,
 }
@@ -46,9 +46,9 @@ pub(crate) struct LoadPlan {
 /// Counts shared by the clients, the fault thread and the progress bar.
 #[derive(Debug, Default)]
 pub(crate) struct Live {
-    ok: [AtomicU64; 2],
-    failed: [AtomicU64; 2],
-    hung: [AtomicU64; 2],
+    ok: [AtomicU64; Route::COUNT],
+    failed: [AtomicU64; Route::COUNT],
+    hung: [AtomicU64; Route::COUNT],
     /// Set by the fault thread once the fault is in place.
     pub fault_injected: AtomicBool,
     /// Set when Ctrl-C stopped the load, so the fault thread gives up.
@@ -67,9 +67,10 @@ impl Live {
     }
 
     /// "pulsegate ok 1234 err 0 hung 0 | direct ok ...".
-    fn message(&self) -> String {
-        Route::ALL
-            .map(|r| {
+    fn message(&self, routes: &[(Route, SocketAddr)]) -> String {
+        routes
+            .iter()
+            .map(|&(r, _)| {
                 let i = r.index();
                 format!(
                     "{} ok {} err {} hung {}",
@@ -79,6 +80,7 @@ impl Live {
                     self.hung[i].load(Ordering::Relaxed)
                 )
             })
+            .collect::<Vec<_>>()
             .join(" | ")
     }
 }
@@ -106,11 +108,12 @@ pub(crate) fn run(
         let ctrl_c = tokio::spawn(watch_ctrl_c(stop.clone(), live.clone()));
         let ticker = tokio::spawn(tick(plan.clone(), live.clone(), progress.clone()));
         let mut tasks = tokio::task::JoinSet::new();
-        for route in Route::ALL {
+        for &(route, target) in &plan.targets {
             for id in 0..plan.clients {
                 let client = Client {
                     plan: plan.clone(),
                     route,
+                    target,
                     id,
                     live: live.clone(),
                     stop: stop.clone(),
@@ -161,7 +164,7 @@ async fn tick(plan: LoadPlan, live: Arc<Live>, progress: ProgressBar) {
             )
         };
         progress.set_prefix(phase);
-        progress.set_message(live.message());
+        progress.set_message(live.message(&plan.targets));
     }
 }
 
@@ -183,6 +186,7 @@ pub(crate) fn progress_bar(duration: Duration, quiet: bool) -> ProgressBar {
 struct Client {
     plan: LoadPlan,
     route: Route,
+    target: SocketAddr,
     id: u32,
     live: Arc<Live>,
     stop: CancellationToken,
@@ -191,7 +195,7 @@ struct Client {
 impl Client {
     async fn run(self) -> Vec<Record> {
         let plan = &self.plan;
-        let target = plan.targets[self.route.index()];
+        let target = self.target;
         let expected =
             plan.end.saturating_duration_since(plan.t0).as_nanos() / plan.pace.as_nanos().max(1);
         let mut records = Vec::with_capacity(
@@ -211,6 +215,7 @@ impl Client {
             if started >= plan.end {
                 break;
             }
+            let reused = conn.is_some();
             let outcome = tokio::select! {
                 answered = tokio::time::timeout(plan.hang_bound, attempt(&mut conn, plan.workload, target, seq)) => {
                     match answered {
@@ -228,6 +233,7 @@ impl Client {
                 start: started.saturating_duration_since(plan.t0),
                 latency: started.elapsed(),
                 outcome,
+                reused,
             });
             self.live.count(self.route, outcome);
             next = started + plan.pace;

@@ -21,14 +21,18 @@ mod detect;
 mod failover;
 mod fault;
 mod load;
+mod matrix;
+mod peers;
 mod plot;
 mod report;
 mod servers;
 mod table;
 mod workload;
 
-pub use args::{FailoverArgs, FaultKind, WorkloadKind};
+pub use args::{FailoverArgs, FaultKind, LossDirection, RouteKind, WorkloadKind};
 pub use failover::run_failover;
+pub use fault::flip_redis_roles;
+pub use matrix::{Matrix, MatrixRow};
 pub use report::Report;
 /// PostgreSQL's server binaries and the account to run them as, for the
 /// benches that start their own cluster (`benches/db_clients`).

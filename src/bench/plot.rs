@@ -1,8 +1,10 @@
-//! The SVG timeline, drawn with plotters: above, latency over time per
-//! route (median and worst request of each bucket, log scale); below,
-//! failed and hung requests per bucket; both with the fault, pulsegate's
-//! first sign of it, the moment every pulsegate client was served again
-//! and (for `restart`) the primary's return marked as vertical lines.
+//! The SVG timeline, drawn with plotters: one lane per route, each with
+//! its latency over time (median and worst request of each bucket, log
+//! scale) above and its failed and hung requests per bucket below; every
+//! lane marks the fault, the route's first sign of it (pulsegate: from its
+//! log; the others: the first failed or hung request), the moment every
+//! client of the route was served again, and the primary's return
+//! (`restart`) or the partition's end (`flap`) as vertical lines.
 
 use std::path::Path;
 
@@ -12,8 +14,12 @@ use plotters::prelude::*;
 use super::report::{Bucket, Report};
 use super::BenchError;
 
-const SIZE: (u32, u32) = (1200, 760);
+const WIDTH: u32 = 1200;
+/// Height of the title, and of each route's lane.
+const TITLE: u32 = 40;
+const LANE: u32 = 420;
 const PULSEGATE: RGBColor = RGBColor(31, 119, 180);
+const HAPROXY: RGBColor = RGBColor(130, 60, 170);
 const DIRECT: RGBColor = RGBColor(230, 110, 0);
 const FAULT: RGBColor = RGBColor(200, 0, 0);
 const DETECTED: RGBColor = RGBColor(0, 150, 60);
@@ -28,51 +34,80 @@ pub(crate) fn draw(report: &Report, path: &Path) -> Result<(), BenchError> {
 }
 
 fn draw_svg(r: &Report, path: &Path) -> Fallible {
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    let lanes = r.routes.len().max(1) as u32;
+    let root = SVGBackend::new(path, (WIDTH, TITLE + lanes * LANE)).into_drawing_area();
     root.fill(&WHITE)?;
     let title = format!(
         "pulsegate bench failover: {} workload, {} at {:.2} s, {} clients per route",
         r.settings.workload, r.fault.kind, r.fault.at_s, r.settings.clients_per_route
     );
     let root = root.titled(&title, ("sans-serif", 20))?;
-    let (upper, lower) = root.split_vertically(SIZE.1 * 3 / 5);
-    latency_chart(&upper, r)?;
-    error_chart(&lower, r)?;
+    let areas = root.split_evenly((r.routes.len().max(1), 1));
+    for (area, route) in areas.iter().zip(&r.routes) {
+        let area = area.titled(&format!("via {}", route.route), ("sans-serif", 16))?;
+        let (upper, lower) = area.split_vertically(LANE * 3 / 5);
+        let lane = Lane {
+            route: route.route,
+            color: color_of(route.route),
+        };
+        latency_chart(&upper, r, &lane)?;
+        error_chart(&lower, r, &lane)?;
+    }
     root.present()?;
     Ok(())
+}
+
+/// The route a lane draws.
+struct Lane {
+    route: &'static str,
+    color: RGBColor,
+}
+
+fn color_of(route: &str) -> RGBColor {
+    match route {
+        "pulsegate" => PULSEGATE,
+        "haproxy" => HAPROXY,
+        _ => DIRECT,
+    }
 }
 
 fn route_buckets<'a>(r: &'a Report, route: &'a str) -> impl Iterator<Item = &'a Bucket> + 'a {
     r.timeline.iter().filter(move |b| b.route == route)
 }
 
-/// Vertical lines: (x in seconds, label, colour).
-fn markers(r: &Report) -> Vec<(f64, String, RGBColor)> {
+/// Vertical lines of `route`'s lane: (x in seconds, label, colour).
+fn markers(r: &Report, route: &str) -> Vec<(f64, String, RGBColor)> {
     let at = r.fault.at_s;
     let mut lines = vec![(at, format!("fault ({})", r.fault.kind), FAULT)];
-    if let Some(d) = r.detection.detected_s {
-        lines.push((
-            at + d,
-            format!("pulsegate's first sign (+{d:.2} s)"),
-            DETECTED,
-        ));
+    let Some(me) = r.route(route) else {
+        return lines;
+    };
+    let first_sign = match (route, &r.detection) {
+        ("pulsegate", Some(d)) => d.detected_s.map(|d| {
+            (
+                d,
+                format!("pulsegate's first sign, from its log (+{d:.2} s)"),
+            )
+        }),
+        _ => me
+            .first_failure_s
+            .map(|d| (d, format!("first failed or hung request (+{d:.2} s)"))),
+    };
+    if let Some((d, label)) = first_sign {
+        lines.push((at + d, label, DETECTED));
     }
-    if let Some(s) = r.pulsegate.served_again_s {
+    if let Some(s) = me.served_again_s {
         lines.push((
             at + s,
-            format!("every pulsegate client served again (+{s:.2} s)"),
-            PULSEGATE,
-        ));
-    }
-    if let Some(s) = r.direct.served_again_s {
-        lines.push((
-            at + s,
-            format!("every direct client served again (+{s:.2} s)"),
-            DIRECT,
+            format!("every {route} client served again (+{s:.2} s)"),
+            color_of(route),
         ));
     }
     if let Some(t) = r.fault.restarted_s {
         lines.push((t, "primary restarted".to_string(), RESTARTED));
+    }
+    if let Some(t) = r.fault.healed_s {
+        lines.push((t, "partition healed".to_string(), RESTARTED));
     }
     lines
 }
@@ -96,7 +131,7 @@ fn runs(points: impl Iterator<Item = (f64, f64)>, step: f64) -> Vec<Vec<(f64, f6
     runs
 }
 
-fn latency_chart(area: &Area, r: &Report) -> Fallible {
+fn latency_chart(area: &Area, r: &Report, lane: &Lane) -> Fallible {
     let values = || {
         r.timeline
             .iter()
@@ -116,7 +151,8 @@ fn latency_chart(area: &Area, r: &Report) -> Fallible {
         .y_desc("latency (ms, log scale)")
         .y_label_formatter(&|v| format!("{v}"))
         .draw()?;
-    for (route, color) in [("pulsegate", PULSEGATE), ("direct", DIRECT)] {
+    let (route, color) = (lane.route, lane.color);
+    {
         let lines = [
             ("median", color.stroke_width(2), true),
             ("worst", color.mix(0.45).stroke_width(1), false),
@@ -140,14 +176,14 @@ fn latency_chart(area: &Area, r: &Report) -> Fallible {
             }
         }
     }
-    for (route, color) in [("pulsegate", PULSEGATE), ("direct", DIRECT)] {
+    {
         let waiting = route_buckets(r, route).filter_map(|b| Some((b.t_s, b.waiting_ms?)));
         chart
             .draw_series(waiting.map(|p| Cross::new(p, 5, color.stroke_width(2))))?
             .label(format!("{route}: still waiting at the end (waited so far)"))
             .legend(move |(x, y)| Cross::new((x + 10, y), 5, color.stroke_width(2)));
     }
-    for (x, label, color) in markers(r) {
+    for (x, label, color) in markers(r, route) {
         chart
             .draw_series(LineSeries::new(
                 [(x, low), (x, high)],
@@ -167,7 +203,7 @@ fn latency_chart(area: &Area, r: &Report) -> Fallible {
     Ok(())
 }
 
-fn error_chart(area: &Area, r: &Report) -> Fallible {
+fn error_chart(area: &Area, r: &Report, lane: &Lane) -> Fallible {
     let high = r
         .timeline
         .iter()
@@ -186,7 +222,8 @@ fn error_chart(area: &Area, r: &Report) -> Fallible {
         .x_desc("seconds since the start of the load")
         .y_desc(format!("requests per {:.0} ms", r.bucket_s * 1000.0))
         .draw()?;
-    for (route, color) in [("pulsegate", PULSEGATE), ("direct", DIRECT)] {
+    let (route, color) = (lane.route, lane.color);
+    {
         let failed = route_buckets(r, route).filter(|b| b.failed > 0);
         chart
             .draw_series(failed.map(|b| Circle::new((b.t_s, b.failed as f64), 4, color.filled())))?
@@ -200,7 +237,7 @@ fn error_chart(area: &Area, r: &Report) -> Fallible {
             .label(format!("{route}: hung (> {} s)", r.settings.hang_bound_s))
             .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 6, color.filled()));
     }
-    for (x, _, color) in markers(r) {
+    for (x, _, color) in markers(r, route) {
         chart.draw_series(LineSeries::new(
             [(x, 0.0), (x, high)],
             color.stroke_width(2),

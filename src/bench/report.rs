@@ -1,7 +1,17 @@
-//! The numbers of a run: per route (pulsegate, direct) the requests by
-//! outcome, the time until every client was served again, and latency
-//! percentiles (hdrhistogram) before, during and after the fault; the
-//! detection figures; a bucketed timeline. Serialized as the JSON report.
+//! The numbers of a run: per route (pulsegate, haproxy, direct) the
+//! requests by outcome, the time until every client was served again, the
+//! sessions that ended under their clients and how many of them the fault
+//! does not explain (false evictions), writes that reached a server in the
+//! wrong role, and latency percentiles (hdrhistogram) before, during and
+//! after the fault; pulsegate's detection figures; a bucketed timeline.
+//! Serialized as the JSON report.
+//!
+//! A session *ended under its client* when a request on a connection that
+//! had already answered one failed with a reset or a close: the proxy (or
+//! the kernel) gave up on it. It is a *false eviction* when it ended before
+//! the fault, at any time under a fault that leaves every backend alive
+//! and reachable (`loss`, `latency`), or beyond the one dropped connection
+//! under `flow`.
 //!
 //! Phases are per route and by when a request *ended*: `before` ended
 //! before the fault; `after` started once every client of the route had
@@ -16,10 +26,10 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::args::Plan;
+use super::args::{Expected, Plan};
 use super::detect::Detection;
 use super::fault::FaultTimes;
-use super::workload::{Outcome, Record, Route};
+use super::workload::{Failure, Outcome, Record, Route};
 
 /// Timeline buckets per run (at least [`MIN_BUCKET`] wide).
 const BUCKETS: u32 = 200;
@@ -31,14 +41,29 @@ pub struct Report {
     pub pulsegate_version: &'static str,
     pub settings: Settings,
     pub fault: FaultReport,
-    pub detection: DetectionReport,
-    pub pulsegate: RouteReport,
-    pub direct: RouteReport,
+    /// pulsegate's reaction, from its log (none without the route).
+    pub detection: Option<DetectionReport>,
+    /// One object per route, in the order of `--via`.
+    pub routes: Vec<RouteReport>,
     pub timeline: Vec<Bucket>,
     /// The timeline's bucket width.
     pub bucket_s: f64,
-    /// The config pulsegate ran with.
-    pub pulsegate_config: String,
+    /// The configs the proxies ran with.
+    pub configs: Configs,
+}
+
+impl Report {
+    /// The report of `route` ("pulsegate", "haproxy", "direct").
+    pub fn route(&self, route: &str) -> Option<&RouteReport> {
+        self.routes.iter().find(|r| r.route == route)
+    }
+}
+
+/// The proxies' configs, as they ran.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Configs {
+    pub pulsegate: Option<String>,
+    pub haproxy: Option<String>,
 }
 
 /// The run's settings (durations in seconds).
@@ -59,10 +84,14 @@ pub struct Settings {
 #[derive(Debug, Clone, Serialize)]
 pub struct FaultReport {
     pub kind: &'static str,
+    /// What the fault was, in words ("2 % loss both ways").
+    pub description: String,
     /// Since the start of the load.
     pub at_s: f64,
     /// `restart`: when the primary listened again, since the start.
     pub restarted_s: Option<f64>,
+    /// `flap`: when the partition healed, since the start.
+    pub healed_s: Option<f64>,
 }
 
 /// pulsegate's reaction, in seconds after the fault.
@@ -78,11 +107,18 @@ pub struct DetectionReport {
     pub primary_suspect_s: Option<f64>,
     pub primary_down_s: Option<f64>,
     pub primary_up_again_s: Option<f64>,
+    pub primary_role_changed_s: Option<f64>,
 }
 
 /// One route's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteReport {
+    /// "pulsegate", "haproxy" or "direct".
+    pub route: &'static str,
+    /// When the fault reached this route, since the start of the load
+    /// (the same instant for every route, except `flow`, which drops one
+    /// connection per route in turn).
+    pub fault_applied_s: Option<f64>,
     pub requests: u64,
     pub ok: u64,
     pub failed: u64,
@@ -97,9 +133,23 @@ pub struct RouteReport {
     /// Seconds from the fault until every client had (none if some never
     /// did within the run).
     pub served_again_s: Option<f64>,
+    /// The first failed or hung request a client of the route saw after
+    /// the fault (when it ended), in seconds after the fault.
+    pub first_failure_s: Option<f64>,
+    /// Sessions that ended under their clients (see the module docs).
+    pub sessions_ended: u64,
+    /// Those the fault does not explain.
+    pub false_evictions: u64,
+    /// Writes answered by a server in the wrong role after the fault.
+    pub wrong_role: u64,
+    /// The last of them, in seconds after the fault.
+    pub wrong_role_last_s: Option<f64>,
     pub before: PhaseStats,
     pub during: PhaseStats,
     pub after: PhaseStats,
+    /// Every request that ended at or after the fault (`during` and
+    /// `after` together): what a gray fault costs for as long as it lasts.
+    pub since_fault: PhaseStats,
 }
 
 /// Requests of one phase and their latency percentiles (milliseconds;
@@ -146,11 +196,26 @@ pub(crate) fn build(
     plan: &Plan,
     records: &[Record],
     fault: &FaultTimes,
-    detection: &Detection,
-    config: String,
+    detection: Option<&Detection>,
+    configs: Configs,
 ) -> Report {
-    let route = |r| route_report(records, r, plan.clients, fault.at, plan.duration);
     let bucket = (plan.duration / BUCKETS).max(MIN_BUCKET);
+    let routes = plan
+        .routes
+        .iter()
+        .map(|&route| {
+            let applied = fault
+                .applied
+                .iter()
+                .find(|(r, _)| *r == route)
+                .map(|&(_, at)| at);
+            let mut report = route_report(records, route, plan.clients, fault.at, plan.duration);
+            report.fault_applied_s = applied.map(secs);
+            report.false_evictions =
+                false_evictions(records, route, plan.fault.expected(), fault.at);
+            report
+        })
+        .collect();
     Report {
         pulsegate_version: env!("CARGO_PKG_VERSION"),
         settings: Settings {
@@ -166,10 +231,12 @@ pub(crate) fn build(
         },
         fault: FaultReport {
             kind: plan.fault.as_str(),
+            description: plan.describe_fault(),
             at_s: secs(fault.at),
             restarted_s: fault.restarted.map(secs),
+            healed_s: fault.healed.map(secs),
         },
-        detection: DetectionReport {
+        detection: detection.map(|detection| DetectionReport {
             detected_s: detection.detected().map(secs),
             first_eviction_s: detection.first_eviction.map(secs),
             first_eviction_reason: detection.first_eviction_reason.clone(),
@@ -179,13 +246,49 @@ pub(crate) fn build(
             primary_suspect_s: detection.primary_suspect.map(secs),
             primary_down_s: detection.primary_down.map(secs),
             primary_up_again_s: detection.primary_up_again.map(secs),
-        },
-        pulsegate: route(Route::Pulsegate),
-        direct: route(Route::Direct),
+            primary_role_changed_s: detection.primary_role_changed.map(secs),
+        }),
+        routes,
         timeline: timeline(records, bucket),
         bucket_s: secs(bucket),
-        pulsegate_config: config,
+        configs,
     }
+}
+
+/// A request on a live session that the proxy or the kernel ended: a
+/// reset or a close on a connection that had answered before.
+pub(crate) fn ended_a_session(r: &Record) -> bool {
+    r.reused
+        && matches!(
+            r.outcome,
+            Outcome::Failed(Failure::Reset) | Outcome::Failed(Failure::Closed)
+        )
+}
+
+/// The sessions of `route` that ended and that the fault does not
+/// explain (see the module docs).
+pub(crate) fn false_evictions(
+    records: &[Record],
+    route: Route,
+    expected: Expected,
+    fault: Duration,
+) -> u64 {
+    let ended = records
+        .iter()
+        .filter(|r| r.route == route && ended_a_session(r));
+    let (before, after) = ended.fold((0u64, 0u64), |(b, a), r| {
+        if r.end() < fault {
+            (b + 1, a)
+        } else {
+            (b, a + 1)
+        }
+    });
+    before
+        + match expected {
+            Expected::Nothing => after,
+            Expected::OneFlow => after.saturating_sub(1),
+            Expected::PrimarySessions => 0,
+        }
 }
 
 pub(crate) fn secs(d: Duration) -> f64 {
@@ -217,7 +320,13 @@ fn route_report(
     }
     let count =
         |want: fn(&Outcome) -> bool| mine.iter().filter(|r| want(&r.outcome)).count() as u64;
+    let wrong_role: Vec<&&Record> = mine
+        .iter()
+        .filter(|r| r.outcome == Outcome::Failed(Failure::ReadOnly) && r.start >= fault)
+        .collect();
     RouteReport {
+        route: route.as_str(),
+        fault_applied_s: None,
         requests: mine.len() as u64,
         ok: count(|o| *o == Outcome::Ok),
         failed: count(|o| matches!(o, Outcome::Failed(_))),
@@ -227,9 +336,25 @@ fn route_report(
         clients,
         clients_served_again: served.clients,
         served_again_s: served.all_at.map(|at| secs(at.saturating_sub(fault))),
+        first_failure_s: mine
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Failed(_) | Outcome::Hung))
+            .map(|r| r.end())
+            .filter(|&end| end >= fault)
+            .min()
+            .map(|end| secs(end - fault)),
+        sessions_ended: mine.iter().filter(|r| ended_a_session(r)).count() as u64,
+        false_evictions: 0,
+        wrong_role: wrong_role.len() as u64,
+        wrong_role_last_s: wrong_role
+            .iter()
+            .map(|r| r.end().saturating_sub(fault))
+            .max()
+            .map(secs),
         before: phase(Phase::Before),
         during: phase(Phase::During),
         after: phase(Phase::After),
+        since_fault: phase_stats(mine.iter().copied().filter(|r| r.end() >= fault)),
     }
 }
 

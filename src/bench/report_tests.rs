@@ -15,6 +15,7 @@ fn rec(route: Route, client: u32, start: u64, latency: u64, outcome: Outcome) ->
         start: ms(start),
         latency: ms(latency),
         outcome,
+        reused: true,
     }
 }
 
@@ -164,4 +165,31 @@ fn timeline_buckets_latency_by_start_and_failures_by_end() {
     assert_eq!(buckets.len(), 5);
     assert!(csv(&records)
         .starts_with("route,client,start_s,latency_s,outcome\npulsegate,0,0.000000,0.001000,ok\n"));
+}
+
+#[test]
+fn false_evictions_are_what_the_fault_does_not_explain() {
+    let p = Route::Pulsegate;
+    let mut fresh = rec(p, 2, 1200, 1, Outcome::Failed(Failure::Reset));
+    fresh.reused = false;
+    let records = [
+        // Ended before the fault at 1000 ms: false whatever the fault.
+        rec(p, 0, 500, 1, Outcome::Failed(Failure::Closed)),
+        rec(p, 0, 1100, 1, Outcome::Failed(Failure::Reset)),
+        rec(p, 1, 1200, 1, Outcome::Failed(Failure::Reset)),
+        // A refused connect, a hang and a fresh connection's reset end no
+        // live session.
+        rec(p, 1, 1300, 1, Outcome::Failed(Failure::Refused)),
+        rec(p, 1, 1400, 5000, Outcome::Hung),
+        fresh,
+        rec(Route::Direct, 0, 1100, 1, Outcome::Failed(Failure::Reset)),
+    ];
+    let fault = ms(1000);
+    assert_eq!(false_evictions(&records, p, Expected::Nothing, fault), 3);
+    assert_eq!(false_evictions(&records, p, Expected::OneFlow, fault), 2);
+    assert_eq!(
+        false_evictions(&records, p, Expected::PrimarySessions, fault),
+        1
+    );
+    assert_eq!(records.iter().filter(|r| ended_a_session(r)).count(), 4);
 }

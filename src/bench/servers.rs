@@ -7,7 +7,7 @@ pub(crate) mod postgres;
 
 pub(crate) use postgres::USER as PG_USER;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -15,30 +15,39 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::args::{Plan, WorkloadKind};
+use super::args::{FaultKind, Plan, WorkloadKind};
 use super::BenchError;
-use crate::lab::{Lab, LabProcess};
+use crate::lab::{Lab, LabProcess, LinkedLab};
 
 /// How long a backend may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a SIGKILLed backend may take to be gone.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Primary and secondary addresses inside the lab, per workload.
+/// Primary and secondary addresses per workload, in the lab's far
+/// namespace: every route reaches them across the emulated link.
 pub(crate) fn backend_addrs(workload: WorkloadKind) -> [SocketAddr; 2] {
     let ports = match workload {
         WorkloadKind::Echo => [7001, 7002],
         WorkloadKind::Redis => [6379, 6380],
         WorkloadKind::Postgres => [5433, 5434],
     };
-    ports.map(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+    ports.map(LinkedLab::far_addr)
 }
 
 /// How to start (and restart) one backend.
 #[derive(Debug, Clone)]
 enum Program {
-    Echo { exe: PathBuf, lifetime: Duration },
-    Redis { program: PathBuf, dir: PathBuf },
+    Echo {
+        exe: PathBuf,
+        lifetime: Duration,
+    },
+    Redis {
+        program: PathBuf,
+        dir: PathBuf,
+        /// Starts as a replica of this server.
+        replica_of: Option<SocketAddr>,
+    },
     Postgres(postgres::Server),
 }
 
@@ -51,9 +60,19 @@ impl Program {
                 command.args(["--max-lifetime", &format!("{}s", lifetime.as_secs())]);
                 command
             }
-            Program::Redis { program, dir } => {
+            Program::Redis {
+                program,
+                dir,
+                replica_of,
+            } => {
                 let mut command = Command::new(program);
                 command.arg("--dir").arg(dir);
+                // Each its own dump file: they share the directory.
+                command.args(["--dbfilename", &format!("dump-{}.rdb", addr.port())]);
+                if let Some(primary) = replica_of {
+                    let (ip, port) = (primary.ip().to_string(), primary.port().to_string());
+                    command.args(["--replicaof", &ip, &port]);
+                }
                 command.args(["--port", &addr.port().to_string()]);
                 command.args(["--bind", &addr.ip().to_string()]);
                 command.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
@@ -227,11 +246,15 @@ pub(crate) fn start(lab: &Lab, exe: &Path, plan: &Plan) -> Result<Backends, Benc
             [program.clone(), program]
         }
         WorkloadKind::Redis => {
-            let program = Program::Redis {
-                program: find_program("redis-server", "redis-server")?,
+            let program = find_program("redis-server", "redis-server")?;
+            let server = |replica_of| Program::Redis {
+                program: program.clone(),
                 dir: lab.dir().to_path_buf(),
+                replica_of,
             };
-            [program.clone(), program]
+            // For a role flip the secondary starts as the primary's replica.
+            let replica_of = (plan.fault == FaultKind::RoleFlip).then_some(plan.primary);
+            [server(None), server(replica_of)]
         }
         WorkloadKind::Postgres => {
             let install = postgres::Install::find()?;
@@ -249,7 +272,7 @@ pub(crate) fn start(lab: &Lab, exe: &Path, plan: &Plan) -> Result<Backends, Benc
 
 /// `name` on PATH or in /usr/sbin, /usr/bin, else [`BenchError::Missing`]
 /// naming `package`.
-fn find_program(name: &str, package: &str) -> Result<PathBuf, BenchError> {
+pub(crate) fn find_program(name: &str, package: &str) -> Result<PathBuf, BenchError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/bin"].map(PathBuf::from))
@@ -277,6 +300,7 @@ mod tests {
             let [a, b] = backend_addrs(w);
             assert_ne!(a, b);
             assert_ne!(a, super::super::args::PROXY_ADDR);
+            assert_eq!(a.ip(), b.ip(), "both behind the link");
         }
     }
 

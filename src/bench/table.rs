@@ -21,14 +21,18 @@ fn header(out: &mut String, r: &Report) {
         "pulsegate bench failover: workload {}, fault {} at {:.2} s of a {} s run",
         s.workload, r.fault.kind, r.fault.at_s, s.duration_s
     );
+    let _ = writeln!(out, "  fault: {}", r.fault.description);
     let rate = match s.rate_per_client {
         0 => "back to back".to_string(),
         n => format!("{n} req/s each"),
     };
+    let routes: Vec<&str> = r.routes.iter().map(|x| x.route).collect();
     let _ = writeln!(
         out,
-        "  {} clients through pulsegate and {} direct to the primary, {rate}; hang bound {} s",
-        s.clients_per_route, s.clients_per_route, s.hang_bound_s
+        "  {} clients per route ({}), {rate}; hang bound {} s",
+        s.clients_per_route,
+        routes.join(", "),
+        s.hang_bound_s
     );
     let _ = writeln!(
         out,
@@ -38,11 +42,19 @@ fn header(out: &mut String, r: &Report) {
     if let Some(at) = r.fault.restarted_s {
         let _ = writeln!(out, "  primary restarted at {at:.2} s");
     }
+    if let Some(at) = r.fault.healed_s {
+        let _ = writeln!(out, "  partition healed at {at:.2} s");
+    }
 }
 
 fn detection(out: &mut String, r: &Report) {
-    let d = &r.detection;
-    let _ = writeln!(out, "\ndetection (after the fault)");
+    let Some(d) = &r.detection else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\npulsegate's detection (after the fault, from its log)"
+    );
     let eviction = match (&d.first_eviction_s, &d.first_eviction_reason) {
         (Some(at), Some(reason)) => {
             format!("{} ({reason}; {} in all)", after(Some(*at)), d.evictions)
@@ -57,6 +69,14 @@ fn detection(out: &mut String, r: &Report) {
     ];
     for (label, value) in rows {
         let _ = writeln!(out, "  {label:<22}{value}");
+    }
+    if d.primary_role_changed_s.is_some() {
+        let _ = writeln!(
+            out,
+            "  {:<22}{}",
+            "primary's role changed",
+            after(d.primary_role_changed_s)
+        );
     }
     if d.primary_up_again_s.is_some() {
         let _ = writeln!(
@@ -76,18 +96,17 @@ fn detection(out: &mut String, r: &Report) {
 }
 
 fn outcomes(out: &mut String, r: &Report) {
-    let _ = writeln!(
-        out,
-        "\n  {:<26}{:>14}{:>14}",
-        "requests", "pulsegate", "direct"
-    );
+    let mut head = format!("\n  {:<30}", "requests");
+    for route in &r.routes {
+        let _ = write!(head, "{:>14}", route.route);
+    }
+    let _ = writeln!(out, "{head}");
     let row = |out: &mut String, label: &str, f: &dyn Fn(&RouteReport) -> String| {
-        let _ = writeln!(
-            out,
-            "  {label:<26}{:>14}{:>14}",
-            f(&r.pulsegate),
-            f(&r.direct)
-        );
+        let mut line = format!("  {label:<30}");
+        for route in &r.routes {
+            let _ = write!(line, "{:>14}", f(route));
+        }
+        let _ = writeln!(out, "{line}");
     };
     row(out, "sent", &|x| x.requests.to_string());
     row(out, "ok", &|x| x.ok.to_string());
@@ -95,6 +114,19 @@ fn outcomes(out: &mut String, r: &Report) {
     let hung = format!("hung (> {} s)", r.settings.hang_bound_s);
     row(out, &hung, &|x| x.hung.to_string());
     row(out, "unfinished at the end", &|x| x.unfinished.to_string());
+    row(out, "sessions ended under clients", &|x| {
+        x.sessions_ended.to_string()
+    });
+    row(out, "false evictions", &|x| x.false_evictions.to_string());
+    if r.routes.iter().any(|x| x.wrong_role > 0) || r.fault.kind == "role-flip" {
+        row(out, "writes to the wrong role", &|x| {
+            x.wrong_role.to_string()
+        });
+        row(out, "last wrong-role write", &|x| {
+            after(x.wrong_role_last_s)
+        });
+    }
+    row(out, "first failure seen", &|x| after(x.first_failure_s));
     row(out, "clients served again", &|x| {
         format!("{}/{}", x.clients_served_again, x.clients)
     });
@@ -110,13 +142,13 @@ fn latencies(out: &mut String, r: &Report) {
         "\n  {:<20}{:>9}{:>10}{:>10}{:>10}{:>10}",
         "latency (ms)", "requests", "p50", "p99", "p99.9", "max"
     );
-    for (name, route) in [("pulsegate", &r.pulsegate), ("direct", &r.direct)] {
+    for route in &r.routes {
         for (phase, stats) in [
             ("before", &route.before),
             ("during", &route.during),
             ("after", &route.after),
         ] {
-            let label = format!("{name:<10}{phase}");
+            let label = format!("{:<10}{phase}", route.route);
             let _ = writeln!(out, "  {label:<20}{}", phase_row(stats));
         }
     }

@@ -17,32 +17,7 @@ const REDIS_VALUE: &str = "a value of 24 bytes here";
 /// Longest redis reply line accepted (the replies here are tiny).
 const MAX_LINE: u64 = 4096;
 
-/// Which way a client reaches the backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) enum Route {
-    /// Through pulsegate, which fails over.
-    Pulsegate,
-    /// Straight to the primary, as an application without the proxy.
-    Direct,
-}
-
-impl Route {
-    pub const ALL: [Route; 2] = [Route::Pulsegate, Route::Direct];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Route::Pulsegate => "pulsegate",
-            Route::Direct => "direct",
-        }
-    }
-
-    pub fn index(self) -> usize {
-        match self {
-            Route::Pulsegate => 0,
-            Route::Direct => 1,
-        }
-    }
-}
+pub(crate) use super::args::RouteKind as Route;
 
 /// How a request failed (its client then reconnects).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,6 +31,9 @@ pub(crate) enum Failure {
     /// An answer that is not the expected one (a redis `-ERR`, a
     /// PostgreSQL error, a wrong echo).
     Protocol,
+    /// A write answered by a server in the wrong role (a redis
+    /// `-READONLY`, PostgreSQL's "read-only transaction").
+    ReadOnly,
     /// Any other error.
     Other,
 }
@@ -67,6 +45,7 @@ impl Failure {
             Failure::Reset => "reset",
             Failure::Closed => "closed",
             Failure::Protocol => "protocol",
+            Failure::ReadOnly => "read_only",
             Failure::Other => "other",
         }
     }
@@ -82,7 +61,10 @@ impl Failure {
     }
 
     fn from_postgres(e: &tokio_postgres::Error) -> Failure {
-        if e.as_db_error().is_some() {
+        if let Some(db) = e.as_db_error() {
+            if *db.code() == tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION {
+                return Failure::ReadOnly;
+            }
             return Failure::Protocol;
         }
         let mut source = std::error::Error::source(e);
@@ -138,6 +120,9 @@ pub(crate) struct Record {
     pub start: Duration,
     pub latency: Duration,
     pub outcome: Outcome,
+    /// Sent on a connection that had already answered a request (so a
+    /// reset or close here ended a live session).
+    pub reused: bool,
 }
 
 impl Record {
@@ -200,7 +185,13 @@ impl Conn {
         match self {
             Conn::Echo(stream) => echo(stream, seq).await,
             Conn::Redis(stream) if seq.is_multiple_of(2) => {
-                redis(stream, "*1\r\n$4\r\nPING\r\n").await
+                // A write, so a server in the wrong role shows itself.
+                let set = format!(
+                    "*3\r\n$3\r\nSET\r\n${}\r\n{REDIS_KEY}\r\n${}\r\n{REDIS_VALUE}\r\n",
+                    REDIS_KEY.len(),
+                    REDIS_VALUE.len()
+                );
+                redis(stream, &set).await
             }
             Conn::Redis(stream) => {
                 let get = format!("*2\r\n$3\r\nGET\r\n${}\r\n{REDIS_KEY}\r\n", REDIS_KEY.len());
@@ -277,6 +268,7 @@ fn resp_header(line: &[u8]) -> Result<Option<usize>, Failure> {
     let text = text.strip_suffix("\r\n").ok_or(Failure::Protocol)?;
     match text.as_bytes().first() {
         Some(b'+') => Ok(None),
+        Some(b'-') if text.starts_with("-READONLY") => Err(Failure::ReadOnly),
         Some(b'$') if text == "$-1" => Ok(None),
         Some(b'$') => text[1..]
             .parse::<usize>()
@@ -296,6 +288,10 @@ mod tests {
         assert_eq!(resp_header(b"$-1\r\n"), Ok(None));
         assert_eq!(resp_header(b"$24\r\n"), Ok(Some(24)));
         assert_eq!(resp_header(b"-LOADING\r\n"), Err(Failure::Protocol));
+        assert_eq!(
+            resp_header(b"-READONLY You can't write against a read only replica.\r\n"),
+            Err(Failure::ReadOnly)
+        );
         assert_eq!(resp_header(b"+PONG"), Err(Failure::Protocol));
         assert_eq!(resp_header(b"$x\r\n"), Err(Failure::Protocol));
     }

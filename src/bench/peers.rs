@@ -1,0 +1,186 @@
+//! The other proxies a run measures beside pulsegate: HAProxy, with a
+//! config written for the same goal as pulsegate's settings (or the
+//! user's own, `--haproxy-config`), started in the near namespace.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use super::args::{FaultKind, Plan, WorkloadKind, HAPROXY_ADDR};
+use super::servers::{find_program, PG_USER};
+use super::BenchError;
+use crate::lab::{Lab, LabProcess};
+
+/// How long HAProxy may take to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// HAProxy's config for `plan`, tuned for what pulsegate's settings aim
+/// at: keepalive probes on the server side after `probe_interval` of
+/// quiet, `TCP_USER_TIMEOUT` on the server connections, a health check as
+/// often as pulsegate's (fall 2, rise 2) whose failure shuts the server's
+/// sessions, the secondary as a backup server, and no inactivity timeout
+/// below an hour. Printed in the report so it can be argued with.
+pub(crate) fn haproxy_config(plan: &Plan) -> String {
+    let ms = |d: Duration| format!("{}ms", d.as_millis().max(1));
+    let secs = |d: Duration| d.as_secs().max(1);
+    let check = match (plan.workload, plan.fault) {
+        (WorkloadKind::Redis, FaultKind::RoleFlip) => "    option tcp-check\n    \
+             tcp-check send \"info replication\\r\\n\"\n    \
+             tcp-check expect string role:master\n"
+            .to_string(),
+        (WorkloadKind::Redis, _) => "    option redis-check\n".to_string(),
+        (WorkloadKind::Postgres, _) => format!("    option pgsql-check user {PG_USER}\n"),
+        (WorkloadKind::Echo, _) => String::new(),
+    };
+    format!(
+        "# Written by `pulsegate bench failover` for the same goal as pulsegate's
+# settings in this run; pass --haproxy-config FILE to measure your own.
+global
+    nbthread 2
+    maxconn 4000
+    log stderr format raw daemon info
+
+defaults
+    mode tcp
+    log global
+    option tcplog
+    option redispatch
+    retries 3
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    # Server-side keepalive: probes after {idle} s of quiet, every 1 s,
+    # 2 unanswered ones end the connection.
+    option srvtcpka
+    srvtcpka-idle {idle}s
+    srvtcpka-intvl 1s
+    srvtcpka-cnt 2
+
+listen bench
+    bind {bind}
+{check}    # A failed check (twice, every {inter}) marks the server down and
+    # shuts its sessions; unacknowledged data for 3 s ends a connection.
+    default-server inter {inter} fastinter {inter} downinter {inter} rise 2 fall 2 on-marked-down shutdown-sessions tcp-ut 3s
+    server primary {primary} check
+    server secondary {secondary} check backup
+",
+        idle = secs(plan.probe_interval),
+        bind = HAPROXY_ADDR,
+        inter = ms(plan.check_interval),
+        primary = plan.primary,
+        secondary = plan.secondary,
+    )
+}
+
+/// HAProxy running in the lab, and the config it runs with.
+pub(crate) struct Haproxy {
+    pub process: LabProcess,
+    pub config: String,
+}
+
+/// Finds `haproxy` (else names the Debian package), writes its config
+/// (or reads the user's), checks it with `haproxy -c` and starts it in
+/// `lab`, waiting until it listens on [`HAPROXY_ADDR`].
+pub(crate) fn start_haproxy(lab: &Lab, plan: &Plan) -> Result<Haproxy, BenchError> {
+    let program = find_program("haproxy", "haproxy")?;
+    let (path, config) = match &plan.haproxy_config {
+        Some(path) => {
+            let config = std::fs::read_to_string(path).map_err(BenchError::io(format!(
+                "cannot read --haproxy-config {}",
+                path.display()
+            )))?;
+            (path.clone(), config)
+        }
+        None => {
+            let config = haproxy_config(plan);
+            (lab.write_file("haproxy.cfg", &config)?, config)
+        }
+    };
+    validate(&program, &path)?;
+    let mut command = Command::new(&program);
+    command.arg("-db").arg("-f").arg(&path);
+    let process = lab.spawn_as("haproxy", command)?;
+    lab.wait_ready(&process, HAPROXY_ADDR, START_TIMEOUT)
+        .map_err(|e| {
+            BenchError::Setup(format!(
+                "HAProxy did not listen on {HAPROXY_ADDR} (its config must bind there): {e}"
+            ))
+        })?;
+    Ok(Haproxy { process, config })
+}
+
+/// `haproxy -c -f path`: a config HAProxy refuses is a clear error.
+fn validate(program: &Path, path: &Path) -> Result<(), BenchError> {
+    let output = Command::new(program)
+        .arg("-c")
+        .arg("-f")
+        .arg(path)
+        .output()
+        .map_err(BenchError::io(format!("cannot run {}", program.display())))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(BenchError::Setup(format!(
+        "HAProxy refuses the config {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&output.stdout).trim(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::args::FailoverArgs;
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FailoverArgs,
+    }
+
+    fn plan(argv: &[&str]) -> Plan {
+        let cli =
+            Cli::try_parse_from(std::iter::once("failover").chain(argv.iter().copied())).unwrap();
+        Plan::from_args(&cli.args).unwrap()
+    }
+
+    #[test]
+    fn the_config_names_both_servers_the_backup_and_the_check() {
+        let config = haproxy_config(&plan(&["--via", "pulsegate,haproxy,direct"]));
+        assert!(config.contains(&format!("bind {HAPROXY_ADDR}")));
+        assert!(config.contains("server primary 10.200.0.2:7001 check\n"));
+        assert!(config.contains("server secondary 10.200.0.2:7002 check backup"));
+        assert!(config.contains("on-marked-down shutdown-sessions"));
+        assert!(config.contains("inter 500ms"));
+        let redis = haproxy_config(&plan(&["--workload", "redis", "--fault", "role-flip"]));
+        assert!(redis.contains("expect string role:master"));
+    }
+
+    #[test]
+    fn haproxy_accepts_the_configs_it_is_given() {
+        let Ok(program) = find_program("haproxy", "haproxy") else {
+            eprintln!("skipping: haproxy is not installed (apt-get install haproxy)");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        for argv in [
+            &["--via", "haproxy"][..],
+            &["--via", "haproxy", "--workload", "redis"],
+            &[
+                "--via",
+                "haproxy",
+                "--workload",
+                "redis",
+                "--fault",
+                "role-flip",
+            ],
+            &["--via", "haproxy", "--workload", "postgres"],
+        ] {
+            let path = dir.path().join("haproxy.cfg");
+            std::fs::write(&path, haproxy_config(&plan(argv))).unwrap();
+            validate(&program, &path).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        }
+    }
+}
