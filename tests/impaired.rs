@@ -12,8 +12,12 @@
 
 #[path = "support/fleet.rs"]
 mod fleet;
+#[path = "support/servers.rs"]
+mod servers;
 mod support;
 
+use std::io::{Read, Write};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fleet::{Fleet, FleetReport};
@@ -299,4 +303,71 @@ fn one_silently_dropped_flow_is_evicted_alone_within_ten_seconds() {
         "only the dropped flow's session ends: {report:?}"
     );
     assert_eq!(evictions(&proxy).len(), 1);
+}
+
+/// A check that needs a round trip after its connect (redis: `PING`) on a
+/// far link, 200 ms each way, with a 500 ms timeout: each check is answered
+/// 800 ms after it starts. The backend answers every check and every
+/// request, so it is never marked down and no session is evicted (before
+/// the check's wait adapted to the path's round trip, it was marked down
+/// within 1.5 s and every session of it reset).
+#[test]
+fn a_check_on_a_far_link_never_marks_a_live_backend_down() {
+    if servers::require(
+        servers::installed("redis-server"),
+        "redis-server is not installed (apt-get install redis-server)",
+    )
+    .is_none()
+    {
+        return;
+    }
+    let Some(lab) = linked_lab_or_skip("far-check") else {
+        return;
+    };
+    let backend = LinkedLab::far_addr(6379);
+    let mut redis = Command::new("redis-server");
+    redis.args(["--bind", &backend.ip().to_string(), "--port", "6379"]);
+    redis.args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
+    redis.arg("--dir").arg(lab.far().dir());
+    let redis = lab.far().spawn(redis).expect("start redis-server");
+    lab.far()
+        .wait_ready(&redis, backend, Duration::from_secs(10))
+        .expect("redis-server listens");
+    let mut config = ProxyConfig::new(proxy_addr(), backend);
+    config.connect_timeout = Duration::from_secs(5);
+    config.extra =
+        "\n[listener.check]\nkind = \"redis\"\ninterval = \"500ms\"\ntimeout = \"500ms\"\n".into();
+    let proxy = lab
+        .near()
+        .start_pulsegate(&exe(), &config)
+        .expect("start pulsegate");
+    lab.link().set_both(Impairment::delay(
+        Duration::from_millis(200),
+        Duration::ZERO,
+    ));
+    let mut sessions: Vec<_> = (0..4).map(|_| connect(lab.near(), proxy_addr())).collect();
+    let until = Instant::now() + Duration::from_secs(8);
+    let mut answered = 0;
+    while Instant::now() < until {
+        for session in &mut sessions {
+            session
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            session.write_all(b"PING\r\n").expect("PING sent");
+            let mut reply = [0u8; 7];
+            session.read_exact(&mut reply).unwrap_or_else(|e| {
+                panic!("a live session ended: {e}; {:?}", state_changes(&proxy))
+            });
+            assert_eq!(&reply, b"+PONG\r\n");
+            answered += 1;
+        }
+    }
+    eprintln!("{answered} PINGs answered at 400 ms round trips");
+    let changes = state_changes(&proxy);
+    assert!(
+        !changes.iter().any(|to| to == "down"),
+        "the live backend was marked down: {changes:?}"
+    );
+    assert!(evictions(&proxy).is_empty(), "{:?}", evictions(&proxy));
+    assert!(answered >= 15, "{answered}");
 }

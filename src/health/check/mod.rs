@@ -127,7 +127,8 @@ pub async fn check(config: &CheckConfig, addr: SocketAddr) -> CheckOutcome {
 }
 
 async fn connect_and_run(config: &CheckConfig, addr: SocketAddr) -> Verdict {
-    let deadline = tokio::time::Instant::now() + config.timeout;
+    let started = tokio::time::Instant::now();
+    let deadline = started + config.timeout;
     let timeout = humantime::format_duration(config.timeout);
     let stream = match tokio::time::timeout_at(deadline, connect(addr, config.timeout)).await {
         Ok(Ok(stream)) => stream,
@@ -136,16 +137,42 @@ async fn connect_and_run(config: &CheckConfig, addr: SocketAddr) -> Verdict {
             return Verdict::no_answer(format!("connect: no answer within timeout ({timeout})"))
         }
     };
-    match tokio::time::timeout_at(deadline, run(config, addr, stream)).await {
+    let answer_by = answer_deadline(deadline, started.elapsed());
+    let waited = if answer_by > deadline {
+        format!(
+            "{} (the timeout {timeout} stretched to {ANSWER_ROUND_TRIPS} round trips of this path)",
+            humantime::format_duration(round_ms(answer_by - started))
+        )
+    } else {
+        format!("timeout ({timeout})")
+    };
+    match tokio::time::timeout_at(answer_by, run(config, addr, stream)).await {
         Ok(Ok(verdict)) => verdict,
         Ok(Err(e @ CheckError::Password(_))) => {
             Verdict::unknown(format!("cannot run the check here: {}", one_line(&e)))
         }
         Ok(Err(e)) => Verdict::down(one_line(&e)),
-        Err(_) => Verdict::down(format!(
-            "connected, but no answer within timeout ({timeout})"
-        )),
+        Err(_) => Verdict::down(format!("connected, but no answer within {waited}")),
     }
+}
+
+/// Round trips a check's exchange may need after the connect (PostgreSQL:
+/// startup, authentication, the role query).
+const ANSWER_ROUND_TRIPS: u32 = 4;
+
+/// When a connected check must have its answer: by the configured
+/// timeout, or — on a path whose round trip is a large part of the
+/// timeout (a far or lossy link) — within [`ANSWER_ROUND_TRIPS`] of the
+/// round trip the connect just measured. A backend that answers, however
+/// far, is not down; a frozen one still gets no more than a few of its
+/// path's round trips (on a LAN: the configured timeout).
+fn answer_deadline(deadline: tokio::time::Instant, connect_took: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    deadline.max(now + connect_took * ANSWER_ROUND_TRIPS)
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
 }
 
 fn connect_failure(e: &io::Error) -> Verdict {
@@ -392,5 +419,21 @@ mod tests {
             connect_failure(&os(libc::EMFILE)).status,
             CheckStatus::Unknown
         );
+    }
+
+    #[tokio::test]
+    async fn a_far_path_stretches_the_answer_wait_a_near_one_does_not() {
+        let before = tokio::time::Instant::now();
+        let deadline = before + Duration::from_millis(500);
+        // Loopback: a connect of 0.1 ms leaves the configured timeout.
+        assert_eq!(
+            answer_deadline(deadline, Duration::from_micros(100)),
+            deadline
+        );
+        // 400 ms round trips: four of them from now.
+        let far = answer_deadline(deadline, Duration::from_millis(400));
+        let after = tokio::time::Instant::now();
+        assert!(far >= before + Duration::from_millis(1600));
+        assert!(far <= after + Duration::from_millis(1600));
     }
 }
