@@ -147,18 +147,22 @@ pub enum RouteKind {
     /// Through HAProxy (Debian package `haproxy`), with a config the bench
     /// writes for the same goal (or `--haproxy-config`).
     Haproxy,
+    /// Through PgBouncer (Debian package `pgbouncer`) in session mode, in
+    /// front of the primary (it does not fail over); postgres workload only.
+    Pgbouncer,
     /// Straight to the primary, as an application without a proxy.
     Direct,
 }
 
 impl RouteKind {
     /// How many routes there are (the size of per-route arrays).
-    pub const COUNT: usize = 3;
+    pub const COUNT: usize = 4;
 
     pub fn as_str(self) -> &'static str {
         match self {
             RouteKind::Pulsegate => "pulsegate",
             RouteKind::Haproxy => "haproxy",
+            RouteKind::Pgbouncer => "pgbouncer",
             RouteKind::Direct => "direct",
         }
     }
@@ -168,7 +172,8 @@ impl RouteKind {
         match self {
             RouteKind::Pulsegate => 0,
             RouteKind::Haproxy => 1,
-            RouteKind::Direct => 2,
+            RouteKind::Pgbouncer => 2,
+            RouteKind::Direct => 3,
         }
     }
 }
@@ -204,8 +209,10 @@ pub struct FailoverArgs {
     #[arg(long, value_enum, default_value_t = FaultKind::Blackhole)]
     pub fault: FaultKind,
     /// The routes measured side by side, each with its own clients, on the
-    /// same backends and the same fault: pulsegate, haproxy, direct.
-    /// [default: pulsegate,direct; with --matrix pulsegate,haproxy,direct]
+    /// same backends and the same fault: pulsegate, haproxy, pgbouncer,
+    /// direct.
+    /// [default: pulsegate,direct (postgres: pulsegate,pgbouncer,direct);
+    /// with --matrix also haproxy]
     #[arg(long, value_enum, value_delimiter = ',')]
     pub via: Vec<RouteKind>,
     /// Run every fault of --faults in turn (each in a fresh lab, with the
@@ -296,6 +303,9 @@ pub(crate) const PROXY_ADDR: SocketAddr =
 /// HAProxy's listener inside the lab.
 pub(crate) const HAPROXY_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 6433);
+/// PgBouncer's listener inside the lab.
+pub(crate) const PGBOUNCER_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 6434);
 
 /// How long a run's load lasts by default, alone and in a matrix.
 const DURATION: Duration = Duration::from_secs(20);
@@ -353,10 +363,22 @@ impl Plan {
             DURATION
         });
         let fault_at = args.fault_at.unwrap_or(duration / 3);
-        let via: &[RouteKind] = match (args.via.is_empty(), args.matrix) {
-            (false, _) => &args.via,
-            (true, false) => &[RouteKind::Pulsegate, RouteKind::Direct],
-            (true, true) => &[RouteKind::Pulsegate, RouteKind::Haproxy, RouteKind::Direct],
+        let postgres = args.workload == WorkloadKind::Postgres;
+        let via: &[RouteKind] = match (args.via.is_empty(), args.matrix, postgres) {
+            (false, _, _) => &args.via,
+            (true, false, false) => &[RouteKind::Pulsegate, RouteKind::Direct],
+            (true, false, true) => &[
+                RouteKind::Pulsegate,
+                RouteKind::Pgbouncer,
+                RouteKind::Direct,
+            ],
+            (true, true, false) => &[RouteKind::Pulsegate, RouteKind::Haproxy, RouteKind::Direct],
+            (true, true, true) => &[
+                RouteKind::Pulsegate,
+                RouteKind::Haproxy,
+                RouteKind::Pgbouncer,
+                RouteKind::Direct,
+            ],
         };
         let out = if args.matrix {
             args.out.join(fault.as_str())
@@ -433,6 +455,13 @@ impl Plan {
         }
         if self.haproxy_config.is_some() && !self.routes.contains(&RouteKind::Haproxy) {
             return bad("--haproxy-config is only used with --via ...,haproxy,...".into());
+        }
+        if self.routes.contains(&RouteKind::Pgbouncer) && self.workload != WorkloadKind::Postgres {
+            return bad(format!(
+                "--via pgbouncer needs --workload postgres (PgBouncer speaks PostgreSQL only; \
+                 this run's workload is {})",
+                self.workload.as_str()
+            ));
         }
         if !self.fault.fits(self.workload) {
             return bad(format!(

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::args::{FailoverArgs, FaultKind, Plan, HAPROXY_ADDR, PROXY_ADDR};
+use super::args::{FailoverArgs, FaultKind, Plan, HAPROXY_ADDR, PGBOUNCER_ADDR, PROXY_ADDR};
 use super::fault::{self, FaultTimes, Scene};
 use super::load::{self, Live, LoadPlan, LoadResult};
 use super::report::{self, Report};
@@ -61,6 +61,7 @@ pub(crate) fn run_plan(plan: &Plan) -> Result<Report, BenchError> {
     let mut owners = vec![];
     let mut proxy = None;
     let mut haproxy = None;
+    let mut pgbouncer = None;
     let mut targets = vec![];
     for &route in &plan.routes {
         let (target, pid) = match route {
@@ -76,6 +77,13 @@ pub(crate) fn run_plan(plan: &Plan) -> Result<Report, BenchError> {
                 let pid = started.process.pid();
                 haproxy = Some(started);
                 (HAPROXY_ADDR, pid)
+            }
+            Route::Pgbouncer => {
+                let started = peers::start_pgbouncer(lab.near(), plan)?;
+                write(&plan.out.join("pgbouncer.ini"), &started.config)?;
+                let pid = started.process.pid();
+                pgbouncer = Some(started);
+                (PGBOUNCER_ADDR, pid)
             }
             Route::Direct => (plan.primary, std::process::id()),
         };
@@ -122,9 +130,16 @@ pub(crate) fn run_plan(plan: &Plan) -> Result<Report, BenchError> {
     if let Some(haproxy) = &haproxy {
         let _ = std::fs::copy(haproxy.process.stderr_path(), plan.out.join("haproxy.log"));
     }
+    if let Some(pgbouncer) = &pgbouncer {
+        let _ = std::fs::copy(
+            pgbouncer.process.stderr_path(),
+            plan.out.join("pgbouncer.log"),
+        );
+    }
     let configs = report::Configs {
         pulsegate: proxy.is_some().then_some(config),
         haproxy: haproxy.map(|h| h.config),
+        pgbouncer: pgbouncer.map(|p| p.config),
     };
     let report = report::build(plan, &load.records, &fault, detection.as_ref(), configs);
     write_outputs(plan, &report, &load)?;
@@ -181,6 +196,7 @@ fn intro(plan: &Plan, backends: &Backends, owners: &[(Route, u32)]) {
         .map(|&(route, pid)| match route {
             Route::Pulsegate => format!("pulsegate on {PROXY_ADDR} (pid {pid})"),
             Route::Haproxy => format!("HAProxy on {HAPROXY_ADDR} (pid {pid})"),
+            Route::Pgbouncer => format!("PgBouncer on {PGBOUNCER_ADDR} (pid {pid})"),
             Route::Direct => "direct to the primary".to_string(),
         })
         .collect();

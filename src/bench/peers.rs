@@ -1,12 +1,13 @@
-//! The other proxies a run measures beside pulsegate: HAProxy, with a
-//! config written for the same goal as pulsegate's settings (or the
-//! user's own, `--haproxy-config`), started in the near namespace.
+//! The other proxies a run measures beside pulsegate, started in the near
+//! namespace: HAProxy, with a config written for the same goal as
+//! pulsegate's settings (or the user's own, `--haproxy-config`), and
+//! PgBouncer in session mode for the postgres workload.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use super::args::{FaultKind, Plan, WorkloadKind, HAPROXY_ADDR};
+use super::args::{FaultKind, Plan, WorkloadKind, HAPROXY_ADDR, PGBOUNCER_ADDR};
 use super::servers::{find_program, PG_USER};
 use super::BenchError;
 use crate::lab::{Lab, LabProcess};
@@ -109,6 +110,87 @@ pub(crate) fn start_haproxy(lab: &Lab, plan: &Plan) -> Result<Haproxy, BenchErro
     Ok(Haproxy { process, config })
 }
 
+/// PgBouncer's config for `plan`: session mode (a client keeps its server
+/// connection, as through pulsegate), in front of the primary only —
+/// PgBouncer 1.18 does not fail over between servers, so it is deployed in
+/// front of a name or address that a failover moves — with its own
+/// keepalive (after `probe_interval` of quiet, every 1 s, 2 probes) and
+/// `tcp_user_timeout` (3 s) on both sides, and a 5 s server connect
+/// timeout.
+pub(crate) fn pgbouncer_config(plan: &Plan, dir: &Path) -> String {
+    format!(
+        ";; Written by `pulsegate bench failover` for the same goal as pulsegate's
+;; settings in this run.
+[databases]
+postgres = host={host} port={port} dbname=postgres
+
+[pgbouncer]
+listen_addr = {listen_host}
+listen_port = {listen_port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {userlist}
+pool_mode = session
+max_client_conn = {max_client}
+default_pool_size = {pool}
+ignore_startup_parameters = extra_float_digits
+server_connect_timeout = 5
+server_login_retry = 1
+tcp_keepalive = 1
+tcp_keepidle = {idle}
+tcp_keepintvl = 1
+tcp_keepcnt = 2
+tcp_user_timeout = 3000
+stats_period = 3600
+",
+        host = plan.primary.ip(),
+        port = plan.primary.port(),
+        listen_host = PGBOUNCER_ADDR.ip(),
+        listen_port = PGBOUNCER_ADDR.port(),
+        userlist = dir.join("pgbouncer-users.txt").display(),
+        max_client = plan.clients * 2 + 100,
+        pool = plan.clients + 20,
+        idle = plan.probe_interval.as_secs().max(1),
+    )
+}
+
+/// PgBouncer running in the lab.
+pub(crate) struct Pgbouncer {
+    pub process: LabProcess,
+    pub config: String,
+}
+
+/// Finds `pgbouncer` (else names the Debian package), writes its config
+/// and user list, and starts it in `lab` — as the `postgres` account when
+/// root, since PgBouncer refuses to run as root — waiting until it listens
+/// on [`PGBOUNCER_ADDR`].
+pub(crate) fn start_pgbouncer(lab: &Lab, plan: &Plan) -> Result<Pgbouncer, BenchError> {
+    let program = find_program("pgbouncer", "pgbouncer")?;
+    lab.write_file("pgbouncer-users.txt", &format!("\"{PG_USER}\" \"\"\n"))?;
+    let config = pgbouncer_config(plan, lab.dir());
+    let path = lab.write_file("pgbouncer.ini", &config)?;
+    let mut command = Command::new("setpriv");
+    if super::postgres::is_root() {
+        let (uid, gid) = super::postgres::postgres_account().ok_or_else(|| {
+            BenchError::Missing(
+                "there is no `postgres` account to run PgBouncer as (it refuses root); the \
+                 postgresql package creates it"
+                    .into(),
+            )
+        })?;
+        command.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+        ]);
+    }
+    command.arg("--").arg(&program).arg(&path);
+    let process = lab.spawn_as("pgbouncer", command)?;
+    lab.wait_ready(&process, PGBOUNCER_ADDR, START_TIMEOUT)
+        .map_err(|e| BenchError::Setup(format!("PgBouncer did not start: {e}")))?;
+    Ok(Pgbouncer { process, config })
+}
+
 /// `haproxy -c -f path`: a config HAProxy refuses is a clear error.
 fn validate(program: &Path, path: &Path) -> Result<(), BenchError> {
     let output = Command::new(program)
@@ -156,6 +238,16 @@ mod tests {
         assert!(config.contains("inter 500ms"));
         let redis = haproxy_config(&plan(&["--workload", "redis", "--fault", "role-flip"]));
         assert!(redis.contains("expect string role:master"));
+    }
+
+    #[test]
+    fn pgbouncer_sits_in_front_of_the_primary_in_session_mode() {
+        let p = plan(&["--workload", "postgres", "--via", "pulsegate,pgbouncer"]);
+        let config = pgbouncer_config(&p, Path::new("/lab"));
+        assert!(config.contains("postgres = host=10.200.0.2 port=5433 dbname=postgres"));
+        assert!(config.contains("pool_mode = session"));
+        assert!(config.contains("listen_port = 6434"));
+        assert!(config.contains("auth_file = /lab/pgbouncer-users.txt"));
     }
 
     #[test]

@@ -20,6 +20,7 @@ const TITLE: u32 = 40;
 const LANE: u32 = 420;
 const PULSEGATE: RGBColor = RGBColor(31, 119, 180);
 const HAPROXY: RGBColor = RGBColor(130, 60, 170);
+const PGBOUNCER: RGBColor = RGBColor(40, 140, 120);
 const DIRECT: RGBColor = RGBColor(230, 110, 0);
 const FAULT: RGBColor = RGBColor(200, 0, 0);
 const DETECTED: RGBColor = RGBColor(0, 150, 60);
@@ -67,6 +68,7 @@ fn color_of(route: &str) -> RGBColor {
     match route {
         "pulsegate" => PULSEGATE,
         "haproxy" => HAPROXY,
+        "pgbouncer" => PGBOUNCER,
         _ => DIRECT,
     }
 }

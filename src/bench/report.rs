@@ -64,6 +64,7 @@ impl Report {
 pub struct Configs {
     pub pulsegate: Option<String>,
     pub haproxy: Option<String>,
+    pub pgbouncer: Option<String>,
 }
 
 /// The run's settings (durations in seconds).

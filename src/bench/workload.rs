@@ -62,10 +62,17 @@ impl Failure {
 
     fn from_postgres(e: &tokio_postgres::Error) -> Failure {
         if let Some(db) = e.as_db_error() {
-            if *db.code() == tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION {
-                return Failure::ReadOnly;
-            }
-            return Failure::Protocol;
+            let code = db.code().code();
+            return if *db.code() == tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION {
+                Failure::ReadOnly
+            } else if code.starts_with("08") || code.starts_with("57P") {
+                // A connection exception or a shutdown, sent just before
+                // the server side closes: PgBouncer's "server conn
+                // crashed?" (08P01), an administrator's termination (57P01).
+                Failure::Closed
+            } else {
+                Failure::Protocol
+            };
         }
         let mut source = std::error::Error::source(e);
         while let Some(cause) = source {
