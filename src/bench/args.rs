@@ -15,10 +15,11 @@ pub enum WorkloadKind {
     /// A 32-byte line echoed by `pulsegate lab-backend` (nothing to install);
     /// pulsegate checks it with `kind = "tcp"`.
     Echo,
-    /// Alternating `PING` and `GET` against two `redis-server`s
+    /// Alternating `SET` (a write) and `GET` against two `redis-server`s
     /// (`kind = "redis"` check).
     Redis,
-    /// `SELECT 1` (simple query) against two PostgreSQL servers made with
+    /// Alternating an `INSERT` (a write) and `SELECT 1` (simple queries)
+    /// against two PostgreSQL servers made with
     /// `initdb` (`kind = "postgres"` check).
     Postgres,
 }
@@ -71,9 +72,11 @@ pub enum FaultKind {
     /// a NAT that forgot it; the primary and every other connection live.
     Flow,
     /// The roles swap with no connection closed: the secondary (a replica
-    /// from the start) becomes the primary (`REPLICAOF NO ONE`) and the
-    /// primary its replica. Redis only; pulsegate runs with
-    /// `role = "primary"`.
+    /// from the start) becomes the primary and the primary takes no more
+    /// writes. Redis: `REPLICAOF NO ONE` on the replica, `REPLICAOF` on the
+    /// primary. PostgreSQL (the secondary a streaming replica): the primary
+    /// fenced read-only (`default_transaction_read_only`), the replica
+    /// promoted. pulsegate runs with `role = "primary"`.
     RoleFlip,
 }
 
@@ -110,7 +113,7 @@ impl FaultKind {
     /// Whether `workload` can have this fault (the roles need servers
     /// that have roles).
     pub fn fits(self, workload: WorkloadKind) -> bool {
-        self != FaultKind::RoleFlip || workload == WorkloadKind::Redis
+        self != FaultKind::RoleFlip || workload != WorkloadKind::Echo
     }
 
     /// Which sessions the fault may rightly end: a session that ends
@@ -465,7 +468,8 @@ impl Plan {
         }
         if !self.fault.fits(self.workload) {
             return bad(format!(
-                "--fault {} needs servers with roles: use --workload redis (the {} workload has none)",
+                "--fault {} needs servers with roles: use --workload redis or postgres (the {} \
+                 workload has none)",
                 self.fault.as_str(),
                 self.workload.as_str()
             ));
@@ -545,7 +549,12 @@ impl Plan {
             ),
             FaultKind::Flap => format!("the primary partitioned away for {}", d(self.flap_for)),
             FaultKind::Flow => "one connection to the primary per route silently dropped".into(),
-            FaultKind::RoleFlip => "the replica promoted, the primary made its replica".into(),
+            FaultKind::RoleFlip => match self.workload {
+                WorkloadKind::Postgres => {
+                    "the primary fenced read-only, its streaming replica promoted".into()
+                }
+                _ => "the replica promoted, the primary made its replica".into(),
+            },
         }
     }
 
@@ -567,6 +576,7 @@ impl Plan {
              \n\
              [listener.check]\n\
              kind = \"{kind}\"\n\
+             {check_user}\
              interval = \"{check}\"\n\
              timeout = \"{check}\"\n\
              jitter = \"0s\"\n\
@@ -586,6 +596,13 @@ impl Plan {
             kind = self.workload.check_kind(),
             check = d(self.check_interval),
             grace = d(self.down_grace),
+            check_user =
+                if self.fault == FaultKind::RoleFlip && self.workload == WorkloadKind::Postgres {
+                    // A login, so the check learns the role.
+                    format!("user = \"{}\"\n", servers::PG_USER)
+                } else {
+                    String::new()
+                },
             role = if self.fault == FaultKind::RoleFlip {
                 "role = \"primary\"   # only the server whose check says primary\n"
             } else {

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::args::{FaultKind, LossDirection, Plan};
+use super::args::{FaultKind, LossDirection, Plan, WorkloadKind};
 use super::load::Live;
 use super::servers::Backends;
 use super::workload::Route;
@@ -136,6 +136,24 @@ pub(crate) fn inject(
                     plan.primary
                 ))
             })?
+        }
+        FaultKind::RoleFlip if plan.workload == WorkloadKind::Postgres => {
+            // Fence the old writer first, then promote: no write lands on
+            // both, as failover tools do it.
+            primary.sql(
+                lab.far(),
+                &[
+                    "ALTER SYSTEM SET default_transaction_read_only = on",
+                    "SELECT pg_reload_conf()",
+                ],
+            )?;
+            // From here on the primary refuses writes: the fault's instant.
+            let at = mark();
+            scene
+                .backends
+                .secondary
+                .sql(lab.far(), &["SELECT pg_promote(true, 30)"])?;
+            at
         }
         FaultKind::RoleFlip => {
             lab.far()

@@ -154,6 +154,18 @@ impl Backend {
         let _ = self.signal(Signal::SIGCONT);
     }
 
+    /// Runs SQL statements on a PostgreSQL backend (psql, from inside
+    /// `lab`); other backends have no SQL.
+    pub fn sql(&self, lab: &Lab, statements: &[&str]) -> Result<(), BenchError> {
+        match &self.program {
+            Program::Postgres(server) => server.sql(lab, self.addr, statements),
+            _ => Err(BenchError::Setup(format!(
+                "the {} backend speaks no SQL",
+                self.label
+            ))),
+        }
+    }
+
     /// Starts the program again on the same address (after a kill) and
     /// waits until it listens.
     pub fn restart(&mut self, lab: &Lab) -> Result<(), BenchError> {
@@ -264,8 +276,13 @@ pub(crate) fn start(lab: &Lab, exe: &Path, plan: &Plan) -> Result<Backends, Benc
             [Program::Postgres(a), Program::Postgres(b)]
         }
     };
+    let primary = Backend::start(lab, "primary", plan.primary, primary)?;
+    if let (Program::Postgres(replica), FaultKind::RoleFlip) = (&secondary, plan.fault) {
+        // For a role flip the secondary is a streaming replica.
+        replica.replicate_from(lab, plan.primary)?;
+    }
     Ok(Backends {
-        primary: Backend::start(lab, "primary", plan.primary, primary)?,
+        primary,
         secondary: Backend::start(lab, "secondary", plan.secondary, secondary)?,
     })
 }

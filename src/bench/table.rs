@@ -74,7 +74,7 @@ fn detection(out: &mut String, r: &Report) {
         let _ = writeln!(
             out,
             "  {:<22}{}",
-            "primary's role changed",
+            "primary role changed",
             after(d.primary_role_changed_s)
         );
     }

@@ -14,6 +14,8 @@ use super::servers::PG_USER;
 /// The key the redis workload reads, and its value.
 const REDIS_KEY: &str = "pulsegate:bench";
 const REDIS_VALUE: &str = "a value of 24 bytes here";
+/// The table the postgres workload writes to.
+const PG_TABLE: &str = "pulsegate_bench";
 /// Longest redis reply line accepted (the replies here are tiny).
 const MAX_LINE: u64 = 4096;
 
@@ -204,6 +206,14 @@ impl Conn {
                 let get = format!("*2\r\n$3\r\nGET\r\n${}\r\n{REDIS_KEY}\r\n", REDIS_KEY.len());
                 redis(stream, &get).await
             }
+            Conn::Postgres(pg) if seq.is_multiple_of(2) => {
+                // A write, so a server in the wrong role shows itself.
+                pg.client
+                    .simple_query(&format!("INSERT INTO {PG_TABLE} VALUES ({seq})"))
+                    .await
+                    .map_err(|e| Failure::from_postgres(&e))?;
+                Ok(())
+            }
             Conn::Postgres(pg) => {
                 let rows = pg
                     .client
@@ -229,7 +239,13 @@ impl Conn {
                 );
                 redis(stream, &set).await
             }
-            _ => Ok(()),
+            Conn::Postgres(pg) => pg
+                .client
+                .simple_query(&format!("CREATE TABLE IF NOT EXISTS {PG_TABLE} (n bigint)"))
+                .await
+                .map(drop)
+                .map_err(|e| Failure::from_postgres(&e)),
+            Conn::Echo(_) => Ok(()),
         }
     }
 }

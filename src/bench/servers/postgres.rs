@@ -12,6 +12,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::super::BenchError;
+use crate::lab::Lab;
 
 /// The superuser of the clusters made here.
 pub(crate) const USER: &str = "postgres";
@@ -113,6 +114,98 @@ impl Install {
 }
 
 impl Server {
+    /// Replaces this cluster's data with a streaming replica of the
+    /// running server at `primary` (`pg_basebackup -R`), run inside `lab`
+    /// so it reaches the primary across the link.
+    pub fn replicate_from(&self, lab: &Lab, primary: SocketAddr) -> Result<(), BenchError> {
+        let data = self.dir.join("data");
+        std::fs::remove_dir_all(&data)
+            .map_err(BenchError::io(format!("cannot remove {}", data.display())))?;
+        let mut command = self.as_account(self.install.bin.join("pg_basebackup"));
+        command.args([
+            "-h",
+            &primary.ip().to_string(),
+            "-p",
+            &primary.port().to_string(),
+        ]);
+        command.args([
+            "-U",
+            USER,
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+            "-D",
+        ]);
+        command.arg(&data);
+        self.run_in(lab, "pg_basebackup", command)
+    }
+
+    /// Runs SQL statements (each its own `-c`) on this cluster's server at
+    /// `addr` with psql, from inside `lab`; an error in any of them fails.
+    pub fn sql(&self, lab: &Lab, addr: SocketAddr, statements: &[&str]) -> Result<(), BenchError> {
+        let mut command = Command::new(self.install.bin.join("psql"));
+        command.args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()]);
+        command.args([
+            "-U",
+            USER,
+            "-d",
+            "postgres",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ]);
+        for statement in statements {
+            command.args(["-c", statement]);
+        }
+        self.run_in(lab, "psql", command)
+    }
+
+    /// `program` run as the `postgres` account when root.
+    fn as_account(&self, program: PathBuf) -> Command {
+        let Some((uid, gid)) = self.install.account else {
+            return Command::new(program);
+        };
+        let mut command = Command::new("setpriv");
+        command.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+        ]);
+        command.arg(program);
+        command
+    }
+
+    /// Runs `command` in `lab` to its end (bounded), failing with its
+    /// stderr when it fails.
+    fn run_in(&self, lab: &Lab, label: &str, command: Command) -> Result<(), BenchError> {
+        let shown = format!("{command:?}");
+        let process = lab.spawn_as(label, command)?;
+        let deadline = Instant::now() + INIT_TIMEOUT;
+        let status = loop {
+            if let Some(status) = process.exit_status() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                return Err(BenchError::Setup(format!(
+                    "{shown} did not finish within {INIT_TIMEOUT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if status.success() {
+            return Ok(());
+        }
+        Err(BenchError::Setup(format!(
+            "{shown} failed ({status}): {}",
+            process.stderr().trim()
+        )))
+    }
+
     /// `setsid [setpriv --reuid postgres ...] postgres -D DATA -p PORT ...`:
     /// each program execs the next, so the spawned pid is the postmaster's;
     /// in its own session, a Ctrl-C on the bench's terminal does not reach

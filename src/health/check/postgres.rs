@@ -2,7 +2,11 @@
 //! byte (`S` or `N`) by any PostgreSQL (or pgbouncer) that is accepting
 //! connections, with no login and nothing in the server's log. With a
 //! `user`: a real login through tokio-postgres and `SELECT
-//! pg_is_in_recovery()`, which tells a primary from a replica.
+//! pg_is_in_recovery(), current_setting('transaction_read_only')`: a
+//! server in recovery is a replica, and so is a primary that takes no
+//! writes (`default_transaction_read_only = on`, as failover tools fence
+//! the old writer before its replica is promoted) — what libpq's
+//! `target_session_attrs=read-write` also asks.
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -14,6 +18,10 @@ use crate::health::check::Role;
 
 /// SSLRequest: length 8, then the code 80877103 (1234 << 16 | 5679).
 pub(crate) const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// Whether the server is a standby, and whether a new session on it may
+/// write.
+const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')";
 
 /// SQLSTATE 57P03, cannot_connect_now: starting up, shutting down, or a
 /// standby not yet accepting connections.
@@ -123,7 +131,7 @@ async fn login(
     };
     let mut connection = std::pin::pin!(connection);
     let answer = {
-        let mut query = std::pin::pin!(client.simple_query("SELECT pg_is_in_recovery()"));
+        let mut query = std::pin::pin!(client.simple_query(ROLE_QUERY));
         tokio::select! {
             answer = &mut query => answer,
             // The connection ends only on an error, which fails the query too.
@@ -135,7 +143,7 @@ async fn login(
     let _ = connection.await;
     Ok(match answer {
         Ok(messages) => recovery_verdict(&messages),
-        Err(e) => Verdict::down(format!("SELECT pg_is_in_recovery(): {}", server_says(&e))),
+        Err(e) => Verdict::down(format!("{ROLE_QUERY}: {}", server_says(&e))),
     })
 }
 
@@ -161,23 +169,36 @@ fn server_says(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// The role from `pg_is_in_recovery()`'s one row: `t` replica, `f` primary.
+/// The role from [`ROLE_QUERY`]'s one row: in recovery (`t`), a replica;
+/// else read-only (`on`), a fenced primary that takes no writes, also a
+/// replica; else (`f`, `off`) the primary.
 fn recovery_verdict(messages: &[SimpleQueryMessage]) -> Verdict {
-    let value = messages.iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_owned)),
+    let row = messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => {
+            Some((row.get(0).map(str::to_owned), row.get(1).map(str::to_owned)))
+        }
         _ => None,
     });
-    match value.flatten().as_deref() {
-        Some("f") => Verdict::up(
-            Some(Role::Primary),
-            "logged in; pg_is_in_recovery = f (primary)",
-        ),
-        Some("t") => Verdict::up(
+    let (recovery, read_only) = row.unwrap_or_default();
+    role_verdict(recovery.as_deref(), read_only.as_deref())
+}
+
+fn role_verdict(recovery: Option<&str>, read_only: Option<&str>) -> Verdict {
+    match (recovery, read_only) {
+        (Some("t"), _) => Verdict::up(
             Some(Role::Replica),
             "logged in; pg_is_in_recovery = t (replica)",
         ),
+        (Some("f"), Some("on")) => Verdict::up(
+            Some(Role::Replica),
+            "logged in; not in recovery but transaction_read_only = on (takes no writes)",
+        ),
+        (Some("f"), Some("off")) => Verdict::up(
+            Some(Role::Primary),
+            "logged in; pg_is_in_recovery = f, transaction_read_only = off (primary)",
+        ),
         other => Verdict::down(format!(
-            "pg_is_in_recovery() returned {other:?}, expected t or f"
+            "{ROLE_QUERY} returned {other:?}, expected (t or f, on or off)"
         )),
     }
 }
@@ -186,6 +207,25 @@ fn recovery_verdict(messages: &[SimpleQueryMessage]) -> Verdict {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_read_only_primary_is_no_primary() {
+        let role = |r, ro| role_verdict(r, ro).role;
+        assert_eq!(role(Some("f"), Some("off")), Some(Role::Primary));
+        assert_eq!(role(Some("t"), Some("on")), Some(Role::Replica));
+        assert_eq!(role(Some("f"), Some("on")), Some(Role::Replica));
+        let odd = role_verdict(Some("f"), None);
+        assert_eq!(
+            odd.status,
+            super::super::CheckStatus::Down,
+            "{}",
+            odd.detail
+        );
+        assert_eq!(
+            role_verdict(None, None).status,
+            super::super::CheckStatus::Down
+        );
+    }
 
     /// A protocol-3 ErrorResponse with the usual fields.
     fn error_response(message: &str) -> Vec<u8> {
