@@ -440,3 +440,40 @@ fn postgres_role_flip_through_pulsegate_and_pgbouncer() {
         .unwrap()
         .contains("pool_mode = session"));
 }
+
+/// `dns-move` (echo): the old primary is silenced and the name moved to
+/// the secondary. pulsegate, given the name, follows it and evicts the
+/// silent sessions; direct clients resolve the name at every connect, so
+/// they are served again once their hung request gives up.
+#[test]
+fn a_moved_name_is_followed_through_pulsegate() {
+    if !lab_available("bench-probe") {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        "--fault",
+        "dns-move",
+        "--clients",
+        "8",
+        "--duration",
+        "7s",
+        "--fault-at",
+        "2s",
+        "--hang-bound",
+        "2s",
+    ];
+    let output = bench(&args, out.path());
+    let r = report(&output, out.path());
+    eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+    let config = r["configs"]["pulsegate"].as_str().unwrap();
+    assert!(config.contains("db.pulsegate.lab:7001"), "{config}");
+    let pulsegate = route(&r, "pulsegate");
+    let served = secs(&pulsegate["served_again_s"]);
+    // Probe 1 s + dead_after 1 s, with the name re-resolved every second.
+    assert!(served < 3.0, "served again after {served} s: {pulsegate}");
+    assert_eq!(pulsegate["hung"], 0, "{pulsegate}");
+    let direct = route(&r, "direct");
+    assert_eq!(direct["clients_served_again"], 8, "{direct}");
+    assert!(secs(&direct["served_again_s"]) >= 2.0, "{direct}");
+}

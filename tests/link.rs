@@ -194,3 +194,20 @@ fn total_loss_is_a_blackhole() {
     open.read_exact(&mut reply).expect("the echo once healed");
     assert_eq!(&reply, b"ping\n");
 }
+
+#[test]
+fn the_far_side_has_a_second_host_behind_the_same_link() {
+    let Some(lab) = linked_lab_or_skip("link-second") else {
+        return;
+    };
+    let second = LinkedLab::far_second_addr(BACKEND_PORT);
+    let _backend = start_echo_backend_on(lab.far(), second, None);
+    let mut stream = connect(lab.near(), second);
+    exchange_line(&mut stream);
+    lab.link()
+        .set_both(Impairment::delay(Duration::from_millis(50), Duration::ZERO));
+    assert!(
+        round_trip(&mut stream) >= Duration::from_millis(100),
+        "not across the link"
+    );
+}

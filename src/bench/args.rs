@@ -78,6 +78,12 @@ pub enum FaultKind {
     /// fenced read-only (`default_transaction_read_only`), the replica
     /// promoted. pulsegate runs with `role = "primary"`.
     RoleFlip,
+    /// A managed failover: the old primary is taken out (silenced on the
+    /// link for echo; demoted for redis and postgres, as `role-flip`) and
+    /// the backends' name is re-pointed to the secondary's address (the
+    /// hosts file in the namespace). Every route is given the name: the
+    /// proxies in their configs, direct clients resolve it at each connect.
+    DnsMove,
 }
 
 impl FaultKind {
@@ -93,11 +99,12 @@ impl FaultKind {
             FaultKind::Flap => "flap",
             FaultKind::Flow => "flow",
             FaultKind::RoleFlip => "role-flip",
+            FaultKind::DnsMove => "dns-move",
         }
     }
 
     /// Every fault, in the order the matrix runs them.
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::Blackhole,
         FaultKind::BlackholeOneway,
         FaultKind::Freeze,
@@ -108,6 +115,7 @@ impl FaultKind {
         FaultKind::Flap,
         FaultKind::Flow,
         FaultKind::RoleFlip,
+        FaultKind::DnsMove,
     ];
 
     /// Whether `workload` can have this fault (the roles need servers
@@ -306,6 +314,10 @@ pub(crate) const PROXY_ADDR: SocketAddr =
 /// HAProxy's listener inside the lab.
 pub(crate) const HAPROXY_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 6433);
+/// The name every route is given for the backends with `--fault
+/// dns-move` (resolved through the lab's hosts file).
+pub(crate) const DNS_NAME: &str = "db.pulsegate.lab";
+
 /// PgBouncer's listener inside the lab.
 pub(crate) const PGBOUNCER_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 6434);
@@ -521,6 +533,33 @@ impl Plan {
         Ok(())
     }
 
+    /// Whether the routes are given the backends' name ([`DNS_NAME`])
+    /// instead of their addresses.
+    pub fn by_name(&self) -> bool {
+        self.fault == FaultKind::DnsMove
+    }
+
+    /// Whether the servers have roles that the fault changes (pulsegate
+    /// then runs with `role = "primary"`).
+    pub fn roles_change(&self) -> bool {
+        matches!(self.fault, FaultKind::RoleFlip | FaultKind::DnsMove)
+            && self.workload != WorkloadKind::Echo
+    }
+
+    /// The primary as pulsegate's log names it.
+    pub fn primary_label(&self) -> String {
+        if self.by_name() {
+            format!("{DNS_NAME}:{}", self.primary.port())
+        } else {
+            self.primary.to_string()
+        }
+    }
+
+    /// The lab's hosts file with the name on `addr`.
+    pub fn hosts(&self, addr: SocketAddr) -> String {
+        format!("127.0.0.1 localhost\n{} {DNS_NAME}\n", addr.ip())
+    }
+
     /// The fault in words, with its parameters.
     pub fn describe_fault(&self) -> String {
         let d = |d: Duration| humantime::format_duration(d).to_string();
@@ -549,6 +588,13 @@ impl Plan {
             ),
             FaultKind::Flap => format!("the primary partitioned away for {}", d(self.flap_for)),
             FaultKind::Flow => "one connection to the primary per route silently dropped".into(),
+            FaultKind::DnsMove => format!(
+                "the name {DNS_NAME} moved to the secondary, the old primary {}",
+                match self.workload {
+                    WorkloadKind::Echo => "silenced on the link",
+                    _ => "demoted (no connection closed)",
+                }
+            ),
             FaultKind::RoleFlip => match self.workload {
                 WorkloadKind::Postgres => {
                     "the primary fenced read-only, its streaming replica promoted".into()
@@ -568,7 +614,7 @@ impl Plan {
              [[listener]]\n\
              name = \"bench\"\n\
              bind = \"{bind}\"\n\
-             backends = [\"{primary}\", \"{secondary}\"]   # failover order\n\
+             {backends}\
              \n\
              [listener.liveness]\n\
              probe_interval = \"{probe}\"\n\
@@ -589,8 +635,18 @@ impl Plan {
              down_grace = \"{grace}\"\n\
              {role}",
             bind = PROXY_ADDR,
-            primary = self.primary,
-            secondary = self.secondary,
+            backends = if self.by_name() {
+                format!(
+                    "backends = [\"{}\"]   # a name that a failover moves\n\
+                     resolve_interval = \"1s\"\n",
+                    self.primary_label()
+                )
+            } else {
+                format!(
+                    "backends = [\"{}\", \"{}\"]   # failover order\n",
+                    self.primary, self.secondary
+                )
+            },
             probe = d(self.probe_interval),
             dead = d(self.dead_after),
             kind = self.workload.check_kind(),
@@ -603,7 +659,7 @@ impl Plan {
                 } else {
                     String::new()
                 },
-            role = if self.fault == FaultKind::RoleFlip {
+            role = if self.roles_change() {
                 "role = \"primary\"   # only the server whose check says primary\n"
             } else {
                 ""

@@ -6,14 +6,15 @@
 //! and the namespaces deleted on every path out, by the drops of
 //! [`Backends`](super::servers::Backends) and [`LinkedLab`].
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::args::{FailoverArgs, FaultKind, Plan, HAPROXY_ADDR, PGBOUNCER_ADDR, PROXY_ADDR};
+use super::args::{
+    FailoverArgs, FaultKind, Plan, DNS_NAME, HAPROXY_ADDR, PGBOUNCER_ADDR, PROXY_ADDR,
+};
 use super::fault::{self, FaultTimes, Scene};
-use super::load::{self, Live, LoadPlan, LoadResult};
+use super::load::{self, Live, LoadPlan, LoadResult, Target};
 use super::report::{self, Report};
 use super::servers::{self, Backends};
 use super::workload::Route;
@@ -56,6 +57,9 @@ pub(crate) fn run_plan(plan: &Plan) -> Result<Report, BenchError> {
         plan.workload.as_str()
     );
     let mut backends = servers::start(lab.far(), &exe, plan)?;
+    if plan.by_name() {
+        lab.near().set_hosts(&plan.hosts(plan.primary))?;
+    }
     let config = plan.proxy_toml();
     write(&plan.out.join("pulsegate.toml"), &config)?;
     let mut owners = vec![];
@@ -88,11 +92,19 @@ pub(crate) fn run_plan(plan: &Plan) -> Result<Report, BenchError> {
             Route::Direct => (plan.primary, std::process::id()),
         };
         owners.push((route, pid));
+        let target = match route {
+            Route::Direct if plan.by_name() => Target::Hosts {
+                file: lab.near().hosts_file(),
+                name: DNS_NAME,
+                port: plan.primary.port(),
+            },
+            _ => Target::Addr(target),
+        };
         targets.push((route, target));
     }
     let mut ready = vec![plan.primary, plan.secondary];
-    ready.extend(targets.iter().map(|&(_, addr)| addr));
-    if plan.fault == FaultKind::RoleFlip {
+    ready.extend(targets.iter().filter_map(|(_, t)| t.resolve().ok()));
+    if plan.roles_change() {
         // The replica answers reads, but the clients write: only the
         // primary and the proxies are asked.
         ready.retain(|&addr| addr != plan.secondary);
@@ -114,7 +126,7 @@ pub(crate) fn run_plan(plan: &Plan) -> Result<Report, BenchError> {
         return Err(BenchError::Interrupted);
     }
     let fault = fault?;
-    let primary = plan.primary.to_string();
+    let primary = plan.primary_label();
     let detection = match (&proxy, fault.wall) {
         (Some(proxy), Some(wall)) => {
             let _ = std::fs::copy(proxy.stderr_path(), plan.out.join("pulsegate.log"));
@@ -159,7 +171,7 @@ fn run_with_fault(
     lab: &LinkedLab,
     scene: Scene<'_>,
     plan: &Plan,
-    targets: Vec<(Route, SocketAddr)>,
+    targets: Vec<(Route, Target)>,
 ) -> Result<(LoadResult, Result<FaultTimes, BenchError>), BenchError> {
     let live = Arc::new(Live::default());
     let progress = load::progress_bar(plan.duration, plan.quiet);

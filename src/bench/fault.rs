@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::args::{FaultKind, LossDirection, Plan, WorkloadKind};
 use super::load::Live;
-use super::servers::Backends;
+use super::servers::{Backend, Backends};
 use super::workload::Route;
 use super::BenchError;
 use crate::lab::{socket_inodes_of, Direction, Impairment, LinkedLab, TcpEntry, TcpState};
@@ -137,28 +137,16 @@ pub(crate) fn inject(
                 ))
             })?
         }
-        FaultKind::RoleFlip if plan.workload == WorkloadKind::Postgres => {
-            // Fence the old writer first, then promote: no write lands on
-            // both, as failover tools do it.
-            primary.sql(
-                lab.far(),
-                &[
-                    "ALTER SYSTEM SET default_transaction_read_only = on",
-                    "SELECT pg_reload_conf()",
-                ],
-            )?;
-            // From here on the primary refuses writes: the fault's instant.
-            let at = mark();
-            scene
-                .backends
-                .secondary
-                .sql(lab.far(), &["SELECT pg_promote(true, 30)"])?;
+        FaultKind::RoleFlip => flip_roles(lab, primary, &scene.backends.secondary, plan)?,
+        FaultKind::DnsMove => {
+            let at = if plan.workload == WorkloadKind::Echo {
+                lab.link().drop_endpoint(plan.primary, &Direction::BOTH)?;
+                mark()
+            } else {
+                flip_roles(lab, primary, &scene.backends.secondary, plan)?
+            };
+            lab.near().set_hosts(&plan.hosts(plan.secondary))?;
             at
-        }
-        FaultKind::RoleFlip => {
-            lab.far()
-                .enter(|| flip_redis_roles(plan.primary, plan.secondary))??;
-            mark()
         }
     };
     live.fault_injected.store(true, Ordering::Relaxed);
@@ -185,6 +173,33 @@ pub(crate) fn inject(
         _ => {}
     }
     Ok(times)
+}
+
+/// Swaps the roles with no connection closed, and says when the primary
+/// stopped taking writes.
+fn flip_roles(
+    lab: &LinkedLab,
+    primary: &Backend,
+    secondary: &Backend,
+    plan: &Plan,
+) -> Result<(Instant, SystemTime), BenchError> {
+    if plan.workload == WorkloadKind::Postgres {
+        // Fence the old writer first, then promote: no write lands on
+        // both, as failover tools do it.
+        primary.sql(
+            lab.far(),
+            &[
+                "ALTER SYSTEM SET default_transaction_read_only = on",
+                "SELECT pg_reload_conf()",
+            ],
+        )?;
+        let at = (Instant::now(), SystemTime::now());
+        secondary.sql(lab.far(), &["SELECT pg_promote(true, 30)"])?;
+        return Ok(at);
+    }
+    lab.far()
+        .enter(|| flip_redis_roles(plan.primary, plan.secondary))??;
+    Ok((Instant::now(), SystemTime::now()))
 }
 
 /// An established connection from process `pid` to `primary` seen in both

@@ -7,7 +7,8 @@
 //! from it and so inherit the namespace, and every client socket is made
 //! there.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,9 +39,49 @@ pub(crate) struct LoadPlan {
     pub t0: Instant,
     pub end: Instant,
     /// The routes and where each connects.
-    pub targets: Vec<(Route, SocketAddr)>,
+    pub targets: Vec<(Route, Target)>,
     pub fault: FaultKind,
     pub fault_at: Duration,
+}
+
+/// Where a route's clients connect: an address, or a name looked up in a
+/// hosts file at every connect (as an application that resolves the
+/// name of its database each time it opens a connection).
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    Addr(SocketAddr),
+    Hosts {
+        file: PathBuf,
+        name: &'static str,
+        port: u16,
+    },
+}
+
+impl Target {
+    /// The address to connect to now.
+    pub fn resolve(&self) -> Result<SocketAddr, workload::Failure> {
+        match self {
+            Target::Addr(addr) => Ok(*addr),
+            Target::Hosts { file, name, port } => {
+                let hosts = std::fs::read_to_string(file)?;
+                lookup(&hosts, name)
+                    .map(|ip| SocketAddr::new(ip, *port))
+                    .ok_or(workload::Failure::Other)
+            }
+        }
+    }
+}
+
+/// The address of `name` in a hosts file's text (the first line naming it).
+fn lookup(hosts: &str, name: &str) -> Option<IpAddr> {
+    hosts
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or(""))
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let ip = fields.next()?;
+            fields.any(|n| n == name).then(|| ip.parse().ok()).flatten()
+        })
 }
 
 /// Counts shared by the clients, the fault thread and the progress bar.
@@ -67,7 +108,7 @@ impl Live {
     }
 
     /// "pulsegate ok 1234 err 0 hung 0 | direct ok ...".
-    fn message(&self, routes: &[(Route, SocketAddr)]) -> String {
+    fn message(&self, routes: &[(Route, Target)]) -> String {
         routes
             .iter()
             .map(|&(r, _)| {
@@ -108,12 +149,13 @@ pub(crate) fn run(
         let ctrl_c = tokio::spawn(watch_ctrl_c(stop.clone(), live.clone()));
         let ticker = tokio::spawn(tick(plan.clone(), live.clone(), progress.clone()));
         let mut tasks = tokio::task::JoinSet::new();
-        for &(route, target) in &plan.targets {
+        for (route, target) in &plan.targets {
+            let (route, target) = (*route, target.clone());
             for id in 0..plan.clients {
                 let client = Client {
                     plan: plan.clone(),
                     route,
-                    target,
+                    target: target.clone(),
                     id,
                     live: live.clone(),
                     stop: stop.clone(),
@@ -186,7 +228,7 @@ pub(crate) fn progress_bar(duration: Duration, quiet: bool) -> ProgressBar {
 struct Client {
     plan: LoadPlan,
     route: Route,
-    target: SocketAddr,
+    target: Target,
     id: u32,
     live: Arc<Live>,
     stop: CancellationToken,
@@ -195,7 +237,7 @@ struct Client {
 impl Client {
     async fn run(self) -> Vec<Record> {
         let plan = &self.plan;
-        let target = self.target;
+        let target = &self.target;
         let expected =
             plan.end.saturating_duration_since(plan.t0).as_nanos() / plan.pace.as_nanos().max(1);
         let mut records = Vec::with_capacity(
@@ -269,12 +311,12 @@ impl Client {
 async fn attempt(
     conn: &mut Option<Conn>,
     workload: WorkloadKind,
-    target: SocketAddr,
+    target: &Target,
     seq: u64,
 ) -> Result<(), workload::Failure> {
     let open = match conn {
         Some(open) => open,
-        None => conn.insert(workload::connect(workload, target).await?),
+        None => conn.insert(workload::connect(workload, target.resolve()?).await?),
     };
     open.request(seq).await
 }
@@ -313,5 +355,18 @@ async fn answer_once(workload: WorkloadKind, target: SocketAddr) {
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_is_found_in_a_hosts_file() {
+        let hosts = "127.0.0.1 localhost\n# 10.0.0.9 db.lab\n10.200.0.3 other db.lab  # moved\n";
+        assert_eq!(lookup(hosts, "db.lab"), Some("10.200.0.3".parse().unwrap()));
+        assert_eq!(lookup(hosts, "missing.lab"), None);
+        assert_eq!(lookup("garbage db.lab\n", "db.lab"), None);
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use super::args::{FaultKind, Plan, WorkloadKind, HAPROXY_ADDR, PGBOUNCER_ADDR};
+use super::args::{FaultKind, Plan, WorkloadKind, DNS_NAME, HAPROXY_ADDR, PGBOUNCER_ADDR};
 use super::servers::{find_program, PG_USER};
 use super::BenchError;
 use crate::lab::{Lab, LabProcess};
@@ -25,10 +25,12 @@ pub(crate) fn haproxy_config(plan: &Plan) -> String {
     let ms = |d: Duration| format!("{}ms", d.as_millis().max(1));
     let secs = |d: Duration| d.as_secs().max(1);
     let check = match (plan.workload, plan.fault) {
-        (WorkloadKind::Redis, FaultKind::RoleFlip) => "    option tcp-check\n    \
+        (WorkloadKind::Redis, FaultKind::RoleFlip | FaultKind::DnsMove) => {
+            "    option tcp-check\n    \
              tcp-check send \"info replication\\r\\n\"\n    \
              tcp-check expect string role:master\n"
-            .to_string(),
+                .to_string()
+        }
         (WorkloadKind::Redis, _) => "    option redis-check\n".to_string(),
         (WorkloadKind::Postgres, _) => format!("    option pgsql-check user {PG_USER}\n"),
         (WorkloadKind::Echo, _) => String::new(),
@@ -62,14 +64,21 @@ listen bench
 {check}    # A failed check (twice, every {inter}) marks the server down and
     # shuts its sessions; unacknowledged data for 3 s ends a connection.
     default-server inter {inter} fastinter {inter} downinter {inter} rise 2 fall 2 on-marked-down shutdown-sessions tcp-ut 3s
-    server primary {primary} check
-    server secondary {secondary} check backup
-",
+{servers}",
         idle = secs(plan.probe_interval),
         bind = HAPROXY_ADDR,
         inter = ms(plan.check_interval),
-        primary = plan.primary,
-        secondary = plan.secondary,
+        servers = if plan.by_name() {
+            // Resolved once at startup (no `resolvers` section: the lab
+            // has no DNS server, only a hosts file), as HAProxy does by
+            // default.
+            format!("    server db {}:{} check\n", DNS_NAME, plan.primary.port())
+        } else {
+            format!(
+                "    server primary {} check\n    server secondary {} check backup\n",
+                plan.primary, plan.secondary
+            )
+        },
     )
 }
 
@@ -97,7 +106,7 @@ pub(crate) fn start_haproxy(lab: &Lab, plan: &Plan) -> Result<Haproxy, BenchErro
             (lab.write_file("haproxy.cfg", &config)?, config)
         }
     };
-    validate(&program, &path)?;
+    validate_in(lab, &program, &path)?;
     let mut command = Command::new(&program);
     command.arg("-db").arg("-f").arg(&path);
     let process = lab.spawn_as("haproxy", command)?;
@@ -143,7 +152,11 @@ tcp_keepcnt = 2
 tcp_user_timeout = 3000
 stats_period = 3600
 ",
-        host = plan.primary.ip(),
+        host = if plan.by_name() {
+            DNS_NAME.to_string()
+        } else {
+            plan.primary.ip().to_string()
+        },
         port = plan.primary.port(),
         listen_host = PGBOUNCER_ADDR.ip(),
         listen_port = PGBOUNCER_ADDR.port(),
@@ -191,7 +204,37 @@ pub(crate) fn start_pgbouncer(lab: &Lab, plan: &Plan) -> Result<Pgbouncer, Bench
     Ok(Pgbouncer { process, config })
 }
 
-/// `haproxy -c -f path`: a config HAProxy refuses is a clear error.
+/// `haproxy -c -f path` inside `lab` (where its names resolve): a config
+/// HAProxy refuses is a clear error.
+fn validate_in(lab: &Lab, program: &Path, path: &Path) -> Result<(), BenchError> {
+    let mut command = Command::new(program);
+    command.arg("-c").arg("-f").arg(path);
+    let process = lab.spawn_as("haproxy-check", command)?;
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    let status = loop {
+        if let Some(status) = process.exit_status() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(BenchError::Setup(format!(
+                "`haproxy -c` did not finish within {START_TIMEOUT:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if status.success() {
+        return Ok(());
+    }
+    Err(BenchError::Setup(format!(
+        "HAProxy refuses the config {}: {}{}",
+        path.display(),
+        process.stdout().trim(),
+        process.stderr().trim()
+    )))
+}
+
+/// `haproxy -c -f path` here: a config HAProxy refuses is a clear error.
+#[cfg(test)]
 fn validate(program: &Path, path: &Path) -> Result<(), BenchError> {
     let output = Command::new(program)
         .arg("-c")
@@ -233,7 +276,12 @@ mod tests {
         let config = haproxy_config(&plan(&["--via", "pulsegate,haproxy,direct"]));
         assert!(config.contains(&format!("bind {HAPROXY_ADDR}")));
         assert!(config.contains("server primary 10.200.0.2:7001 check\n"));
-        assert!(config.contains("server secondary 10.200.0.2:7002 check backup"));
+        assert!(config.contains("server secondary 10.200.0.3:7001 check backup"));
+        let named = haproxy_config(&plan(&["--via", "haproxy", "--fault", "dns-move"]));
+        assert!(
+            named.contains("server db db.pulsegate.lab:7001 check\n"),
+            "{named}"
+        );
         assert!(config.contains("on-marked-down shutdown-sessions"));
         assert!(config.contains("inter 500ms"));
         let redis = haproxy_config(&plan(&["--workload", "redis", "--fault", "role-flip"]));

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::args::{FaultKind, Plan, WorkloadKind};
+use super::args::{Plan, WorkloadKind};
 use super::BenchError;
 use crate::lab::{Lab, LabProcess, LinkedLab};
 
@@ -24,15 +24,16 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a SIGKILLed backend may take to be gone.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Primary and secondary addresses per workload, in the lab's far
-/// namespace: every route reaches them across the emulated link.
+/// Primary and secondary addresses per workload, two hosts in the lab's
+/// far namespace: every route reaches them across the emulated link.
 pub(crate) fn backend_addrs(workload: WorkloadKind) -> [SocketAddr; 2] {
-    let ports = match workload {
-        WorkloadKind::Echo => [7001, 7002],
-        WorkloadKind::Redis => [6379, 6380],
-        WorkloadKind::Postgres => [5433, 5434],
+    let port = match workload {
+        WorkloadKind::Echo => 7001,
+        WorkloadKind::Redis => 6379,
+        WorkloadKind::Postgres => 5433,
     };
-    ports.map(LinkedLab::far_addr)
+    // Two hosts on the same port, so a name can move from one to the other.
+    [LinkedLab::far_addr(port), LinkedLab::far_second_addr(port)]
 }
 
 /// How to start (and restart) one backend.
@@ -68,7 +69,7 @@ impl Program {
                 let mut command = Command::new(program);
                 command.arg("--dir").arg(dir);
                 // Each its own dump file: they share the directory.
-                command.args(["--dbfilename", &format!("dump-{}.rdb", addr.port())]);
+                command.args(["--dbfilename", &format!("dump-{addr}.rdb")]);
                 if let Some(primary) = replica_of {
                     let (ip, port) = (primary.ip().to_string(), primary.port().to_string());
                     command.args(["--replicaof", &ip, &port]);
@@ -265,7 +266,7 @@ pub(crate) fn start(lab: &Lab, exe: &Path, plan: &Plan) -> Result<Backends, Benc
                 replica_of,
             };
             // For a role flip the secondary starts as the primary's replica.
-            let replica_of = (plan.fault == FaultKind::RoleFlip).then_some(plan.primary);
+            let replica_of = plan.roles_change().then_some(plan.primary);
             [server(None), server(replica_of)]
         }
         WorkloadKind::Postgres => {
@@ -277,8 +278,8 @@ pub(crate) fn start(lab: &Lab, exe: &Path, plan: &Plan) -> Result<Backends, Benc
         }
     };
     let primary = Backend::start(lab, "primary", plan.primary, primary)?;
-    if let (Program::Postgres(replica), FaultKind::RoleFlip) = (&secondary, plan.fault) {
-        // For a role flip the secondary is a streaming replica.
+    if let (Program::Postgres(replica), true) = (&secondary, plan.roles_change()) {
+        // When the roles change the secondary is a streaming replica.
         replica.replicate_from(lab, plan.primary)?;
     }
     Ok(Backends {
@@ -317,7 +318,7 @@ mod tests {
             let [a, b] = backend_addrs(w);
             assert_ne!(a, b);
             assert_ne!(a, super::super::args::PROXY_ADDR);
-            assert_eq!(a.ip(), b.ip(), "both behind the link");
+            assert_eq!(a.port(), b.port(), "two hosts, one port");
         }
     }
 

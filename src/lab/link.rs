@@ -41,6 +41,9 @@ use super::{Lab, LabError};
 pub const NEAR_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 /// The far side's address on the link (where backends listen).
 pub const FAR_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+/// A second far address on the same link, for a second host (a failover
+/// that moves a name from one address to another).
+pub const FAR_SECOND_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
 /// The TUN device's name in both namespaces.
 const DEVICE: &str = "pgl0";
 /// Packets held per direction at most; beyond it the link tail-drops (and
@@ -180,6 +183,9 @@ impl Link {
     pub fn new(near: &Lab, far: &Lab) -> Result<Link, LabError> {
         let near_dev = Arc::new(create_device(near, NEAR_ADDR, FAR_ADDR)?);
         let far_dev = Arc::new(create_device(far, FAR_ADDR, NEAR_ADDR)?);
+        let second = format!("{FAR_SECOND_ADDR}/32");
+        far.ip(&["addr", "add", &second, "dev", DEVICE])?;
+        near.ip(&["route", "add", &second, "dev", DEVICE])?;
         let shared = Arc::new(Shared::default());
         let mut threads = Vec::new();
         for (direction, from, to) in [

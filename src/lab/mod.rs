@@ -179,12 +179,18 @@ impl Lab {
     /// over `/etc/hosts`) resolve names through it. Rewriting it in place
     /// changes what running programs resolve next, so a test controls DNS.
     pub fn set_hosts(&self, contents: &str) -> Result<(), LabError> {
+        let hosts = self.hosts_file();
         let dir = Path::new("/etc/netns").join(&self.name);
         std::fs::create_dir_all(&dir).map_err(LabError::io(format!("create {}", dir.display())))?;
-        let hosts = dir.join("hosts");
         // Truncate and write the same file: a rename would leave running
         // programs looking at the old, still bind-mounted, inode.
         std::fs::write(&hosts, contents).map_err(LabError::io(format!("write {}", hosts.display())))
+    }
+
+    /// The file [`Lab::set_hosts`] writes, for a program of this process
+    /// that resolves names as the lab's programs do.
+    pub fn hosts_file(&self) -> PathBuf {
+        Path::new("/etc/netns").join(&self.name).join("hosts")
     }
 
     /// Blackholes TCP to and from `port` (iptables DROP in INPUT on
@@ -311,6 +317,12 @@ impl LinkedLab {
     /// `port` on the far side's link address, where backends listen.
     pub fn far_addr(port: u16) -> SocketAddr {
         SocketAddr::from((link::FAR_ADDR, port))
+    }
+
+    /// `port` on the far side's second address ([`link::FAR_SECOND_ADDR`]):
+    /// a second host behind the same link.
+    pub fn far_second_addr(port: u16) -> SocketAddr {
+        SocketAddr::from((link::FAR_SECOND_ADDR, port))
     }
 }
 
