@@ -92,7 +92,8 @@ pub(crate) struct Live {
     hung: [AtomicU64; Route::COUNT],
     /// Set by the fault thread once the fault is in place.
     pub fault_injected: AtomicBool,
-    /// Set when Ctrl-C stopped the load, so the fault thread gives up.
+    /// Set when Ctrl-C or SIGTERM stopped the load, so the fault thread
+    /// gives up.
     pub interrupted: AtomicBool,
 }
 
@@ -179,11 +180,22 @@ pub(crate) fn run(
     })
 }
 
+/// Ctrl-C or SIGTERM (`timeout`, `kill`) stop the load early, so the run
+/// still ends through the lab's cleanup.
 async fn watch_ctrl_c(stop: CancellationToken, live: Arc<Live>) {
-    if tokio::signal::ctrl_c().await.is_ok() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
         live.interrupted.store(true, Ordering::Relaxed);
         stop.cancel();
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
+    live.interrupted.store(true, Ordering::Relaxed);
+    stop.cancel();
 }
 
 async fn tick(plan: LoadPlan, live: Arc<Live>, progress: ProgressBar) {

@@ -1,20 +1,25 @@
 //! `pulsegate bench`: load tests run from the binary (not on the proxy path).
 //!
 //! `bench failover` puts a request/response load on two backends in a
-//! private network namespace ([`crate::lab`]), through pulsegate and
-//! directly at the same time, injects a fault on the primary and measures
-//! what each client went through:
+//! linked lab ([`crate::lab::LinkedLab`]: backends far, clients and proxies
+//! near, every packet between them crossing an emulated link), through
+//! each route of `--via` (pulsegate, HAProxy, PgBouncer, direct) at the
+//! same time, applies one fault to all of them at the same instant and
+//! measures what each client went through; `--matrix` runs every fault:
 //!
 //! - `args` — the command line, its validation and the resolved plan;
 //! - `servers` — the backends (echo, redis-server, PostgreSQL) as lab
-//!   processes that a fault can kill, freeze and restart;
+//!   processes that a fault can kill, freeze, restart or demote;
+//! - `peers` — HAProxy and PgBouncer, their configs and start;
 //! - `workload` — the clients' protocols and one request's outcome;
 //! - `load` — the client tasks, the live counters and the progress bar;
-//! - `fault` — the fault, applied to the primary on schedule;
+//! - `fault` — the fault, applied to the primary or the link on schedule;
 //! - `detect` — when pulsegate noticed, from its JSON log;
-//! - `report` — percentiles per phase, recovery times, the JSON report;
-//!   `table` prints its summary, `plot` draws the SVG timeline;
-//! - `failover` — the run, start to finish.
+//! - `report` — per route the outcomes, recovery, false evictions, wrong-
+//!   role writes and percentiles per phase; the JSON report; `table`
+//!   prints its summary, `plot` draws the SVG timeline (a lane per route);
+//! - `failover` — one run, start to finish; `matrix` — every fault in turn
+//!   and the summary table of fault × route.
 
 mod args;
 mod detect;
@@ -72,8 +77,8 @@ pub enum BenchError {
         #[source]
         source: std::io::Error,
     },
-    /// Ctrl-C stopped the run.
-    #[error("interrupted (Ctrl-C); the lab was cleaned up")]
+    /// Ctrl-C or SIGTERM stopped the run.
+    #[error("interrupted (Ctrl-C or SIGTERM); the lab was cleaned up")]
     Interrupted,
     /// The timeline could not be drawn.
     #[error("cannot draw the timeline: {0}")]

@@ -62,8 +62,10 @@ defaults
 listen bench
     bind {bind}
 {check}    # A failed check (twice, every {inter}) marks the server down and
-    # shuts its sessions; unacknowledged data for 3 s ends a connection.
-    default-server inter {inter} fastinter {inter} downinter {inter} rise 2 fall 2 on-marked-down shutdown-sessions tcp-ut 3s
+    # shuts its sessions; unacknowledged data for 3 s ends a connection
+    # (tcp-ut on each server line: set on default-server, HAProxy 2.6 took
+    # it but a dropped flow's client still hung for 5 s).
+    default-server inter {inter} fastinter {inter} downinter {inter} rise 2 fall 2 on-marked-down shutdown-sessions
 {servers}",
         idle = secs(plan.probe_interval),
         bind = HAPROXY_ADDR,
@@ -72,10 +74,11 @@ listen bench
             // Resolved once at startup (no `resolvers` section: the lab
             // has no DNS server, only a hosts file), as HAProxy does by
             // default.
-            format!("    server db {}:{} check\n", DNS_NAME, plan.primary.port())
+            format!("    server db {}:{} check tcp-ut 3s\n", DNS_NAME, plan.primary.port())
         } else {
             format!(
-                "    server primary {} check\n    server secondary {} check backup\n",
+                "    server primary {} check tcp-ut 3s\n    \
+                 server secondary {} check backup tcp-ut 3s\n",
                 plan.primary, plan.secondary
             )
         },
@@ -275,11 +278,11 @@ mod tests {
     fn the_config_names_both_servers_the_backup_and_the_check() {
         let config = haproxy_config(&plan(&["--via", "pulsegate,haproxy,direct"]));
         assert!(config.contains(&format!("bind {HAPROXY_ADDR}")));
-        assert!(config.contains("server primary 10.200.0.2:7001 check\n"));
-        assert!(config.contains("server secondary 10.200.0.3:7001 check backup"));
+        assert!(config.contains("server primary 10.200.0.2:7001 check tcp-ut 3s\n"));
+        assert!(config.contains("server secondary 10.200.0.3:7001 check backup tcp-ut 3s"));
         let named = haproxy_config(&plan(&["--via", "haproxy", "--fault", "dns-move"]));
         assert!(
-            named.contains("server db db.pulsegate.lab:7001 check\n"),
+            named.contains("server db db.pulsegate.lab:7001 check tcp-ut 3s\n"),
             "{named}"
         );
         assert!(config.contains("on-marked-down shutdown-sessions"));
