@@ -23,6 +23,27 @@ fn round_trip(stream: &mut TcpStream) -> Duration {
     started.elapsed()
 }
 
+/// Sends a line that must go unanswered for a second (the link silences
+/// it).
+fn assert_silenced(stream: &mut TcpStream) {
+    stream.write_all(b"ping\n").unwrap();
+    let (end, _) = read_end(stream, Duration::from_secs(1));
+    assert!(matches!(end, ReadEnd::Nothing), "{end:?}");
+}
+
+/// Once the link carries it again, the kernel's next retransmission (RTO
+/// backoff: within a few seconds) delivers the line and its echo returns.
+fn assert_echo_resumes(stream: &mut TcpStream) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reply = [0u8; 5];
+    stream
+        .read_exact(&mut reply)
+        .expect("the echo once restored");
+    assert_eq!(&reply, b"ping\n");
+}
+
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
@@ -84,21 +105,11 @@ fn a_cut_silences_the_link_and_healing_it_resumes_the_same_connection() {
     let mut client = connect(lab.near(), LinkedLab::far_addr(BACKEND_PORT));
     exchange_line(&mut client);
     lab.link().set_both(Impairment::cut());
-    client.write_all(b"ping\n").unwrap();
-    let (end, _) = read_end(&mut client, Duration::from_secs(1));
-    assert!(matches!(end, ReadEnd::Nothing), "{end:?}");
+    assert_silenced(&mut client);
     let info = sockopt::tcp_info(&client).unwrap();
     assert!(info.unacked > 0 && info.retransmits > 0, "{info:?}");
     lab.link().set_both(Impairment::none());
-    // The kernel's next retransmission (RTO backoff: within ~2 s) gets through.
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut reply = [0u8; 5];
-    client
-        .read_exact(&mut reply)
-        .expect("the echo after healing");
-    assert_eq!(&reply, b"ping\n");
+    assert_echo_resumes(&mut client);
 }
 
 #[test]
@@ -113,18 +124,10 @@ fn a_dropped_flow_goes_silent_while_others_to_the_same_host_flow() {
     lab.link()
         .drop_flow(victim.local_addr().unwrap(), victim.peer_addr().unwrap())
         .unwrap();
-    victim.write_all(b"ping\n").unwrap();
-    let (end, _) = read_end(&mut victim, Duration::from_secs(1));
-    assert!(matches!(end, ReadEnd::Nothing), "{end:?}");
+    assert_silenced(&mut victim);
     exchange_line(&mut other);
     lab.link().restore_flows();
-    victim
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut reply = [0u8; 5];
-    victim
-        .read_exact(&mut reply)
-        .expect("the echo once restored");
+    assert_echo_resumes(&mut victim);
 }
 
 #[test]
@@ -142,20 +145,14 @@ fn a_dropped_endpoint_goes_silent_one_way_or_both_while_another_port_flows() {
         exchange_line(&mut victim);
         let before = lab.link().counters(Direction::ToFar).dropped;
         lab.link().drop_endpoint(primary, directions).unwrap();
-        victim.write_all(b"ping\n").unwrap();
-        let (end, _) = read_end(&mut victim, Duration::from_secs(1));
-        assert!(matches!(end, ReadEnd::Nothing), "{directions:?}: {end:?}");
-        assert!(lab.link().counters(Direction::ToFar).dropped > before);
+        assert_silenced(&mut victim);
+        assert!(
+            lab.link().counters(Direction::ToFar).dropped > before,
+            "{directions:?}"
+        );
         exchange_line(&mut other);
         lab.link().restore_endpoints();
-        victim
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut reply = [0u8; 5];
-        victim
-            .read_exact(&mut reply)
-            .expect("the echo once restored");
-        assert_eq!(&reply, b"ping\n");
+        assert_echo_resumes(&mut victim);
     }
 }
 
@@ -175,9 +172,7 @@ fn total_loss_is_a_blackhole() {
     // Packets admitted before the change may still leave (the delayed ACK).
     std::thread::sleep(Duration::from_millis(100));
     let forwarded = lab.link().counters(Direction::ToFar).forwarded;
-    open.write_all(b"ping\n").unwrap();
-    let (end, _) = read_end(&mut open, Duration::from_secs(1));
-    assert!(matches!(end, ReadEnd::Nothing), "{end:?}");
+    assert_silenced(&mut open);
     let fresh = lab
         .near()
         .enter(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
@@ -189,10 +184,7 @@ fn total_loss_is_a_blackhole() {
         "a packet got through"
     );
     lab.link().set_both(Impairment::none());
-    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut reply = [0u8; 5];
-    open.read_exact(&mut reply).expect("the echo once healed");
-    assert_eq!(&reply, b"ping\n");
+    assert_echo_resumes(&mut open);
 }
 
 #[test]

@@ -652,13 +652,12 @@ impl Plan {
             kind = self.workload.check_kind(),
             check = d(self.check_interval),
             grace = d(self.down_grace),
-            check_user =
-                if self.fault == FaultKind::RoleFlip && self.workload == WorkloadKind::Postgres {
-                    // A login, so the check learns the role.
-                    format!("user = \"{}\"\n", servers::PG_USER)
-                } else {
-                    String::new()
-                },
+            check_user = if self.roles_change() && self.workload == WorkloadKind::Postgres {
+                // A login, so the check learns the role.
+                format!("user = \"{}\"\n", servers::PG_USER)
+            } else {
+                String::new()
+            },
             role = if self.roles_change() {
                 "role = \"primary\"   # only the server whose check says primary\n"
             } else {
@@ -668,21 +667,25 @@ impl Plan {
     }
 }
 
+/// `pulsegate bench failover ARGV` parsed, for the bench's unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) fn parse(argv: &[&str]) -> Result<FailoverArgs, clap::Error> {
     use clap::Parser;
-
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
         args: FailoverArgs,
     }
+    Cli::try_parse_from(std::iter::once("failover").chain(argv.iter().copied())).map(|c| c.args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn plan(argv: &[&str]) -> Result<Plan, BenchError> {
-        let cli = Cli::try_parse_from(std::iter::once("failover").chain(argv.iter().copied()))
-            .map_err(|e| BenchError::Args(e.to_string()))?;
-        Plan::from_args(&cli.args)
+        let args = parse(argv).map_err(|e| BenchError::Args(e.to_string()))?;
+        Plan::from_args(&args)
     }
 
     #[test]

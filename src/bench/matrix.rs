@@ -213,18 +213,9 @@ pub(crate) fn markdown(m: &Matrix) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: FailoverArgs,
-    }
 
     fn args(argv: &[&str]) -> FailoverArgs {
-        Cli::try_parse_from(std::iter::once("failover").chain(argv.iter().copied()))
-            .unwrap()
-            .args
+        super::super::args::parse(argv).unwrap()
     }
 
     #[test]

@@ -258,20 +258,10 @@ fn validate(program: &Path, path: &Path) -> Result<(), BenchError> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::args::FailoverArgs;
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: FailoverArgs,
-    }
 
     fn plan(argv: &[&str]) -> Plan {
-        let cli =
-            Cli::try_parse_from(std::iter::once("failover").chain(argv.iter().copied())).unwrap();
-        Plan::from_args(&cli.args).unwrap()
+        Plan::from_args(&super::super::args::parse(argv).unwrap()).unwrap()
     }
 
     #[test]

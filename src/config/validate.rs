@@ -259,6 +259,10 @@ impl Checker<'_> {
     fn health(&mut self, l: &ListenerConfig) {
         let role_needs = match (&l.check, l.routing.role) {
             (_, RoleWanted::Any) => None,
+            // Without a user the postgres check only sends an SSLRequest.
+            (Some(c), _) if c.kind == CheckKind::Postgres && c.user.is_none() => Some(
+                "a `postgres` check without `user` does not log in, so it reports no role".into(),
+            ),
             (Some(c), _) if matches!(c.kind, CheckKind::Postgres | CheckKind::Redis) => None,
             (Some(c), _) => Some(format!("a `{:?}` check reports no role", c.kind).to_lowercase()),
             (None, _) => Some("there is no [listener.check] to learn roles from".to_string()),
@@ -267,7 +271,8 @@ impl Checker<'_> {
             self.problem(
                 "routing.role",
                 why,
-                "add [listener.check] with kind = \"postgres\" or \"redis\", or set role = \"any\"",
+                "add [listener.check] with kind = \"postgres\" (and a `user`) or \"redis\", or set \
+                 role = \"any\"",
             );
         }
         let Some(check) = &l.check else { return };
