@@ -381,9 +381,12 @@ fn role_flip(workload: &str, via: &str) -> Value {
     let r = report(&output, out.path());
     eprintln!("{}", String::from_utf8_lossy(&output.stdout));
     let pulsegate = route(&r, "pulsegate");
+    // One check interval (0.5 s), plus the check's own login under load and
+    // each client's next write: 0.07-0.13 s with 8 clients per route here;
+    // 0.68 s with 16 per route through four routes on two cores.
     if let Some(last) = pulsegate["wrong_role_last_s"].as_f64() {
         assert!(
-            last <= 0.7,
+            last <= 1.0,
             "a write reached the demoted server {last} s after the flip"
         );
     }

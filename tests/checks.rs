@@ -826,3 +826,51 @@ async fn a_foreign_banner_is_named_in_the_detail() {
         assert!(outcome.detail.contains("SSH-2.0"), "{kind}: {outcome:?}");
     }
 }
+
+/// A primary fenced read-only (`default_transaction_read_only = on`, as a
+/// failover tool fences the old writer before it promotes a replica) takes
+/// no writes: the check reports it as a replica, so `role = "primary"`
+/// stops sending writes to it; unfenced, it is the primary again.
+#[tokio::test]
+async fn postgres_fenced_primary_reports_the_replica_role() {
+    let Some(pg) = start_postgres() else {
+        return;
+    };
+    let login = postgres_login(PG_PASSWORD);
+    let ready = wait_for(&login, pg.addr(), CheckStatus::Up, START_TIMEOUT).await;
+    assert_eq!(ready.role, Some(Role::Primary), "{ready:?}");
+    let (client, connection) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(pg.port)
+        .user(PG_USER)
+        .password(PG_PASSWORD)
+        .dbname("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("log in as the superuser");
+    let driver = tokio::spawn(connection);
+    let fence = |on: bool| {
+        format!(
+            "ALTER SYSTEM SET default_transaction_read_only = {}",
+            if on { "on" } else { "off" }
+        )
+    };
+    for (on, role) in [(true, Role::Replica), (false, Role::Primary)] {
+        client.simple_query(&fence(on)).await.expect("ALTER SYSTEM");
+        client
+            .simple_query("SELECT pg_reload_conf()")
+            .await
+            .expect("reload");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let outcome = loop {
+            let outcome = check(&login, pg.addr()).await;
+            if outcome.role == Some(role) || Instant::now() > deadline {
+                break outcome;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_status(&outcome, CheckStatus::Up);
+        assert_eq!(outcome.role, Some(role), "fenced {on}: {outcome:?}");
+    }
+    driver.abort();
+}

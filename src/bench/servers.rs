@@ -271,8 +271,10 @@ pub(crate) fn start(lab: &Lab, exe: &Path, plan: &Plan) -> Result<Backends, Benc
         }
         WorkloadKind::Postgres => {
             let install = postgres::Install::find()?;
-            // Every client may hold a connection, per path, plus checks.
-            let max_connections = 2 * plan.clients + 20;
+            // Every client of every route may hold a connection, plus the
+            // proxies' checks, the replication and the fault's own session.
+            let routes = u32::try_from(plan.routes.len()).unwrap_or(u32::MAX);
+            let max_connections = routes.saturating_mul(plan.clients).saturating_add(30);
             let [a, b] = install.init_two(lab.dir(), max_connections)?;
             [Program::Postgres(a), Program::Postgres(b)]
         }

@@ -37,6 +37,10 @@ impl Monitor {
         let mut last_status = None;
         loop {
             let started_ms = now_ms();
+            // The next check starts one interval after this one started,
+            // not after it ended: a slow check (a login on a loaded or far
+            // server) must not stretch the time to notice a change.
+            let next = tokio::time::Instant::now() + self.next_delay();
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
                 outcome = self.check_once() => outcome,
@@ -54,7 +58,7 @@ impl Monitor {
             self.react(change, status, &detail);
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(self.next_delay()) => {}
+                _ = tokio::time::sleep_until(next) => {}
             }
         }
     }
