@@ -200,12 +200,13 @@ pub(crate) fn markdown(m: &Matrix) -> String {
     }
     out.push_str(
         "\n*all served again*: from the fault until every client of the route had an answer \
-         to a request started after it. *sessions ended*: requests on a connection that had \
-         answered before and that ended in a reset or close (the proxy or the kernel gave up \
-         on the session). *false evictions*: those the fault does not explain: any before the \
-         fault, any under `loss` and `latency` (every backend alive and reachable), any beyond \
-         the one dropped connection under `flow`. *wrong role*: writes answered read-only after \
-         the fault (`role-flip`).\n",
+         to a request started after the fault and after its own last failed or hung \
+         request. *sessions ended*: requests on a connection that had answered before and \
+         that ended in a reset or close (the proxy or the kernel gave up on the session). \
+         *false evictions*: those the fault does not explain: any before the fault, any \
+         under `loss` and `latency` (every backend alive and reachable), any beyond the one \
+         dropped connection under `flow`. *wrong role*: writes answered read-only after the \
+         fault (`role-flip`, `dns-move`).\n",
     );
     out
 }

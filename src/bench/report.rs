@@ -129,10 +129,11 @@ pub struct RouteReport {
     /// Failed requests by how they failed (refused, reset, closed, ...).
     pub failures: BTreeMap<&'static str, u64>,
     pub clients: u32,
-    /// Clients that completed a request started after the fault.
+    /// Clients answered after the fault and after their last failure (see
+    /// [`served_again`]).
     pub clients_served_again: u32,
-    /// Seconds from the fault until every client had (none if some never
-    /// did within the run).
+    /// Seconds from the fault until every client was (none if some never
+    /// was within the run).
     pub served_again_s: Option<f64>,
     /// The first failed or hung request a client of the route saw after
     /// the fault (when it ended), in seconds after the fault.
@@ -362,19 +363,39 @@ fn route_report(
 /// When the clients of a route were served again after the fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ServedAgain {
-    /// Clients with an OK request started at or after the fault.
+    /// Clients with an OK request started after the fault and after their
+    /// last failed or hung request.
     pub clients: u32,
     /// When the last of all `clients` had its first such answer, since the
     /// start; none if some client never had one.
     pub all_at: Option<Duration>,
 }
 
+/// A client is served again by the first answer to a request it started
+/// after the fault *and* after its last failure (a request that failed or
+/// hung and ended after the fault): a client answered once and then hung on
+/// a dropped connection, or refused writes on every other request, is not
+/// served again.
 pub(crate) fn served_again(records: &[&Record], clients: u32, fault: Duration) -> ServedAgain {
-    let mut first_ok: BTreeMap<u32, Duration> = BTreeMap::new();
+    let mut last_failure: BTreeMap<u32, Duration> = BTreeMap::new();
     for r in records
         .iter()
-        .filter(|r| r.outcome == Outcome::Ok && r.start >= fault)
+        .filter(|r| matches!(r.outcome, Outcome::Failed(_) | Outcome::Hung) && r.end() >= fault)
     {
+        let end = r.end();
+        last_failure
+            .entry(r.client)
+            .and_modify(|e| *e = (*e).max(end))
+            .or_insert(end);
+    }
+    let mut first_ok: BTreeMap<u32, Duration> = BTreeMap::new();
+    for r in records.iter().filter(|r| {
+        r.outcome == Outcome::Ok
+            && r.start >= fault
+            && last_failure
+                .get(&r.client)
+                .is_none_or(|&failed| r.start >= failed)
+    }) {
         let end = r.end();
         first_ok
             .entry(r.client)

@@ -66,6 +66,29 @@ fn an_answer_to_a_request_started_before_the_fault_does_not_count() {
 }
 
 #[test]
+fn a_client_answered_once_and_then_failing_is_not_served_again_until_it_recovers() {
+    let d = Route::Direct;
+    let records = [
+        // Answered just after the fault, then its connection hangs...
+        rec(d, 0, 1001, 5, Outcome::Ok),
+        rec(d, 0, 1020, 5000, Outcome::Hung),
+        // ...and a new one answers.
+        rec(d, 0, 6030, 2, Outcome::Ok),
+        // Writes refused every other request until the end: never.
+        rec(d, 1, 1010, 1, Outcome::Ok),
+        rec(d, 1, 1030, 1, Outcome::Failed(Failure::ReadOnly)),
+        rec(d, 1, 1050, 1, Outcome::Ok),
+        rec(d, 1, 1070, 1, Outcome::Failed(Failure::ReadOnly)),
+    ];
+    let refs: Vec<&Record> = records.iter().collect();
+    let served = served_again(&refs, 2, ms(1000));
+    assert_eq!(served.clients, 1);
+    assert_eq!(served.all_at, None);
+    let client0: Vec<&Record> = refs.iter().copied().filter(|r| r.client == 0).collect();
+    assert_eq!(served_again(&client0, 1, ms(1000)).all_at, Some(ms(6032)));
+}
+
+#[test]
 fn phases_go_by_end_before_the_fault_and_start_after_recovery() {
     let p = Route::Pulsegate;
     let (fault, recovered) = (ms(1000), ms(2600));
