@@ -340,8 +340,18 @@ fn a_short_matrix_measures_every_route_under_the_same_fault() {
     assert_eq!(pulsegate["false_evictions"], 0, "{pulsegate}");
     assert_eq!(pulsegate["sessions_ended"], 0, "{pulsegate}");
     assert_eq!(loss["detection"]["evictions"], 0, "{}", loss["detection"]);
-    // The dropped flow: exactly one session ended, found within 10 s.
+    // The dropped flow: one connection per route, each its own.
     let flow = report("flow");
+    let flows: std::collections::BTreeSet<&str> = ["pulsegate", "haproxy", "direct"]
+        .iter()
+        .map(|name| {
+            route(&flow, name)["dropped_flow"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no flow of {name} dropped"))
+        })
+        .collect();
+    assert_eq!(flows.len(), 3, "{flows:?}");
+    // Exactly one session ended through pulsegate, found within 10 s.
     let pulsegate = route(&flow, "pulsegate");
     assert_eq!(pulsegate["false_evictions"], 0, "{pulsegate}");
     assert_eq!(pulsegate["sessions_ended"], 1, "{pulsegate}");

@@ -38,8 +38,8 @@ pub(crate) struct FaultTimes {
     /// When the fault reached each route, since the start (`flow`: when
     /// that route's connection was dropped; else `at` for all).
     pub applied: Vec<(Route, Duration)>,
-    /// `flow`: the connection dropped per route (its local end, near).
-    pub flows: Vec<(Route, SocketAddr)>,
+    /// `flow`: the connection dropped per route (its near and far ends).
+    pub flows: Vec<(Route, SocketAddr, SocketAddr)>,
 }
 
 /// What the fault acts on.
@@ -127,7 +127,7 @@ pub(crate) fn inject(
                 times
                     .applied
                     .push((route, now.0.saturating_duration_since(t0)));
-                times.flows.push((route, flow.local));
+                times.flows.push((route, flow.local, flow.remote));
             }
             at.ok_or_else(|| {
                 BenchError::Setup(format!(

@@ -118,8 +118,11 @@ pub struct RouteReport {
     pub route: &'static str,
     /// When the fault reached this route, since the start of the load
     /// (the same instant for every route, except `flow`, which drops one
-    /// connection per route in turn).
+    /// connection per route in turn; none if it found no connection of
+    /// this route to drop).
     pub fault_applied_s: Option<f64>,
+    /// `flow`: the connection dropped, "near end -> far end".
+    pub dropped_flow: Option<String>,
     pub requests: u64,
     pub ok: u64,
     pub failed: u64,
@@ -213,6 +216,11 @@ pub(crate) fn build(
                 .map(|&(_, at)| at);
             let mut report = route_report(records, route, plan.clients, fault.at, plan.duration);
             report.fault_applied_s = applied.map(secs);
+            report.dropped_flow = fault
+                .flows
+                .iter()
+                .find(|(r, _, _)| *r == route)
+                .map(|(_, near, far)| format!("{near} -> {far}"));
             report.false_evictions =
                 false_evictions(records, route, plan.fault.expected(), fault.at);
             report
@@ -329,6 +337,7 @@ fn route_report(
     RouteReport {
         route: route.as_str(),
         fault_applied_s: None,
+        dropped_flow: None,
         requests: mine.len() as u64,
         ok: count(|o| *o == Outcome::Ok),
         failed: count(|o| matches!(o, Outcome::Failed(_))),
