@@ -244,6 +244,7 @@ fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken) {
     let Some(check) = &ctx.config.settings.check else {
         return;
     };
+    let recheck = Arc::new(tokio::sync::Notify::new());
     for backend in 0..ctx.backends.len() {
         let monitor = Monitor {
             listener: ctx.name.clone(),
@@ -252,6 +253,7 @@ fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken) {
             check: check.clone(),
             routing: ctx.config.settings.routing,
             watcher: ctx.watcher.clone(),
+            recheck: recheck.clone(),
         };
         tokio::spawn(monitor.run(stop.clone()));
     }

@@ -395,3 +395,151 @@ fn the_benchs_role_flip_swaps_roles_and_leaves_every_connection_open() {
         .unwrap()
         .contains("role:slave"));
 }
+
+/// A stand-in redis server whose role the test sets: it answers a check's
+/// pipelined `PING` + `ROLE` with `+PONG` and its role (its first check
+/// only after `first_delay`), and a client's `WHO` with its name. It
+/// records when each check arrived.
+struct FakeRedis {
+    addr: SocketAddr,
+    primary: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    checks: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+}
+
+impl FakeRedis {
+    async fn start(name: &'static str, primary: bool, first_delay: Duration) -> FakeRedis {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake = FakeRedis {
+            addr: listener.local_addr().unwrap(),
+            primary: Arc::new(AtomicBool::new(primary)),
+            checks: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (role, checks) = (fake.primary.clone(), fake.checks.clone());
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let delay = if std::mem::take(&mut first) {
+                    first_delay
+                } else {
+                    Duration::ZERO
+                };
+                let (role, checks) = (role.clone(), checks.clone());
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 256];
+                    loop {
+                        let Ok(n) = stream.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&request);
+                        if text.contains("WHO\r\n") {
+                            let _ = stream.write_all(format!("+{name}\r\n").as_bytes()).await;
+                            return;
+                        }
+                        if text.contains("ROLE\r\n") {
+                            checks.lock().unwrap().push(Instant::now());
+                            tokio::time::sleep(delay).await;
+                            let reply = if role.load(Ordering::SeqCst) {
+                                "+PONG\r\n*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n"
+                            } else {
+                                "+PONG\r\n*5\r\n$5\r\nslave\r\n$9\r\n127.0.0.1\r\n:6379\r\n\
+                                 $9\r\nconnected\r\n:0\r\n"
+                            };
+                            let _ = stream.write_all(reply.as_bytes()).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        fake
+    }
+
+    fn set_primary(&self, primary: bool) {
+        self.primary
+            .store(primary, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn checks(&self) -> usize {
+        self.checks.lock().unwrap().len()
+    }
+}
+
+/// Which server a new connection through the proxy reaches, if any.
+fn who(proxy: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", proxy)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"WHO\r\n").ok()?;
+    let mut buf = [0u8; 32];
+    let n = s.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// A failover moves two roles, and each backend's monitor sees its half on
+/// its own schedule. Here the two schedules are half an interval apart
+/// (the first check of `a` is answered 1.5 s late, once): the demotion of
+/// `a` is seen about 0.4 s after the flip, the promotion of `b` on its own
+/// schedule only about 0.9 s after it. A role change wakes the other
+/// monitors, so `b` is checked at once and new connections reach it when
+/// the demotion is seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_change_has_the_other_backends_checked_at_once() {
+    let a = FakeRedis::start("a", true, Duration::from_millis(1500)).await;
+    let b = FakeRedis::start("b", false, Duration::ZERO).await;
+    let (proxy, stop) = start_proxy(
+        &[a.addr, b.addr],
+        "interval = \"1s\"\ntimeout = \"3s\"\nrise = 1\nfall = 2\n\
+         [listener.routing]\nrole = \"primary\"",
+    )
+    .await;
+    let followed = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while who(proxy).as_deref() != Some("+a") {
+            assert!(
+                Instant::now() < deadline,
+                "never routed to the primary a: {:?}",
+                who(proxy)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Flip 0.1 s after one of b's checks: b's next is 0.9 s away, a's
+        // about 0.4 s.
+        std::thread::sleep(Duration::from_secs(1));
+        let seen = b.checks();
+        while b.checks() == seen {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let flipped = Instant::now();
+        a.set_primary(false);
+        b.set_primary(true);
+        while who(proxy).as_deref() != Some("+b") {
+            assert!(
+                flipped.elapsed() < Duration::from_secs(5),
+                "never followed b"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let followed = flipped.elapsed();
+        drop((a, b));
+        followed
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    eprintln!(
+        "new connections reach the promoted b {:.2} s after the flip",
+        followed.as_secs_f64()
+    );
+    assert!(
+        followed < Duration::from_millis(700),
+        "followed after {followed:?}: b was checked on its own schedule"
+    );
+}

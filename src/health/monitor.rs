@@ -29,6 +29,10 @@ pub struct Monitor {
     pub check: CheckConfig,
     pub routing: Routing,
     pub watcher: WatcherHandle,
+    /// Shared by the listener's monitors: a backend whose role changed
+    /// wakes the others to check at once (a failover moves two roles, and
+    /// each monitor would otherwise see its half on its own schedule).
+    pub recheck: Arc<tokio::sync::Notify>,
 }
 
 impl Monitor {
@@ -59,6 +63,7 @@ impl Monitor {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep_until(next) => {}
+                _ = self.recheck.notified() => {}
             }
         }
     }
@@ -118,6 +123,12 @@ impl Monitor {
         } else if change.role_changed {
             tracing::info!(listener = %self.listener, backend = %label, role = role_name,
                 "backend role learned");
+        }
+        if change.role_changed && change.had_role {
+            // The other half of a failover (a promotion, a demotion) is
+            // likely under way on another backend: look at them now rather
+            // than on their own schedules.
+            self.recheck.notify_waiters();
         }
         if change.from == State::Up && change.to == State::Suspect {
             self.watcher.probe_backend(self.backend);
