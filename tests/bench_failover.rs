@@ -490,3 +490,56 @@ fn a_moved_name_is_followed_through_pulsegate() {
     assert_eq!(direct["clients_served_again"], 8, "{direct}");
     assert!(secs(&direct["served_again_s"]) >= 2.0, "{direct}");
 }
+
+/// SIGTERM (`timeout`, `kill`) during the load ends the run as Ctrl-C
+/// does: exit 1 saying so, every process it started gone, its namespaces
+/// deleted.
+#[test]
+fn sigterm_during_the_load_cleans_up() {
+    if !lab_available("bench-probe") {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let mut child = Command::new(support::exe())
+        .args(["bench", "failover", "--quiet", "--clients", "4"])
+        .args(["--duration", "60s", "--out"])
+        .arg(out.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the bench");
+    let pid = child.id();
+    // The intro's last line is printed as the load starts.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("clients per route for") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        assert!(n > 0, "the bench ended before its load started");
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&namespaces.stdout);
+    assert!(
+        !listed.contains(&format!("pg-{pid}-")),
+        "namespaces left behind: {listed}"
+    );
+    let left = Command::new("pgrep")
+        .args(["-f", &format!("pulsegate-lab/pg-{pid}-")])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "processes left behind: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}

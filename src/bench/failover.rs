@@ -64,8 +64,8 @@ pub(crate) fn run_plan(plan: &Plan) -> Result<Report, BenchError> {
     write(&plan.out.join("pulsegate.toml"), &config)?;
     let mut owners = vec![];
     let mut proxy = None;
-    let mut haproxy = None;
-    let mut pgbouncer = None;
+    // HAProxy, PgBouncer.
+    let mut peers = vec![];
     let mut targets = vec![];
     for &route in &plan.routes {
         let (target, pid) = match route {
@@ -75,19 +75,18 @@ pub(crate) fn run_plan(plan: &Plan) -> Result<Report, BenchError> {
                 proxy = Some(process);
                 (PROXY_ADDR, pid)
             }
-            Route::Haproxy => {
-                let started = peers::start_haproxy(lab.near(), plan)?;
-                write(&plan.out.join("haproxy.cfg"), &started.config)?;
+            Route::Haproxy | Route::Pgbouncer => {
+                let (started, addr, file) = if route == Route::Haproxy {
+                    let started = peers::start_haproxy(lab.near(), plan)?;
+                    (started, HAPROXY_ADDR, "haproxy.cfg")
+                } else {
+                    let started = peers::start_pgbouncer(lab.near(), plan)?;
+                    (started, PGBOUNCER_ADDR, "pgbouncer.ini")
+                };
+                write(&plan.out.join(file), &started.config)?;
                 let pid = started.process.pid();
-                haproxy = Some(started);
-                (HAPROXY_ADDR, pid)
-            }
-            Route::Pgbouncer => {
-                let started = peers::start_pgbouncer(lab.near(), plan)?;
-                write(&plan.out.join("pgbouncer.ini"), &started.config)?;
-                let pid = started.process.pid();
-                pgbouncer = Some(started);
-                (PGBOUNCER_ADDR, pid)
+                peers.push((route, started));
+                (addr, pid)
             }
             Route::Direct => (plan.primary, std::process::id()),
         };
@@ -139,20 +138,19 @@ pub(crate) fn run_plan(plan: &Plan) -> Result<Report, BenchError> {
         }
         _ => None,
     };
-    if let Some(haproxy) = &haproxy {
-        let _ = std::fs::copy(haproxy.process.stderr_path(), plan.out.join("haproxy.log"));
-    }
-    if let Some(pgbouncer) = &pgbouncer {
-        let _ = std::fs::copy(
-            pgbouncer.process.stderr_path(),
-            plan.out.join("pgbouncer.log"),
-        );
-    }
-    let configs = report::Configs {
+    let mut configs = report::Configs {
         pulsegate: proxy.is_some().then_some(config),
-        haproxy: haproxy.map(|h| h.config),
-        pgbouncer: pgbouncer.map(|p| p.config),
+        ..report::Configs::default()
     };
+    for (route, peer) in peers {
+        let slot = match route {
+            Route::Haproxy => &mut configs.haproxy,
+            _ => &mut configs.pgbouncer,
+        };
+        let log = plan.out.join(format!("{}.log", route.as_str()));
+        let _ = std::fs::copy(peer.process.stderr_path(), log);
+        *slot = Some(peer.config);
+    }
     let report = report::build(plan, &load.records, &fault, detection.as_ref(), configs);
     write_outputs(plan, &report, &load)?;
     print!("\n{}", table::render(&report));

@@ -85,8 +85,8 @@ listen bench
     )
 }
 
-/// HAProxy running in the lab, and the config it runs with.
-pub(crate) struct Haproxy {
+/// A peer proxy running in the lab, and the config it runs with.
+pub(crate) struct Peer {
     pub process: LabProcess,
     pub config: String,
 }
@@ -94,7 +94,7 @@ pub(crate) struct Haproxy {
 /// Finds `haproxy` (else names the Debian package), writes its config
 /// (or reads the user's), checks it with `haproxy -c` and starts it in
 /// `lab`, waiting until it listens on [`HAPROXY_ADDR`].
-pub(crate) fn start_haproxy(lab: &Lab, plan: &Plan) -> Result<Haproxy, BenchError> {
+pub(crate) fn start_haproxy(lab: &Lab, plan: &Plan) -> Result<Peer, BenchError> {
     let program = find_program("haproxy", "haproxy")?;
     let (path, config) = match &plan.haproxy_config {
         Some(path) => {
@@ -119,7 +119,7 @@ pub(crate) fn start_haproxy(lab: &Lab, plan: &Plan) -> Result<Haproxy, BenchErro
                 "HAProxy did not listen on {HAPROXY_ADDR} (its config must bind there): {e}"
             ))
         })?;
-    Ok(Haproxy { process, config })
+    Ok(Peer { process, config })
 }
 
 /// PgBouncer's config for `plan`: session mode (a client keeps its server
@@ -170,17 +170,11 @@ stats_period = 3600
     )
 }
 
-/// PgBouncer running in the lab.
-pub(crate) struct Pgbouncer {
-    pub process: LabProcess,
-    pub config: String,
-}
-
 /// Finds `pgbouncer` (else names the Debian package), writes its config
 /// and user list, and starts it in `lab` — as the `postgres` account when
 /// root, since PgBouncer refuses to run as root — waiting until it listens
 /// on [`PGBOUNCER_ADDR`].
-pub(crate) fn start_pgbouncer(lab: &Lab, plan: &Plan) -> Result<Pgbouncer, BenchError> {
+pub(crate) fn start_pgbouncer(lab: &Lab, plan: &Plan) -> Result<Peer, BenchError> {
     let program = find_program("pgbouncer", "pgbouncer")?;
     lab.write_file("pgbouncer-users.txt", &format!("\"{PG_USER}\" \"\"\n"))?;
     let config = pgbouncer_config(plan, lab.dir());
@@ -204,7 +198,7 @@ pub(crate) fn start_pgbouncer(lab: &Lab, plan: &Plan) -> Result<Pgbouncer, Bench
     let process = lab.spawn_as("pgbouncer", command)?;
     lab.wait_ready(&process, PGBOUNCER_ADDR, START_TIMEOUT)
         .map_err(|e| BenchError::Setup(format!("PgBouncer did not start: {e}")))?;
-    Ok(Pgbouncer { process, config })
+    Ok(Peer { process, config })
 }
 
 /// `haproxy -c -f path` inside `lab` (where its names resolve): a config
@@ -212,28 +206,13 @@ pub(crate) fn start_pgbouncer(lab: &Lab, plan: &Plan) -> Result<Pgbouncer, Bench
 fn validate_in(lab: &Lab, program: &Path, path: &Path) -> Result<(), BenchError> {
     let mut command = Command::new(program);
     command.arg("-c").arg("-f").arg(path);
-    let process = lab.spawn_as("haproxy-check", command)?;
-    let deadline = std::time::Instant::now() + START_TIMEOUT;
-    let status = loop {
-        if let Some(status) = process.exit_status() {
-            break status;
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(BenchError::Setup(format!(
-                "`haproxy -c` did not finish within {START_TIMEOUT:?}"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    if status.success() {
-        return Ok(());
-    }
-    Err(BenchError::Setup(format!(
-        "HAProxy refuses the config {}: {}{}",
-        path.display(),
-        process.stdout().trim(),
-        process.stderr().trim()
-    )))
+    lab.run_to_end("haproxy-check", command, START_TIMEOUT)
+        .map_err(|e| {
+            BenchError::Setup(format!(
+                "HAProxy refuses the config {}: {e}",
+                path.display()
+            ))
+        })
 }
 
 /// `haproxy -c -f path` here: a config HAProxy refuses is a clear error.

@@ -174,6 +174,43 @@ impl Lab {
         Ok(process)
     }
 
+    /// Runs `command` inside the namespace to its end (at most `timeout`)
+    /// and fails with what it printed when it exits unsuccessfully; its
+    /// output files are named after `label` as for [`Lab::spawn_as`].
+    pub fn run_to_end(
+        &self,
+        label: &str,
+        command: Command,
+        timeout: Duration,
+    ) -> Result<(), LabError> {
+        let shown = format!("{command:?}");
+        let process = self.spawn_as(label, command)?;
+        let deadline = std::time::Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = process.exit_status() {
+                break status;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(LabError::Timeout {
+                    what: format!("{shown} to finish"),
+                    waited: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if status.success() {
+            return Ok(());
+        }
+        Err(LabError::Command {
+            command: shown,
+            detail: format!(
+                "exited with {status}: {} {}",
+                process.stdout().trim(),
+                process.stderr().trim()
+            ),
+        })
+    }
+
     /// Writes the namespace's own `/etc/hosts`: programs started later with
     /// [`Lab::spawn`] (`ip netns exec` bind-mounts `/etc/netns/<name>/hosts`
     /// over `/etc/hosts`) resolve names through it. Rewriting it in place

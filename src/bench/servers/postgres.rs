@@ -140,7 +140,7 @@ impl Server {
             "-D",
         ]);
         command.arg(&data);
-        self.run_in(lab, "pg_basebackup", command)
+        Ok(lab.run_to_end("pg_basebackup", command, INIT_TIMEOUT)?)
     }
 
     /// Runs SQL statements (each its own `-c`) on this cluster's server at
@@ -161,7 +161,7 @@ impl Server {
         for statement in statements {
             command.args(["-c", statement]);
         }
-        self.run_in(lab, "psql", command)
+        Ok(lab.run_to_end("psql", command, INIT_TIMEOUT)?)
     }
 
     /// `program` run as the `postgres` account when root.
@@ -178,32 +178,6 @@ impl Server {
         ]);
         command.arg(program);
         command
-    }
-
-    /// Runs `command` in `lab` to its end (bounded), failing with its
-    /// stderr when it fails.
-    fn run_in(&self, lab: &Lab, label: &str, command: Command) -> Result<(), BenchError> {
-        let shown = format!("{command:?}");
-        let process = lab.spawn_as(label, command)?;
-        let deadline = Instant::now() + INIT_TIMEOUT;
-        let status = loop {
-            if let Some(status) = process.exit_status() {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                return Err(BenchError::Setup(format!(
-                    "{shown} did not finish within {INIT_TIMEOUT:?}"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if status.success() {
-            return Ok(());
-        }
-        Err(BenchError::Setup(format!(
-            "{shown} failed ({status}): {}",
-            process.stderr().trim()
-        )))
     }
 
     /// `setsid [setpriv --reuid postgres ...] postgres -D DATA -p PORT ...`:
