@@ -228,7 +228,7 @@ pub struct FailoverArgs {
     pub via: Vec<RouteKind>,
     /// Run every fault of --faults in turn (each in a fresh lab, with the
     /// same settings) and write one summary table of fault × route
-    /// (DIR/matrix.md and DIR/matrix.json), each run's files in DIR/<fault>.
+    /// (DIR/matrix.md and DIR/matrix.json), each run's files in `DIR/<fault>`.
     #[arg(long)]
     pub matrix: bool,
     /// With --matrix: the faults to run [default: every fault the workload

@@ -11,7 +11,8 @@
 //!   output captured in the lab's work directory;
 //! - [`Lab::drop_port`] blackholes every TCP segment to or from a port,
 //!   which on loopback makes both ends of its connections vanish silently
-//!   ([`Lab::drop_port_inbound`]: only what is sent to it);
+//!   (across a [`LinkedLab`]'s link, [`Link::drop_endpoint`] does it one
+//!   way or both);
 //! - [`Lab::tcp_state`] reads a socket's kernel state, as `ss` would;
 //! - [`Lab::start_pulsegate`] runs the proxy with a [`ProxyConfig`], and
 //!   [`run_backend`] is the echo server (or idle client) process to kill;
@@ -235,17 +236,6 @@ impl Lab {
     /// of that port stop hearing each other, with no FIN or RST.
     pub fn drop_port(&self, port: u16) -> Result<(), LabError> {
         self.port_rules("-A", port)
-    }
-
-    /// Blackholes only the TCP segments sent *to* `port` (iptables DROP in
-    /// INPUT on `--dport`): the server on it no longer hears its peers,
-    /// while what it sends still arrives (a one-way partition).
-    pub fn drop_port_inbound(&self, port: u16) -> Result<(), LabError> {
-        let port = port.to_string();
-        let args = [
-            "-w", "-A", "INPUT", "-p", "tcp", "--dport", &port, "-j", "DROP",
-        ];
-        netns::run_in(&self.tools, &self.name, &self.tools.iptables, &args).map(|_| ())
     }
 
     /// Blackholes every TCP segment to or from `ip` (iptables DROP in INPUT
