@@ -18,6 +18,8 @@ pub struct Backend {
     addrs: Mutex<Vec<SocketAddr>>,
     /// Wakes the resolver of a DNS backend at once (it turned suspect).
     resolve_now: tokio::sync::Notify,
+    /// Wakes its check loop at once (a client was answered "read-only").
+    check_now: tokio::sync::Notify,
     label: String,
     tracker: Mutex<Tracker>,
     active: AtomicUsize,
@@ -103,6 +105,7 @@ impl BackendSet {
                                 BackendAddr::Dns { .. } => Vec::new(),
                             }),
                             resolve_now: tokio::sync::Notify::new(),
+                            check_now: tokio::sync::Notify::new(),
                             addr: addr.clone(),
                             label: addr.to_string(),
                             tracker: Mutex::new(Tracker::new(rise, fall, checked)),
@@ -192,6 +195,20 @@ impl BackendSet {
     /// Resolves when [`BackendSet::resolve_now`] is called for `backend`.
     pub async fn resolve_requested(&self, backend: usize) {
         self.backends[backend].resolve_now.notified().await;
+    }
+
+    /// A client of `backend` was answered "read-only" (see
+    /// [`crate::health::hint`]): counted, and its check asked to run now.
+    pub fn wrong_role_reply(&self, backend: usize) {
+        let backend = &self.backends[backend];
+        backend.meters.wrong_role_replies.increment(1);
+        backend.check_now.notify_one();
+    }
+
+    /// Resolves when [`BackendSet::wrong_role_reply`] was called for
+    /// `backend` (at once if it was since the last wait).
+    pub async fn check_requested(&self, backend: usize) {
+        self.backends[backend].check_now.notified().await;
     }
 
     pub fn label(&self, backend: usize) -> &str {

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::BackendSet;
 use crate::config::Listener;
+use crate::health::hint::ReadOnlySign;
 use crate::health::monitor::Monitor;
 use crate::liveness;
 use crate::pool::Pool;
@@ -86,6 +87,10 @@ impl Generation {
                 shared.suspicions.clone(),
             ),
             pool: Pool::new(&config),
+            read_only_sign: ReadOnlySign::for_listener(
+                settings.check.as_ref(),
+                settings.routing.role,
+            ),
             backends,
             shared: shared.clone(),
             client_options_preset,

@@ -39,6 +39,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::evict::Leg;
+use crate::health::hint::ReplyWatch;
 use crate::liveness::Watched;
 
 /// The scratch buffer of the copy path, and the read size that marks a
@@ -70,7 +71,7 @@ pub struct LegError {
 }
 
 /// Relays `from` → `to` until `from` sends FIN, adding each chunk to
-/// `bytes`. Returns the number of bytes relayed. The caller forwards the
+/// `bytes` and showing each copied chunk to `watch`. Returns the number of bytes relayed. The caller forwards the
 /// FIN ([`finish`]), or closes `to` when this was the last direction open:
 /// the close sends the FIN, one syscall fewer per connection.
 pub async fn pump(
@@ -78,6 +79,7 @@ pub async fn pump(
     from: Leg,
     to: Leg,
     bytes: &metrics::Counter,
+    watch: Option<&ReplyWatch<'_>>,
 ) -> Result<u64, LegError> {
     let src = session.socket(from);
     let read_err = |error| LegError { leg: from, error };
@@ -86,7 +88,7 @@ pub async fn pump(
     let mut may_splice = true;
     loop {
         src.readable().await.map_err(read_err)?;
-        let copied = match copy_step(session, from, to) {
+        let copied = match copy_step(session, from, to, watch) {
             Ok(copied) => copied,
             Err(Failed::Read(e)) => return Err(read_err(e)),
             Err(Failed::Write(e)) => return Err(write_err(e)),
@@ -143,7 +145,12 @@ enum Failed {
 /// One read from `from` into the thread's scratch buffer and one write of
 /// it to `to`, without waiting: the buffer is free again when this
 /// returns. Whatever `to` could not take is returned in a new buffer.
-fn copy_step(session: &Watched, from: Leg, to: Leg) -> Result<Copied, Failed> {
+fn copy_step(
+    session: &Watched,
+    from: Leg,
+    to: Leg,
+    watch: Option<&ReplyWatch<'_>>,
+) -> Result<Copied, Failed> {
     let (src, dst) = (session.socket(from), session.socket(to));
     SCRATCH.with_borrow_mut(|buf| {
         let n = match read_draining(src, buf) {
@@ -154,6 +161,9 @@ fn copy_step(session: &Watched, from: Leg, to: Leg) -> Result<Copied, Failed> {
             Err(e) => return Err(Failed::Read(e)),
         };
         session.note_read(from);
+        if let Some(watch) = watch {
+            watch.see(&buf[..n]);
+        }
         let full = n == buf.len();
         let sent = match dst.try_write(&buf[..n]) {
             Ok(0) => return Err(Failed::Write(io::ErrorKind::WriteZero.into())),

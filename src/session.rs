@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::BackendSet;
 use crate::config::{Listener, OnEvict};
 use crate::evict::{self, EvictReason, Leg, SessionLabels, Verdict};
+use crate::health::hint::{ReadOnlySign, ReplyWatch};
 use crate::liveness::{Suspicions, Watched, WatcherHandle};
 use crate::pool::Pool;
 use crate::registry::Registry;
@@ -30,6 +31,9 @@ pub struct ListenerContext {
     /// Spare upstream connections, when `[listener.pool]` asks for them.
     pub pool: Option<Arc<Pool>>,
     pub shared: Arc<ListenerShared>,
+    /// What a read-only reply looks like, when the listener routes to
+    /// primaries by a check that learns roles (see [`crate::health::hint`]).
+    pub read_only_sign: Option<ReadOnlySign>,
     /// The client-leg socket options are set on the listening socket, and
     /// accepted clients inherit them (see `listener::preset_client_options`).
     pub client_options_preset: bool,
@@ -126,9 +130,14 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
     let session = Arc::new(Watched::new(client, upstream.stream, upstream.backend));
     ctx.watcher.watch(&session);
     let meters = &ctx.shared.meters;
+    let replies = ctx.read_only_sign.as_ref().map(|sign| ReplyWatch {
+        sign,
+        backends: &ctx.backends,
+        backend: upstream.backend,
+    });
 
     let outcome = tokio::select! {
-        result = relay_both(&session, cfg.settings.liveness.probe_interval, meters) => result.err(),
+        result = relay_both(&session, cfg.settings.liveness.probe_interval, meters, replies.as_ref()) => result.err(),
         verdict = session.evicted() => Some(verdict),
         _ = ctx.shared.drain_deadline.cancelled() => Some(Verdict::decided(Leg::Client, EvictReason::Drain)),
     };
@@ -220,13 +229,22 @@ async fn acquire_upstream(
 /// that is a backend dropping a pooled connection (idle timeout, restart),
 /// and the session ends at once so the client's pool sees the close and no
 /// half-closed socket is left behind.
+///
+/// `replies`, when given, looks at what the backend answers.
 async fn relay_both(
     session: &Watched,
     idle_after: Duration,
     meters: &ListenerMeters,
+    replies: Option<&ReplyWatch<'_>>,
 ) -> Result<(), Verdict> {
-    let up = relay::pump(session, Leg::Client, Leg::Upstream, &meters.bytes_up);
-    let down = relay::pump(session, Leg::Upstream, Leg::Client, &meters.bytes_down);
+    let up = relay::pump(session, Leg::Client, Leg::Upstream, &meters.bytes_up, None);
+    let down = relay::pump(
+        session,
+        Leg::Upstream,
+        Leg::Client,
+        &meters.bytes_down,
+        replies,
+    );
     tokio::pin!(up, down);
     // The first direction to end forwards its FIN (half-close: the other
     // keeps flowing). The last one does not: the session ends and closing

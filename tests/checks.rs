@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[path = "support/servers.rs"]
 mod servers;
+mod support;
 use servers::{free_port, is_root, postgres_account, postgres_bin, require};
 
 /// How long a server may take to start before the test gives up.
@@ -873,4 +874,102 @@ async fn postgres_fenced_primary_reports_the_replica_role() {
         assert_eq!(outcome.role, Some(role), "fenced {on}: {outcome:?}");
     }
     driver.abort();
+}
+
+/// With `role = "primary"`, a write answered "read-only" on its way
+/// through pulsegate has the backend checked at once, not at the next
+/// interval: here the interval is 4 s, and the fenced primary's sessions
+/// are evicted (it lost the wanted role) well within 1.5 s of the first
+/// read-only reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_reply_through_pulsegate_has_the_primary_checked_at_once() {
+    let Some(pg) = start_postgres() else {
+        return;
+    };
+    let login = postgres_login(PG_PASSWORD);
+    wait_for(&login, pg.addr(), CheckStatus::Up, START_TIMEOUT).await;
+    let text = format!(
+        "[[listener]]\nname = \"pg\"\nbind = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n\
+         [listener.check]\nkind = \"postgres\"\ninterval = \"4s\"\ntimeout = \"3s\"\njitter = \"0s\"\n\
+         user = \"{PG_USER}\"\npassword = \"{PG_PASSWORD}\"\ndatabase = \"postgres\"\n\
+         [listener.routing]\nrole = \"primary\"\ndown_grace = \"200ms\"\n",
+        pg.addr()
+    );
+    let (proxy, stop) = support::in_process_proxy(&text).await;
+    let started = Instant::now();
+    let config = |port: u16| {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(port)
+            .user(PG_USER)
+            .password(PG_PASSWORD)
+            .dbname("postgres");
+        config
+    };
+    let (admin, connection) = config(pg.port)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("log in directly");
+    tokio::spawn(connection);
+    // Clients are refused until the first check has told the role.
+    let (client, connection) = loop {
+        match config(proxy.port()).connect(tokio_postgres::NoTls).await {
+            Ok(pair) => break pair,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "log in through pulsegate: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let session = tokio::spawn(connection);
+    client
+        .simple_query("CREATE TABLE t (x int)")
+        .await
+        .expect("a write through pulsegate before the fence");
+
+    // Past the first check's quarter interval: a hint is acted on at once.
+    tokio::time::sleep_until((started + Duration::from_millis(1100)).into()).await;
+    admin
+        .simple_query("ALTER SYSTEM SET default_transaction_read_only = on")
+        .await
+        .expect("fence");
+    admin
+        .simple_query("SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
+    // The reload reaches the session's backend process within moments.
+    let refused = loop {
+        match client.simple_query("INSERT INTO t VALUES (1)").await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => break e,
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the fence never applied"
+        );
+    };
+    let answered = Instant::now();
+    let code = refused.as_db_error().map(|e| e.code().clone());
+    assert_eq!(
+        code,
+        Some(tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{refused}"
+    );
+    // The check runs now, sees the fence, and the session is evicted: at
+    // once, or after the 200 ms grace if the client had not yet ACKed the
+    // reply (a delayed ACK makes a session look busy).
+    let ended = tokio::time::timeout(Duration::from_secs(3), session).await;
+    let after = answered.elapsed();
+    assert!(
+        ended.is_ok(),
+        "the session to the fenced primary was not evicted within 3 s"
+    );
+    eprintln!(
+        "session to the fenced primary evicted {:.2} s after the read-only reply (check interval 4 s)",
+        after.as_secs_f64()
+    );
+    assert!(after < Duration::from_millis(1500), "{after:?}");
+    stop.cancel();
 }

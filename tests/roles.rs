@@ -208,6 +208,77 @@ async fn new_connections_follow_the_master_and_old_sessions_are_evicted() {
     stop.cancel();
 }
 
+/// With `role = "primary"`, a write answered `-READONLY` on its way
+/// through pulsegate has the demoted master checked at once, and the
+/// promoted one right after (a role change wakes the other checks): new
+/// connections reach the new master well within 1.5 s of that reply,
+/// while the check interval is 4 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readonly_reply_has_the_roles_checked_at_once() {
+    if !redis_available() {
+        return;
+    }
+    let a = Redis::start(None);
+    let b = Redis::start(Some(a.port));
+    let text = format!(
+        "[[listener]]\nname = \"redis\"\nbind = \"127.0.0.1:0\"\nbackends = [\"{}\", \"{}\"]\n\
+         [listener.check]\nkind = \"redis\"\ninterval = \"4s\"\ntimeout = \"1s\"\njitter = \"0s\"\n\
+         rise = 1\nfall = 2\n[listener.routing]\nrole = \"primary\"\ndown_grace = \"1s\"\n",
+        a.addr(),
+        b.addr()
+    );
+    let (proxy, stop) = support::in_process_proxy(&text).await;
+    let started = Instant::now();
+    let proxy = proxy.port();
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while served_port(proxy).as_deref() != Some(&a.port.to_string()) {
+            assert!(Instant::now() < deadline, "never routed to the master a");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut session = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+        session
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut set = |value: &str| {
+            let cmd = format!("*3\r\n$3\r\nSET\r\n$1\r\nk\r\n${}\r\n{value}\r\n", value.len());
+            session.write_all(cmd.as_bytes()).unwrap();
+            let mut buf = [0u8; 128];
+            let n = session.read(&mut buf).unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        assert_eq!(set("v"), "+OK\r\n");
+
+        // Past the first checks' quarter interval: a hint is acted on at
+        // once. The next scheduled checks are about 2.9 s after the flip.
+        std::thread::sleep((started + Duration::from_millis(1100)).saturating_duration_since(Instant::now()));
+        assert_eq!(b.cmd(&["REPLICAOF", "NO", "ONE"]).as_deref(), Some("OK"));
+        assert_eq!(
+            a.cmd(&["REPLICAOF", "127.0.0.1", &b.port.to_string()])
+                .as_deref(),
+            Some("OK")
+        );
+        let reply = set("w");
+        let answered = Instant::now();
+        assert!(reply.starts_with("-READONLY "), "{reply:?}");
+        let deadline = answered + Duration::from_secs(3);
+        while served_port(proxy).as_deref() != Some(&b.port.to_string()) {
+            assert!(Instant::now() < deadline, "never followed the new master b");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let followed = answered.elapsed();
+        eprintln!(
+            "new connections reach the new master {:.2} s after the first -READONLY reply (check interval 4 s)",
+            followed.as_secs_f64()
+        );
+        assert!(followed < Duration::from_millis(1500), "{followed:?}");
+        drop((a, b));
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+}
+
 async fn start_proxy(backends: &[SocketAddr], check: &str) -> (u16, CancellationToken) {
     let list = backends
         .iter()

@@ -17,6 +17,7 @@
 //! other session to it was found dead for a while.
 
 pub mod check;
+pub mod hint;
 pub mod monitor;
 
 use std::fmt;

@@ -2,6 +2,9 @@
 //! address, run the check on a fresh connection, feed the outcome to the
 //! backend's state machine, and act on what changed.
 //!
+//! A client answered "read-only" by the backend (see [`super::hint`]) has
+//! it checked at once, no more than once per quarter interval.
+//!
 //! A check whose connect got no answer while sessions to the same backend
 //! were answered is the network losing a packet, not the backend going
 //! away: it counts as `unknown`. A backend that goes down on unanswered
@@ -41,10 +44,11 @@ impl Monitor {
         let mut last_status = None;
         loop {
             let started_ms = now_ms();
+            let started = tokio::time::Instant::now();
             // The next check starts one interval after this one started,
             // not after it ended: a slow check (a login on a loaded or far
             // server) must not stretch the time to notice a change.
-            let next = tokio::time::Instant::now() + self.next_delay();
+            let next = started + self.next_delay();
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
                 outcome = self.check_once() => outcome,
@@ -60,10 +64,22 @@ impl Monitor {
             let detail = outcome.detail.clone();
             let change = self.backends.record(self.backend, outcome);
             self.react(change, status, &detail);
-            tokio::select! {
+            let hinted = tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep_until(next) => {}
-                _ = self.recheck.notified() => {}
+                _ = tokio::time::sleep_until(next) => false,
+                _ = self.recheck.notified() => false,
+                _ = self.backends.check_requested(self.backend) => true,
+            };
+            if hinted {
+                // A client was answered "read-only": look now, but at most
+                // once per quarter interval, whatever the replies say.
+                let earliest = started + self.check.interval / 4;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep_until(earliest) => {}
+                }
+                tracing::debug!(listener = %self.listener, backend = %self.backends.label(self.backend),
+                    "a client was answered read-only; checking the backend's role now");
             }
         }
     }

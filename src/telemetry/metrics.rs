@@ -36,6 +36,7 @@ pub const CHECKS: &str = "pulsegate_checks_total";
 pub const CHECK_DURATION: &str = "pulsegate_check_duration_seconds";
 pub const BACKEND_STATE: &str = "pulsegate_backend_state";
 pub const BACKEND_ROLE: &str = "pulsegate_backend_role";
+pub const WRONG_ROLE_REPLIES: &str = "pulsegate_backend_wrong_role_replies_total";
 pub const BACKEND_ACTIVE: &str = "pulsegate_backend_active_connections";
 pub const POOL_IDLE: &str = "pulsegate_pool_idle_connections";
 pub const PROBES_SENT: &str = "pulsegate_probes_sent_total";
@@ -148,6 +149,10 @@ fn describe() {
     describe_gauge!(
         BACKEND_ROLE,
         "1 for the backend's last reported role (primary, replica, unknown), 0 for the others."
+    );
+    describe_counter!(
+        WRONG_ROLE_REPLIES,
+        "Read-only replies from the backend seen on its way to a client, with role = primary; each asks for a check at once."
     );
     describe_gauge!(BACKEND_ACTIVE, "Sessions open to the backend.");
     describe_gauge!(
@@ -347,6 +352,7 @@ pub struct BackendMeters {
     role: [Gauge; 3],
     pub active: Gauge,
     pub pool_idle: Gauge,
+    pub wrong_role_replies: Counter,
     link_loss: Gauge,
     verdict_exchanges: Gauge,
 }
@@ -371,10 +377,12 @@ impl BackendMeters {
             }),
             active: gauge!(BACKEND_ACTIVE, "listener" => l.clone(), "backend" => b.clone()),
             pool_idle: gauge!(POOL_IDLE, "listener" => l.clone(), "backend" => b.clone()),
+            wrong_role_replies: counter!(WRONG_ROLE_REPLIES, "listener" => l.clone(), "backend" => b.clone()),
             link_loss: gauge!(LINK_LOSS, "listener" => l.clone(), "backend" => b.clone()),
             verdict_exchanges: gauge!(VERDICT_EXCHANGES, "listener" => l.clone(), "backend" => b.clone()),
         };
         meters.connect_failures.increment(0);
+        meters.wrong_role_replies.increment(0);
         for c in &meters.checks {
             c.increment(0);
         }
