@@ -29,14 +29,14 @@ mod watcher;
 pub use leg::{Action, Assessment, DebtKind, Evidence, LegState, Rule};
 pub use watcher::{spawn_watcher, Suspect, Suspicions, WatcherHandle};
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::evict::{Leg, Verdict};
+use crate::evict::{EvictReason, Leg, Verdict};
 
 /// Milliseconds on a monotonic clock that starts at 1 (0 means "unset").
 pub fn now_ms() -> u64 {
@@ -65,9 +65,21 @@ pub struct Watched {
     /// config generation's backend list ([`REMOVED`] once a reload removed
     /// it).
     backend: AtomicUsize,
+    /// A busy session of a backend that is going away (down, lost its
+    /// role, removed): [`STAYING`], [`AWAITING_ANSWER`] or [`ANSWERED`].
+    leaving: AtomicU8,
+    leaving_reason: OnceLock<EvictReason>,
     verdict: OnceLock<Verdict>,
     wake: Notify,
 }
+
+/// [`Watched::leaving`]: not leaving.
+const STAYING: u8 = 0;
+/// Leaving once the request in flight has its answer and the client asks
+/// again.
+const AWAITING_ANSWER: u8 = 1;
+/// Leaving at the client's next request.
+const ANSWERED: u8 = 2;
 
 /// The backend index of a session whose backend a reload removed.
 pub const REMOVED: usize = usize::MAX;
@@ -91,6 +103,8 @@ impl Watched {
             last_activity: AtomicU64::new(now),
             last_read_from: AtomicU64::new(leg_index(Leg::Upstream) as u64),
             backend: AtomicUsize::new(backend),
+            leaving: AtomicU8::new(STAYING),
+            leaving_reason: OnceLock::new(),
             verdict: OnceLock::new(),
             wake: Notify::new(),
         }
@@ -162,6 +176,44 @@ impl Watched {
         Duration::from_millis(now_ms().saturating_sub(self.last_activity.load(Ordering::Relaxed)))
     }
 
+    /// The session's backend is going away but the session is busy: it
+    /// ends when its client asks again after the answer in flight (that
+    /// request would reach the server that is going away), or at the
+    /// grace deadline the watcher keeps, whichever comes first. A client
+    /// that streams without waiting for answers (an upload) is not cut
+    /// short: only a request after an answer ends the session.
+    pub fn leave(&self, reason: EvictReason) {
+        let _ = self.leaving_reason.set(reason);
+        let state = if self.client_spoke_last() {
+            AWAITING_ANSWER
+        } else {
+            ANSWERED
+        };
+        let _ = self
+            .leaving
+            .compare_exchange(STAYING, state, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Called by the relay when it read from `leg`, before forwarding:
+    /// returns the eviction reason if these bytes are a client's next
+    /// request in a leaving session (they are then not forwarded, and the
+    /// session is evicted).
+    pub fn leaving_at_read(&self, leg: Leg) -> Option<EvictReason> {
+        match (self.leaving.load(Ordering::Relaxed), leg) {
+            (STAYING, _) => None,
+            (AWAITING_ANSWER, Leg::Upstream) => {
+                self.leaving.store(ANSWERED, Ordering::Relaxed);
+                None
+            }
+            (ANSWERED, Leg::Client) => {
+                let reason = self.leaving_reason.get().copied()?;
+                self.evict(Verdict::decided(Leg::Upstream, reason));
+                Some(reason)
+            }
+            _ => None,
+        }
+    }
+
     /// Records a verdict (the first one wins) and wakes the session.
     pub fn evict(&self, verdict: Verdict) {
         if self.verdict.set(verdict).is_ok() {
@@ -213,5 +265,36 @@ mod tests {
         w.clear_pending(Leg::Upstream, marks);
         assert_eq!(w.pending(Leg::Upstream).0, 0);
         assert_eq!(w.pending(Leg::Client), (0, 0), "legs are apart");
+    }
+
+    #[tokio::test]
+    async fn a_leaving_session_ends_at_a_request_after_an_answer_only() {
+        let reason = EvictReason::BackendDown;
+        // The client is uploading (it spoke last): more of it goes on.
+        let w = watched().await;
+        w.note_read(Leg::Client);
+        w.leave(reason);
+        assert_eq!(w.leaving_at_read(Leg::Client), None);
+        w.note_read(Leg::Client);
+        assert_eq!(w.leaving_at_read(Leg::Client), None);
+        assert!(w.verdict().is_none());
+        // The answer comes; the client's next request ends the session.
+        assert_eq!(w.leaving_at_read(Leg::Upstream), None);
+        w.note_read(Leg::Upstream);
+        assert_eq!(w.leaving_at_read(Leg::Client), Some(reason));
+        assert_eq!(w.verdict().map(|v| v.reason), Some(reason));
+
+        // Already answered when it was told to leave (busy only by bytes
+        // the client had not ACKed yet): its next request ends it.
+        let w = watched().await;
+        w.note_read(Leg::Upstream);
+        w.leave(reason);
+        assert_eq!(w.leaving_at_read(Leg::Upstream), None);
+        assert_eq!(w.leaving_at_read(Leg::Client), Some(reason));
+
+        // Not leaving: nothing happens.
+        let w = watched().await;
+        assert_eq!(w.leaving_at_read(Leg::Client), None);
+        assert!(w.verdict().is_none());
     }
 }

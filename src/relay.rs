@@ -96,6 +96,9 @@ pub async fn pump(
         let (n, full) = match copied {
             Copied::Dry => continue,
             Copied::End => return Ok(total),
+            // The session is evicted (see `Watched::leave`); its task ends
+            // it, this direction only waits to be dropped.
+            Copied::Leaving => std::future::pending().await,
             Copied::All { n, full } => (n, full),
             Copied::Part { n, full, rest } => {
                 write_all(session, to, &rest).await.map_err(write_err)?;
@@ -129,6 +132,9 @@ enum Copied {
     Dry,
     /// The source sent FIN.
     End,
+    /// A client's next request in a session whose backend is going away:
+    /// not forwarded, the session is evicted.
+    Leaving,
     /// `n` bytes read and all written; `full`: the read filled the scratch
     /// buffer (bulk is moving).
     All { n: usize, full: bool },
@@ -160,6 +166,9 @@ fn copy_step(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Copied::Dry),
             Err(e) => return Err(Failed::Read(e)),
         };
+        if session.leaving_at_read(from).is_some() {
+            return Ok(Copied::Leaving);
+        }
         session.note_read(from);
         if let Some(watch) = watch {
             watch.see(&buf[..n]);

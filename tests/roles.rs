@@ -469,12 +469,14 @@ fn the_benchs_role_flip_swaps_roles_and_leaves_every_connection_open() {
 
 /// A stand-in redis server whose role the test sets: it answers a check's
 /// pipelined `PING` + `ROLE` with `+PONG` and its role (its first check
-/// only after `first_delay`), and a client's `WHO` with its name. It
-/// records when each check arrived.
+/// only after `first_delay`), a client's `WHO` with its name (and closes),
+/// `SLOW` with `+DONE` after a second and `PING` with `+PONG` (and stays
+/// open). It records when each check arrived, and counts client `PING`s.
 struct FakeRedis {
     addr: SocketAddr,
     primary: std::sync::Arc<std::sync::atomic::AtomicBool>,
     checks: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    pings: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeRedis {
@@ -487,8 +489,13 @@ impl FakeRedis {
             addr: listener.local_addr().unwrap(),
             primary: Arc::new(AtomicBool::new(primary)),
             checks: Arc::new(Mutex::new(Vec::new())),
+            pings: Arc::default(),
         };
-        let (role, checks) = (fake.primary.clone(), fake.checks.clone());
+        let (role, checks, pings) = (
+            fake.primary.clone(),
+            fake.checks.clone(),
+            fake.pings.clone(),
+        );
         tokio::spawn(async move {
             let mut first = true;
             while let Ok((mut stream, _)) = listener.accept().await {
@@ -497,7 +504,7 @@ impl FakeRedis {
                 } else {
                     Duration::ZERO
                 };
-                let (role, checks) = (role.clone(), checks.clone());
+                let (role, checks, pings) = (role.clone(), checks.clone(), pings.clone());
                 tokio::spawn(async move {
                     let mut request = Vec::new();
                     let mut buf = [0u8; 256];
@@ -513,6 +520,18 @@ impl FakeRedis {
                         if text.contains("WHO\r\n") {
                             let _ = stream.write_all(format!("+{name}\r\n").as_bytes()).await;
                             return;
+                        }
+                        if text == "SLOW\r\n" {
+                            request.clear();
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            let _ = stream.write_all(b"+DONE\r\n").await;
+                            continue;
+                        }
+                        if text == "PING\r\n" {
+                            request.clear();
+                            pings.fetch_add(1, Ordering::SeqCst);
+                            let _ = stream.write_all(b"+PONG\r\n").await;
+                            continue;
                         }
                         if text.contains("ROLE\r\n") {
                             checks.lock().unwrap().push(Instant::now());
@@ -613,4 +632,64 @@ async fn a_role_change_has_the_other_backends_checked_at_once() {
         followed < Duration::from_millis(700),
         "followed after {followed:?}: b was checked on its own schedule"
     );
+}
+
+/// A busy session of a backend that lost the wanted role keeps its
+/// request in flight (its answer is relayed), but its client's next
+/// request is not sent to the demoted server: the session is evicted
+/// then, not `down_grace` (here 10 s) later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_session_of_a_demoted_server_ends_at_its_next_request() {
+    let a = FakeRedis::start("a", true, Duration::ZERO).await;
+    let b = FakeRedis::start("b", false, Duration::ZERO).await;
+    let (proxy, stop) = start_proxy(
+        &[a.addr, b.addr],
+        "interval = \"200ms\"\ntimeout = \"1s\"\nrise = 1\nfall = 2\n\
+         [listener.routing]\nrole = \"primary\"\ndown_grace = \"10s\"",
+    )
+    .await;
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while who(proxy).as_deref() != Some("+a") {
+            assert!(Instant::now() < deadline, "never routed to the primary a");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut session = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+        session
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        assert_eq!(ping(&mut session).unwrap(), "+PONG\r\n");
+        // A request in flight (answered in 1 s) when a is demoted.
+        session.write_all(b"SLOW\r\n").unwrap();
+        let asked = Instant::now();
+        a.set_primary(false);
+        b.set_primary(true);
+        while who(proxy).as_deref() != Some("+b") {
+            assert!(
+                asked.elapsed() < Duration::from_secs(1),
+                "the flip was not seen while the request was in flight"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut buf = [0u8; 64];
+        let n = session
+            .read(&mut buf)
+            .expect("the answer in flight is relayed");
+        assert_eq!(&buf[..n], b"+DONE\r\n");
+        let pings_before = a.pings.load(std::sync::atomic::Ordering::SeqCst);
+        let next = ping(&mut session);
+        assert!(
+            matches!(&next, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the next request ends the session: {next:?}"
+        );
+        assert_eq!(
+            a.pings.load(std::sync::atomic::Ordering::SeqCst),
+            pings_before,
+            "the request reached the demoted server"
+        );
+        drop((a, b));
+    })
+    .await
+    .unwrap();
+    stop.cancel();
 }

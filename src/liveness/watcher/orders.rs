@@ -75,14 +75,16 @@ impl Sweeper {
         }
     }
 
-    /// Evicts the sessions of a down backend: idle ones now, busy ones
-    /// after `grace`.
+    /// Evicts the sessions of a down backend: idle ones now, busy ones at
+    /// their client's next request after the answer in flight, or after
+    /// `grace` (see [`Watched::leave`]).
     pub(super) fn evict_backend(&mut self, backend: usize, grace: Duration) {
         let now = now_ms();
         let reason = EvictReason::BackendDown;
         let (mut now_count, mut later) = (0, 0);
         for (entry, session) in self.sessions_of(backend) {
             if busy(&session) {
+                session.leave(reason);
                 entry.evict_at = Some((now + grace.as_millis() as u64, reason));
                 later += 1;
             } else {
@@ -122,6 +124,7 @@ pub(super) fn forward(
         if grace.is_zero() || !busy(&session) {
             session.evict(Verdict::decided(Leg::Upstream, EvictReason::BackendRemoved));
         } else {
+            session.leave(EvictReason::BackendRemoved);
             entry.evict_at = Some((
                 now_ms() + grace.as_millis() as u64,
                 EvictReason::BackendRemoved,
