@@ -92,9 +92,13 @@ impl Sweeper {
                 now_count += 1;
             }
         }
+        if now_count + later == 0 {
+            return;
+        }
         tracing::warn!(backend = %self.backends.label(backend), reason = reason.as_str(),
-            idle_evicted = now_count, busy_after_grace = later,
-            grace = %humantime::format_duration(grace), "evicting sessions of a backend");
+            idle_evicted = now_count, busy_leaving = later,
+            grace = %humantime::format_duration(grace),
+            "evicting sessions of a backend (busy ones at their next request or after the grace)");
     }
 }
 
