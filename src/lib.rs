@@ -1,16 +1,19 @@
 //! pulsegate: a TCP proxy that finds and evicts half-open connections
 //! before they hang a client.
 //!
-//! Modules follow the data's path (see DESIGN.md):
+//! Modules follow the data's path (docs/DESIGN.md draws them and their
+//! import graph, which has no cycles):
 //!
 //! - [`config`] — the TOML file, its defaults, validation and the detection
-//!   bounds it promises; [`check`] renders them for `pulsegate check`.
+//!   bounds it promises; [`preflight`] renders them for `pulsegate check`.
 //! - [`proxy`] — binds every listener, serves them, applies reloads and
 //!   drains; [`registry`] is the state the admin API reads.
 //! - [`listener`] — the accept loop, `max_connections`, drain on shutdown.
 //! - [`session`] — one client: upstream connect, relay, eviction.
-//! - [`backend`] — a listener's backends, their health and the routing
-//!   decision; [`health`] runs their checks and state machine.
+//! - [`backend`] — a listener's backends: addresses, the up / suspect /
+//!   down state machine and role, connection counts and meters;
+//!   [`routing`] decides which of them a new connection tries;
+//!   [`health`] runs their checks and feeds the state machine.
 //! - [`resolver`] — DNS following for backends named by host name.
 //! - [`upstream`] — connect to the first backend that accepts; [`pool`]
 //!   keeps probed spare connections ready per backend.
@@ -35,7 +38,6 @@ pub mod admin;
 pub mod backend;
 #[cfg(feature = "bench")]
 pub mod bench;
-pub mod check;
 pub mod config;
 pub mod demo;
 pub mod evict;
@@ -44,10 +46,12 @@ pub mod lab;
 pub mod listener;
 pub mod liveness;
 pub mod pool;
+pub mod preflight;
 pub mod proxy;
 pub mod registry;
 pub mod relay;
 pub mod resolver;
+pub mod routing;
 pub mod session;
 pub mod sockopt;
 pub mod telemetry;

@@ -25,6 +25,7 @@ use crate::liveness;
 use crate::pool::Pool;
 use crate::registry::Registry;
 use crate::resolver::Resolver;
+use crate::routing::Router;
 use crate::session::{self, ListenerContext, ListenerShared};
 use crate::sockopt;
 use crate::telemetry::metrics::Refusal;
@@ -63,12 +64,18 @@ struct Generation {
     monitors: CancellationToken,
 }
 
+/// How long a stopped listener waits for its background tasks (checks,
+/// resolvers, pool tending, watchers) once its sessions are gone; they
+/// stop within moments of being told.
+const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Generation {
     fn start(
         config: Listener,
         tcp: &TcpListener,
         shared: &Arc<ListenerShared>,
         previous: Option<&Generation>,
+        tasks: &TaskTracker,
     ) -> Self {
         let settings = &config.settings;
         let client_options_preset = preset_client_options(tcp, &config);
@@ -85,8 +92,10 @@ impl Generation {
                 backends.clone(),
                 shared.meters.clone(),
                 shared.suspicions.clone(),
+                tasks,
             ),
             pool: Pool::new(&config),
+            router: Router::new(settings.routing),
             read_only_sign: ReadOnlySign::for_listener(
                 settings.check.as_ref(),
                 settings.routing.role,
@@ -97,7 +106,7 @@ impl Generation {
             config,
         });
         let monitors = CancellationToken::new();
-        start_monitors(&ctx, &monitors);
+        start_monitors(&ctx, &monitors, tasks);
         Generation { ctx, monitors }
     }
 
@@ -134,7 +143,10 @@ pub async fn serve(task: ListenerTask) {
     } = task;
     let instance = INSTANCES.fetch_add(1, Ordering::Relaxed);
     let shared = Arc::new(ListenerShared::new(&config.name, registry.clone()));
-    let mut current = Generation::start(config, &tcp, &shared, None);
+    // Every generation's background tasks, so the listener ends only after
+    // they have.
+    let tasks = TaskTracker::new();
+    let mut current = Generation::start(config, &tcp, &shared, None, &tasks);
     registry.publish(instance, current.ctx.clone());
     let sessions = TaskTracker::new();
     let cfg = &current.ctx.config;
@@ -147,7 +159,7 @@ pub async fn serve(task: ListenerTask) {
             _ = stop.cancelled() => break,
             update = updates.recv() => match update {
                 Some(Update { config, applied }) => {
-                    current = apply(current, config, &tcp, &shared);
+                    current = apply(current, config, &tcp, &shared, &tasks);
                     registry.publish(instance, current.ctx.clone());
                     let _ = applied.send(());
                 }
@@ -161,6 +173,15 @@ pub async fn serve(task: ListenerTask) {
     drain(&current.ctx, &sessions).await;
     current.monitors.cancel();
     registry.withdraw(instance, &shared.name);
+    drop(current);
+    tasks.close();
+    if tokio::time::timeout(TASKS_STOP_TIMEOUT, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(listener = %shared.name, tasks = tasks.len(),
+            "background tasks still running after the listener stopped");
+    }
     tracing::info!(listener = %shared.name, "listener stopped");
 }
 
@@ -170,8 +191,9 @@ fn apply(
     config: Listener,
     tcp: &TcpListener,
     shared: &Arc<ListenerShared>,
+    tasks: &TaskTracker,
 ) -> Generation {
-    let next = Generation::start(config, tcp, shared, Some(&current));
+    let next = Generation::start(config, tcp, shared, Some(&current), tasks);
     tracing::info!(listener = %shared.name,
         backends = ?next.ctx.config.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
         "listener reconfigured");
@@ -223,8 +245,8 @@ fn preset_client_options(tcp: &TcpListener, config: &Listener) -> bool {
 /// One resolver per DNS-named backend, a pool tender per backend when the
 /// pool is on, and one check loop per backend when `[listener.check]` is
 /// configured.
-fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken) {
-    for backend in 0..ctx.backends.len() {
+fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken, tasks: &TaskTracker) {
+    for backend in ctx.backends.ids() {
         let resolver = Resolver {
             listener: ctx.name.clone(),
             backends: ctx.backends.clone(),
@@ -233,11 +255,11 @@ fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken) {
             routing: ctx.config.settings.routing,
             watcher: ctx.watcher.clone(),
         };
-        tokio::spawn(resolver.run(stop.clone()));
+        tasks.spawn(resolver.run(stop.clone()));
     }
     if let Some(pool) = &ctx.pool {
-        for backend in 0..ctx.backends.len() {
-            tokio::spawn(pool.clone().tend(
+        for backend in ctx.backends.ids() {
+            tasks.spawn(pool.clone().tend(
                 ctx.backends.clone(),
                 backend,
                 ctx.config.settings.upstream,
@@ -250,7 +272,7 @@ fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken) {
         return;
     };
     let recheck = Arc::new(tokio::sync::Notify::new());
-    for backend in 0..ctx.backends.len() {
+    for backend in ctx.backends.ids() {
         let monitor = Monitor {
             listener: ctx.name.clone(),
             backends: ctx.backends.clone(),
@@ -260,7 +282,7 @@ fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken) {
             watcher: ctx.watcher.clone(),
             recheck: recheck.clone(),
         };
-        tokio::spawn(monitor.run(stop.clone()));
+        tasks.spawn(monitor.run(stop.clone()));
     }
 }
 

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::backend::BackendId;
 use crate::evict::{EvictReason, Leg, Verdict};
 
 /// Milliseconds on a monotonic clock that starts at 1 (0 means "unset").
@@ -61,9 +62,9 @@ pub struct Watched {
     /// Which leg the last bytes came from ([`leg_index`]): bytes from the
     /// client last mean a request may be waiting for its answer.
     last_read_from: AtomicU64,
-    /// Index of the backend this session is connected to, in the current
-    /// config generation's backend list ([`REMOVED`] once a reload removed
-    /// it).
+    /// The index of the backend this session is connected to, in the
+    /// current config generation's backend list ([`REMOVED`] once a reload
+    /// removed it).
     backend: AtomicUsize,
     /// A busy session of a backend that is going away (down, lost its
     /// role, removed): [`STAYING`], [`AWAITING_ANSWER`] or [`ANSWERED`].
@@ -82,7 +83,7 @@ const AWAITING_ANSWER: u8 = 1;
 const ANSWERED: u8 = 2;
 
 /// The backend index of a session whose backend a reload removed.
-pub const REMOVED: usize = usize::MAX;
+const REMOVED: usize = usize::MAX;
 
 /// Array index of a leg in [`Watched`].
 pub fn leg_index(leg: Leg) -> usize {
@@ -93,7 +94,7 @@ pub fn leg_index(leg: Leg) -> usize {
 }
 
 impl Watched {
-    pub fn new(client: TcpStream, upstream: TcpStream, backend: usize) -> Self {
+    pub fn new(client: TcpStream, upstream: TcpStream, backend: BackendId) -> Self {
         let now = now_ms();
         Watched {
             client,
@@ -102,7 +103,7 @@ impl Watched {
             writes: [AtomicU64::new(0), AtomicU64::new(0)],
             last_activity: AtomicU64::new(now),
             last_read_from: AtomicU64::new(leg_index(Leg::Upstream) as u64),
-            backend: AtomicUsize::new(backend),
+            backend: AtomicUsize::new(backend.index()),
             leaving: AtomicU8::new(STAYING),
             leaving_reason: OnceLock::new(),
             verdict: OnceLock::new(),
@@ -111,13 +112,17 @@ impl Watched {
     }
 
     /// Index of its backend in the current generation's list.
-    pub fn backend(&self) -> usize {
-        self.backend.load(Ordering::Relaxed)
+    pub fn backend(&self) -> Option<BackendId> {
+        match self.backend.load(Ordering::Relaxed) {
+            REMOVED => None,
+            index => Some(BackendId::from_index(index)),
+        }
     }
 
     /// A reload renumbered the backends (or removed this one: [`REMOVED`]).
-    pub fn set_backend(&self, backend: usize) {
-        self.backend.store(backend, Ordering::Relaxed);
+    pub fn set_backend(&self, backend: Option<BackendId>) {
+        let index = backend.map_or(REMOVED, BackendId::index);
+        self.backend.store(index, Ordering::Relaxed);
     }
 
     pub fn socket(&self, leg: Leg) -> &TcpStream {
@@ -245,7 +250,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let (upstream, _) = listener.accept().await.unwrap();
-        Watched::new(client, upstream, 0)
+        Watched::new(client, upstream, BackendId::from_index(0))
     }
 
     #[tokio::test]

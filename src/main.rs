@@ -200,7 +200,7 @@ fn admin(
 fn check(path: &std::path::Path) -> ExitCode {
     match pulsegate::config::load(path) {
         Ok(config) => {
-            print!("{}", pulsegate::check::report(&config));
+            print!("{}", pulsegate::preflight::report(&config));
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::BackendSet;
+use crate::backend::{BackendId, BackendSet};
 use crate::config::{Listener, PoolConfig, SocketSettings};
 use crate::sockopt::{self, TcpInfo};
 use crate::upstream;
@@ -56,20 +56,20 @@ impl Pool {
         })
     }
 
-    fn spares(&self, backend: usize) -> std::sync::MutexGuard<'_, VecDeque<Spare>> {
-        self.spares[backend]
+    fn spares(&self, backend: BackendId) -> std::sync::MutexGuard<'_, VecDeque<Spare>> {
+        self.spares[backend.index()]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A healthy spare of `backend`, if there is one; unfit ones found on
     /// the way are closed.
-    pub fn take(&self, backend: usize) -> Option<TcpStream> {
+    pub fn take(&self, backend: BackendId) -> Option<TcpStream> {
         let mut spares = self.spares(backend);
         while let Some(spare) = spares.pop_front() {
             if self.fit(&spare) {
                 drop(spares);
-                self.taken[backend].notify_one();
+                self.taken[backend.index()].notify_one();
                 // Back to the configured keepalive: the watcher takes over.
                 let _ = sockopt::set_keepalive_idle(&spare.stream, self.keepalive_idle);
                 return Some(spare.stream);
@@ -80,13 +80,16 @@ impl Pool {
 
     /// Closes every spare (a reload replaced this pool).
     pub fn close_all(&self) {
-        for backend in 0..self.spares.len() {
-            self.spares(backend).clear();
+        for spares in &self.spares {
+            spares
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
         }
     }
 
     /// Spares ready for `backend` now.
-    pub fn idle(&self, backend: usize) -> usize {
+    pub fn idle(&self, backend: BackendId) -> usize {
         self.spares(backend).len()
     }
 
@@ -108,7 +111,7 @@ impl Pool {
     pub async fn tend(
         self: Arc<Self>,
         backends: Arc<BackendSet>,
-        backend: usize,
+        backend: BackendId,
         settings: SocketSettings,
         connect_timeout: Duration,
         stop: CancellationToken,
@@ -127,7 +130,7 @@ impl Pool {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
-                _ = self.taken[backend].notified() => {}
+                _ = self.taken[backend.index()].notified() => {}
             }
         }
     }
@@ -135,7 +138,7 @@ impl Pool {
     async fn tend_once(
         &self,
         backends: &BackendSet,
-        backend: usize,
+        backend: BackendId,
         settings: &SocketSettings,
         connect_timeout: Duration,
         failures: &mut u32,
@@ -149,8 +152,8 @@ impl Pool {
         if !routable || self.idle(backend) >= self.config.min_idle as usize {
             return TEND_EVERY;
         }
-        let candidate = upstream::Candidate {
-            index: backend,
+        let candidate = upstream::ConnectTarget {
+            id: backend,
             backend: backends.addr(backend),
             addrs: backends.addresses(backend),
             meters: None,

@@ -11,9 +11,9 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 
+use crate::backend::state::Role;
 use crate::config::Readiness;
 use crate::evict::{SessionLabels, Verdict};
-use crate::health::Role;
 use crate::session::ListenerContext;
 
 /// The proxy's shared, observable state.
@@ -145,7 +145,7 @@ impl Registry {
             if ctx.config.settings.readiness == Readiness::Always || ctx.shared.draining() {
                 continue;
             }
-            if let Err(e) = ctx.backends.usable() {
+            if let Err(e) = ctx.router.usable(&ctx.backends) {
                 why.push(format!("listener `{}`: {e}", ctx.name));
             }
         }
@@ -179,7 +179,9 @@ impl Registry {
 }
 
 fn listener_json(ctx: &ListenerContext) -> Value {
-    let backends: Vec<Value> = (0..ctx.backends.len())
+    let backends: Vec<Value> = ctx
+        .backends
+        .ids()
         .map(|i| {
             let last = ctx.backends.last_check(i).map(|c| {
                 json!({
@@ -213,7 +215,7 @@ fn listener_json(ctx: &ListenerContext) -> Value {
         "draining": ctx.shared.draining(),
         "max_connections": ctx.config.settings.max_connections.get(),
         "health_checks": ctx.config.settings.check.as_ref().map(|c| format!("{:?}", c.kind).to_lowercase()),
-        "routable": ctx.backends.usable().is_ok(),
+        "routable": ctx.router.usable(&ctx.backends).is_ok(),
         "backends": backends,
         "under_suspicion": suspects,
     })

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::BackendSet;
+use crate::backend::{BackendId, BackendSet};
 use crate::config::{BackendAddr, Routing};
 use crate::liveness::WatcherHandle;
 use crate::upstream;
@@ -32,7 +32,7 @@ pub const REMOVAL_LOOKUPS: u32 = 3;
 pub struct Resolver {
     pub listener: Arc<str>,
     pub backends: Arc<BackendSet>,
-    pub backend: usize,
+    pub backend: BackendId,
     pub interval: Duration,
     pub routing: Routing,
     pub watcher: WatcherHandle,

@@ -17,6 +17,7 @@ use crate::liveness::{Suspicions, Watched, WatcherHandle};
 use crate::pool::Pool;
 use crate::registry::Registry;
 use crate::relay;
+use crate::routing::Router;
 use crate::sockopt;
 use crate::telemetry::metrics::{ListenerMeters, Refusal};
 use crate::upstream;
@@ -28,6 +29,8 @@ pub struct ListenerContext {
     pub name: Arc<str>,
     pub watcher: WatcherHandle,
     pub backends: Arc<BackendSet>,
+    /// Which backends a new client tries (keeps the round-robin turn).
+    pub router: Router,
     /// Spare upstream connections, when `[listener.pool]` asks for them.
     pub pool: Option<Arc<Pool>>,
     pub shared: Arc<ListenerShared>,
@@ -169,7 +172,7 @@ async fn acquire_upstream(
     client: &TcpStream,
     client_addr: SocketAddr,
 ) -> Option<upstream::Upstream> {
-    let order = match ctx.backends.route() {
+    let order = match ctx.router.route(&ctx.backends) {
         Ok(order) => order,
         Err(e) => {
             tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
@@ -197,11 +200,11 @@ async fn acquire_upstream(
     }
     let candidates = order
         .iter()
-        .map(|&index| upstream::Candidate {
-            index,
-            backend: ctx.backends.addr(index),
-            addrs: ctx.backends.addresses(index),
-            meters: Some(ctx.backends.meters(index)),
+        .map(|&id| upstream::ConnectTarget {
+            id,
+            backend: ctx.backends.addr(id),
+            addrs: ctx.backends.addresses(id),
+            meters: Some(ctx.backends.meters(id)),
         })
         .collect();
     let settings = &ctx.config.settings;

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::backend::meters::BackendMeters;
+use crate::backend::BackendId;
 use crate::config::{BackendAddr, SocketSettings};
 use crate::sockopt;
-use crate::telemetry::metrics::BackendMeters;
 
 /// What a failed connect says about the host at the other end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,16 +58,16 @@ pub struct ConnectError {
 /// A connected upstream socket and which backend it belongs to.
 pub struct Upstream {
     pub stream: TcpStream,
-    pub backend: usize,
+    pub backend: BackendId,
     pub peer: SocketAddr,
     /// Taken from the warm pool rather than connected for this client.
     pub pooled: bool,
 }
 
-/// A backend to try: its index, how it was written, and its addresses as
-/// last resolved (empty: not resolved yet, look it up now).
-pub struct Candidate<'a> {
-    pub index: usize,
+/// A backend to connect to: which one, how it was written, and its
+/// addresses as last resolved (empty: not resolved yet, look it up now).
+pub struct ConnectTarget<'a> {
+    pub id: BackendId,
     pub backend: &'a BackendAddr,
     pub addrs: Vec<SocketAddr>,
     /// Where connect latency and failures are counted.
@@ -76,13 +77,13 @@ pub struct Candidate<'a> {
 /// Tries the backends in the order given (as routing chose them); each
 /// address gets `timeout`.
 pub async fn connect(
-    backends: Vec<Candidate<'_>>,
+    backends: Vec<ConnectTarget<'_>>,
     settings: &SocketSettings,
     timeout: Duration,
 ) -> Result<Upstream, ConnectError> {
     let mut attempts = Vec::new();
-    for Candidate {
-        index,
+    for ConnectTarget {
+        id,
         backend,
         addrs,
         meters,
@@ -112,7 +113,7 @@ pub async fn connect(
                 Ok(stream) => {
                     return Ok(Upstream {
                         stream,
-                        backend: index,
+                        backend: id,
                         peer: addr,
                         pooled: false,
                     })

@@ -16,7 +16,7 @@
 
 use memchr::memmem::Finder;
 
-use crate::backend::BackendSet;
+use crate::backend::{BackendId, BackendSet};
 use crate::config::{CheckConfig, CheckKind, RoleWanted};
 
 /// PostgreSQL's ErrorResponse field `C` (SQLSTATE) for
@@ -60,7 +60,7 @@ impl ReadOnlySign {
 pub struct ReplyWatch<'a> {
     pub sign: &'a ReadOnlySign,
     pub backends: &'a BackendSet,
-    pub backend: usize,
+    pub backend: BackendId,
 }
 
 impl ReplyWatch<'_> {

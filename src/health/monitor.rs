@@ -19,16 +19,18 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{check, Change, CheckOutcome, CheckStatus, Role, State};
-use crate::backend::BackendSet;
+use super::check;
+use crate::backend::state::{Change, CheckOutcome, CheckStatus, Role, State};
+use crate::backend::{BackendId, BackendSet};
 use crate::config::{BackendAddr, CheckConfig, OnDown, Routing};
 use crate::liveness::{now_ms, WatcherHandle};
+use crate::routing;
 
 /// Everything a backend's check loop needs.
 pub struct Monitor {
     pub listener: Arc<str>,
     pub backends: Arc<BackendSet>,
-    pub backend: usize,
+    pub backend: BackendId,
     pub check: CheckConfig,
     pub routing: Routing,
     pub watcher: WatcherHandle,
@@ -150,7 +152,7 @@ impl Monitor {
             self.watcher.probe_backend(self.backend);
             self.backends.resolve_now(self.backend);
         }
-        let lost_role = change.role_changed && !self.backends.wants(role);
+        let lost_role = change.role_changed && !routing::wants(&self.routing, role);
         let went_down = change.state_changed() && change.to == State::Down;
         if self.routing.on_down != OnDown::Evict {
             return;

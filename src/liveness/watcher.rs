@@ -15,10 +15,11 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 
 use super::leg::{Action, Evidence, LegState, Rule};
-use super::{leg_index, now_ms, Watched, REMOVED};
-use crate::backend::BackendSet;
+use super::{leg_index, now_ms, Watched};
+use crate::backend::{BackendId, BackendSet};
 use crate::config::{Liveness, SocketSettings};
 use crate::evict::{EvictReason, Leg, Verdict};
 use crate::sockopt::{self, TcpInfo};
@@ -46,22 +47,22 @@ enum Order {
     /// is evicted like a down backend's, busy ones after `grace`).
     HandOver {
         to: WatcherHandle,
-        remap: Vec<Option<usize>>,
+        remap: Vec<Option<BackendId>>,
         grace: Duration,
     },
     /// Probe every session of this backend now.
-    ProbeBackend(usize),
+    ProbeBackend(BackendId),
     /// The backend is down: evict its idle sessions now and its busy ones
     /// after `grace`.
     EvictBackend {
-        backend: usize,
+        backend: BackendId,
         grace: Duration,
     },
     /// The backend's name no longer resolves to these addresses: probe the
     /// sessions connected to them now; those that do not answer are evicted
     /// with reason `address_removed`.
     ProbeAddresses {
-        backend: usize,
+        backend: BackendId,
         gone: Vec<SocketAddr>,
     },
     /// Fresh connects to a host, made to corroborate a suspicion, ended.
@@ -82,19 +83,19 @@ impl WatcherHandle {
 
     /// Probes every session of `backend` at once (the on-demand probe); the
     /// ones that do not answer are judged with their host as usual.
-    pub fn probe_backend(&self, backend: usize) {
+    pub fn probe_backend(&self, backend: BackendId) {
         let _ = self.tx.send(Order::ProbeBackend(backend));
     }
 
     /// Evicts the sessions of a down backend: idle ones now, busy ones
     /// (data in flight, or a request waiting for its answer) after `grace`.
-    pub fn evict_backend(&self, backend: usize, grace: Duration) {
+    pub fn evict_backend(&self, backend: BackendId, grace: Duration) {
         let _ = self.tx.send(Order::EvictBackend { backend, grace });
     }
 
     /// Hands every session over to the sweeper of the new generation (see
     /// `Order::HandOver`); this one then only forwards late arrivals.
-    pub fn hand_over(&self, to: WatcherHandle, remap: Vec<Option<usize>>, grace: Duration) {
+    pub fn hand_over(&self, to: WatcherHandle, remap: Vec<Option<BackendId>>, grace: Duration) {
         let _ = self.tx.send(Order::HandOver { to, remap, grace });
     }
 
@@ -105,7 +106,7 @@ impl WatcherHandle {
     /// The sessions of `backend` connected to addresses its name no longer
     /// resolves to are probed now; those that fail their probe are evicted
     /// (reason `address_removed`), the others live on.
-    pub fn probe_addresses(&self, backend: usize, gone: Vec<SocketAddr>) {
+    pub fn probe_addresses(&self, backend: BackendId, gone: Vec<SocketAddr>) {
         let _ = self.tx.send(Order::ProbeAddresses { backend, gone });
     }
 }
@@ -170,9 +171,9 @@ struct Sweeper {
     /// its own channel open).
     own_tx: mpsc::WeakUnboundedSender<Order>,
     /// Backends found with a dead connection during this sweep.
-    suspects: Vec<usize>,
+    suspects: Vec<BackendId>,
     /// Set by a hand-over: where sessions go now, and their renumbering.
-    successor: Option<(WatcherHandle, Vec<Option<usize>>)>,
+    successor: Option<(WatcherHandle, Vec<Option<BackendId>>)>,
 }
 
 /// Starts the sweeper of one listener. It stops by itself once every
@@ -184,6 +185,7 @@ pub fn spawn_watcher(
     backends: Arc<BackendSet>,
     meters: Arc<ListenerMeters>,
     suspicions: Arc<Suspicions>,
+    tasks: &TaskTracker,
 ) -> WatcherHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let sweeper = Sweeper {
@@ -202,7 +204,7 @@ pub fn spawn_watcher(
         suspects: Vec::new(),
         successor: None,
     };
-    tokio::spawn(sweeper.run(rx));
+    tasks.spawn(sweeper.run(rx));
     WatcherHandle { tx }
 }
 
@@ -254,7 +256,7 @@ impl Sweeper {
     fn expire_suspect_backends(&self) {
         let hold = (self.liveness.probe_interval + self.liveness.dead_after) * 3;
         let hold = hold.max(SUSPECT_HOLD_MIN);
-        for backend in 0..self.backends.len() {
+        for backend in self.backends.ids() {
             let change = self.backends.expire_suspect(backend, hold);
             if change.state_changed() {
                 tracing::warn!(backend = %self.backends.label(backend), from = %change.from,
@@ -369,8 +371,7 @@ impl Sweeper {
         if let Some(key) = host {
             self.hosts.observe(key, &a, now);
         }
-        let backend = session.backend();
-        if let (Leg::Upstream, Some(at), true) = (leg, a.heard_at_ms, backend != REMOVED) {
+        if let (Leg::Upstream, Some(at), Some(backend)) = (leg, a.heard_at_ms, session.backend()) {
             self.backends.heard(backend, at);
         }
         if was_suspected && a.suspect.is_none() {

@@ -12,7 +12,7 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::{CheckError, Verdict};
+use super::{CheckError, Finding};
 use crate::config::CheckConfig;
 
 /// Status codes hyper accepts: three digits, 100 to 999.
@@ -63,10 +63,10 @@ pub(super) async fn check(
     config: &CheckConfig,
     addr: SocketAddr,
     stream: TcpStream,
-) -> Result<Verdict, CheckError> {
+) -> Result<Finding, CheckError> {
     let ranges = match parse_status_ranges(&config.expect_status) {
         Ok(ranges) => ranges,
-        Err(e) => return Ok(Verdict::down(format!("expect_status: {e}"))),
+        Err(e) => return Ok(Finding::down(format!("expect_status: {e}"))),
     };
     let host = config.host.clone().unwrap_or_else(|| addr.to_string());
     let request = match Request::get(config.path.as_str())
@@ -76,7 +76,7 @@ pub(super) async fn check(
         .body(Empty::<Bytes>::new())
     {
         Ok(request) => request,
-        Err(e) => return Ok(Verdict::down(format!("path `{}`: {e}", config.path))),
+        Err(e) => return Ok(Finding::down(format!("path `{}`: {e}", config.path))),
     };
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -93,22 +93,22 @@ pub(super) async fn check(
         }
     };
     let response = response.map_err(CheckError::Http)?;
-    Ok(status_verdict(
+    Ok(status_finding(
         response.status(),
         &config.expect_status,
         &ranges,
     ))
 }
 
-fn status_verdict(status: StatusCode, expected: &str, ranges: &[RangeInclusive<u16>]) -> Verdict {
+fn status_finding(status: StatusCode, expected: &str, ranges: &[RangeInclusive<u16>]) -> Finding {
     let shown = match status.canonical_reason() {
         Some(reason) => format!("{} {reason}", status.as_u16()),
         None => status.as_u16().to_string(),
     };
     if accepts(ranges, status) {
-        Verdict::up(None, format!("HTTP {shown}"))
+        Finding::up(None, format!("HTTP {shown}"))
     } else {
-        Verdict::down(format!("HTTP {shown}, expected {expected}"))
+        Finding::down(format!("HTTP {shown}, expected {expected}"))
     }
 }
 
@@ -154,9 +154,9 @@ mod tests {
     #[test]
     fn verdict_names_the_status() {
         let ranges = parse_status_ranges("200-399").unwrap();
-        let up = status_verdict(StatusCode::OK, "200-399", &ranges);
-        assert_eq!(up, Verdict::up(None, "HTTP 200 OK"));
-        let down = status_verdict(StatusCode::SERVICE_UNAVAILABLE, "200-399", &ranges);
+        let up = status_finding(StatusCode::OK, "200-399", &ranges);
+        assert_eq!(up, Finding::up(None, "HTTP 200 OK"));
+        let down = status_finding(StatusCode::SERVICE_UNAVAILABLE, "200-399", &ranges);
         assert_eq!(
             down.detail,
             "HTTP 503 Service Unavailable, expected 200-399"

@@ -24,6 +24,9 @@ mod tcp;
 
 pub use http::parse_status_ranges;
 
+/// What a check returns, defined with the backend state it feeds.
+pub use crate::backend::state::{CheckOutcome, CheckStatus, Role};
+
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -35,98 +38,19 @@ use crate::config::{CheckConfig, CheckKind};
 use crate::telemetry::one_line;
 use crate::upstream::ConnectFailure;
 
-/// A backend's role as its last check reported it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    Primary,
-    Replica,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Primary => "primary",
-            Role::Replica => "replica",
-        }
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What a check concluded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckStatus {
-    /// Serving.
-    Up,
-    /// Alive but not ready to serve (e.g. Redis `-LOADING`).
-    NotReady,
-    /// Answered wrongly: refused, an error, the wrong protocol, closed, or
-    /// connected and then silent (a frozen process).
-    Down,
-    /// The connect got no answer within the timeout, or the network says
-    /// the host cannot be reached.
-    NoAnswer,
-    /// Could not run on our side: says nothing about the backend.
-    Unknown,
-}
-
-impl CheckStatus {
-    pub const ALL: [CheckStatus; 5] = [
-        CheckStatus::Up,
-        CheckStatus::NotReady,
-        CheckStatus::Down,
-        CheckStatus::NoAnswer,
-        CheckStatus::Unknown,
-    ];
-
-    /// The name in logs, metrics and `/status`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CheckStatus::Up => "up",
-            CheckStatus::NotReady => "not_ready",
-            CheckStatus::Down => "down",
-            CheckStatus::NoAnswer => "no_answer",
-            CheckStatus::Unknown => "unknown",
-        }
-    }
-
-    /// Counts against the backend (towards `fall`).
-    pub fn is_failure(self) -> bool {
-        matches!(
-            self,
-            CheckStatus::NotReady | CheckStatus::Down | CheckStatus::NoAnswer
-        )
-    }
-}
-
-/// The result of one check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckOutcome {
-    pub status: CheckStatus,
-    /// The role reported (postgres, redis), when the check asks for it.
-    pub role: Option<Role>,
-    pub latency: Duration,
-    /// One line for logs and /status: what was seen or what failed.
-    pub detail: String,
-}
-
 /// Runs one check of `addr` under `config.timeout`.
 pub async fn check(config: &CheckConfig, addr: SocketAddr) -> CheckOutcome {
     let started = Instant::now();
-    let verdict = connect_and_run(config, addr).await;
+    let finding = connect_and_run(config, addr).await;
     CheckOutcome {
-        status: verdict.status,
-        role: verdict.role,
+        status: finding.status,
+        role: finding.role,
         latency: started.elapsed(),
-        detail: verdict.detail,
+        detail: finding.detail,
     }
 }
 
-async fn connect_and_run(config: &CheckConfig, addr: SocketAddr) -> Verdict {
+async fn connect_and_run(config: &CheckConfig, addr: SocketAddr) -> Finding {
     let started = tokio::time::Instant::now();
     let deadline = started + config.timeout;
     let timeout = humantime::format_duration(config.timeout);
@@ -134,7 +58,7 @@ async fn connect_and_run(config: &CheckConfig, addr: SocketAddr) -> Verdict {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return connect_failure(&e),
         Err(_) => {
-            return Verdict::no_answer(format!("connect: no answer within timeout ({timeout})"))
+            return Finding::no_answer(format!("connect: no answer within timeout ({timeout})"))
         }
     };
     let answer_by = answer_deadline(deadline, started.elapsed());
@@ -147,12 +71,12 @@ async fn connect_and_run(config: &CheckConfig, addr: SocketAddr) -> Verdict {
         format!("timeout ({timeout})")
     };
     match tokio::time::timeout_at(answer_by, run(config, addr, stream)).await {
-        Ok(Ok(verdict)) => verdict,
+        Ok(Ok(finding)) => finding,
         Ok(Err(e @ CheckError::Password(_))) => {
-            Verdict::unknown(format!("cannot run the check here: {}", one_line(&e)))
+            Finding::unknown(format!("cannot run the check here: {}", one_line(&e)))
         }
-        Ok(Err(e)) => Verdict::down(one_line(&e)),
-        Err(_) => Verdict::down(format!("connected, but no answer within {waited}")),
+        Ok(Err(e)) => Finding::down(one_line(&e)),
+        Err(_) => Finding::down(format!("connected, but no answer within {waited}")),
     }
 }
 
@@ -175,11 +99,11 @@ fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
 
-fn connect_failure(e: &io::Error) -> Verdict {
+fn connect_failure(e: &io::Error) -> Finding {
     match ConnectFailure::of(e) {
-        ConnectFailure::Refused => Verdict::down(format!("connect: {e}")),
-        ConnectFailure::NoAnswer => Verdict::no_answer(format!("connect: {e}")),
-        ConnectFailure::Local => Verdict::unknown(format!("connect failed on our side: {e}")),
+        ConnectFailure::Refused => Finding::down(format!("connect: {e}")),
+        ConnectFailure::NoAnswer => Finding::no_answer(format!("connect: {e}")),
+        ConnectFailure::Local => Finding::unknown(format!("connect failed on our side: {e}")),
     }
 }
 
@@ -187,7 +111,7 @@ async fn run(
     config: &CheckConfig,
     addr: SocketAddr,
     stream: TcpStream,
-) -> Result<Verdict, CheckError> {
+) -> Result<Finding, CheckError> {
     match config.kind {
         CheckKind::Tcp => tcp::check(stream).await,
         CheckKind::Postgres => postgres::check(config, stream).await,
@@ -199,15 +123,15 @@ async fn run(
 
 /// What one protocol check concluded, before latency is added.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Verdict {
+struct Finding {
     status: CheckStatus,
     role: Option<Role>,
     detail: String,
 }
 
-impl Verdict {
+impl Finding {
     fn up(role: Option<Role>, detail: impl Into<String>) -> Self {
-        Verdict {
+        Finding {
             status: CheckStatus::Up,
             role,
             detail: detail.into(),
@@ -215,7 +139,7 @@ impl Verdict {
     }
 
     fn not_ready(detail: impl Into<String>) -> Self {
-        Verdict {
+        Finding {
             status: CheckStatus::NotReady,
             role: None,
             detail: detail.into(),
@@ -223,7 +147,7 @@ impl Verdict {
     }
 
     fn down(detail: impl Into<String>) -> Self {
-        Verdict {
+        Finding {
             status: CheckStatus::Down,
             role: None,
             detail: detail.into(),
@@ -231,7 +155,7 @@ impl Verdict {
     }
 
     fn no_answer(detail: impl Into<String>) -> Self {
-        Verdict {
+        Finding {
             status: CheckStatus::NoAnswer,
             role: None,
             detail: detail.into(),
@@ -239,7 +163,7 @@ impl Verdict {
     }
 
     fn unknown(detail: impl Into<String>) -> Self {
-        Verdict {
+        Finding {
             status: CheckStatus::Unknown,
             role: None,
             detail: detail.into(),
@@ -247,7 +171,7 @@ impl Verdict {
     }
 }
 
-/// Why a check could not reach a verdict once connected: these all mean
+/// Why a check could not reach a finding once connected: these all mean
 /// Down, but for `Password` (our side: Unknown).
 #[derive(Debug, thiserror::Error)]
 enum CheckError {

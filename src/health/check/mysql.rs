@@ -12,7 +12,7 @@
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{excerpt, password, read_more, CheckError, Verdict};
+use super::{excerpt, password, read_more, CheckError, Finding};
 use crate::config::CheckConfig;
 
 /// The largest packet we accept; real greetings are ~100 bytes.
@@ -235,10 +235,10 @@ fn empty_password_for(plugin: &str) -> &'static [u8] {
 }
 
 /// Reads the first packet and judges it; logs in when a user is set.
-pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Verdict, CheckError> {
+pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Finding, CheckError> {
     let user = config.user.as_deref();
     if user.is_some() && password(config).map_err(CheckError::Password)?.is_some() {
-        return Ok(Verdict::down(
+        return Ok(Finding::down(
             "the mysql check logs in only as a user without a password; \
              remove the password or the user",
         ));
@@ -246,11 +246,11 @@ pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Ver
     let mut conn = Conn::new(stream);
     let (seq, greeting) = match conn.greeting().await? {
         Ok(pair) => pair,
-        Err(e) => return Ok(Verdict::down(e.to_string())),
+        Err(e) => return Ok(Finding::down(e.to_string())),
     };
     match (greeting, user) {
-        (Greeting::Error(e), _) => Ok(Verdict::down(format!("refused with {e}"))),
-        (Greeting::Handshake { server_version }, None) => Ok(Verdict::up(
+        (Greeting::Error(e), _) => Ok(Finding::down(format!("refused with {e}"))),
+        (Greeting::Handshake { server_version }, None) => Ok(Finding::up(
             None,
             format!("handshake from {server_version}"),
         )),
@@ -317,28 +317,28 @@ impl Conn {
         user: &str,
         database: Option<&str>,
         server_version: &str,
-    ) -> Result<Verdict, CheckError> {
+    ) -> Result<Finding, CheckError> {
         let response = handshake_response(user, database);
         self.send(greeting_seq.wrapping_add(1), &response).await?;
         let mut switched = false;
         for _ in 0..4 {
             let (seq, payload) = match self.next().await? {
                 Ok(pair) => pair,
-                Err(e) => return Ok(Verdict::down(format!("login: {e}"))),
+                Err(e) => return Ok(Finding::down(format!("login: {e}"))),
             };
             let reply = match parse_auth_reply(&payload) {
                 Ok(reply) => reply,
-                Err(e) => return Ok(Verdict::down(format!("login: {e}"))),
+                Err(e) => return Ok(Finding::down(format!("login: {e}"))),
             };
             match reply {
                 AuthReply::Ok => {
                     // Best effort: the server logs no aborted connection.
                     let _ = self.send(0, &[COM_QUIT]).await;
                     let detail = format!("logged in as {user} to {server_version}");
-                    return Ok(Verdict::up(None, detail));
+                    return Ok(Finding::up(None, detail));
                 }
                 AuthReply::Error(e) => {
-                    return Ok(Verdict::down(format!("login as {user} refused with {e}")))
+                    return Ok(Finding::down(format!("login as {user} refused with {e}")))
                 }
                 AuthReply::Switch { plugin } if !switched => {
                     switched = true;
@@ -349,11 +349,11 @@ impl Conn {
                 other => {
                     let detail =
                         format!("login as {user}: the server wants a password ({other:?})");
-                    return Ok(Verdict::down(detail));
+                    return Ok(Finding::down(detail));
                 }
             }
         }
-        Ok(Verdict::down(format!(
+        Ok(Finding::down(format!(
             "login as {user}: no answer after 4 packets"
         )))
     }

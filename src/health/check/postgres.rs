@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
-use super::{excerpt, one_line, password, read_more, CheckError, Verdict};
+use super::{excerpt, one_line, password, read_more, CheckError, Finding};
 use crate::config::CheckConfig;
 use crate::health::check::Role;
 
@@ -84,7 +84,7 @@ fn error_message(body: &[u8]) -> String {
 }
 
 /// Runs the check: SSLRequest without a user, a login with one.
-pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Verdict, CheckError> {
+pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Finding, CheckError> {
     match &config.user {
         None => ssl_probe(stream).await,
         Some(user) => {
@@ -95,7 +95,7 @@ pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Ver
     }
 }
 
-async fn ssl_probe(mut stream: TcpStream) -> Result<Verdict, CheckError> {
+async fn ssl_probe(mut stream: TcpStream) -> Result<Finding, CheckError> {
     stream
         .write_all(&SSL_REQUEST)
         .await
@@ -106,9 +106,9 @@ async fn ssl_probe(mut stream: TcpStream) -> Result<Verdict, CheckError> {
         Err(e) => return Err(e),
     }
     Ok(match parse_ssl_answer(&answer) {
-        Ok(SslAnswer::Willing) => Verdict::up(None, "answered the SSLRequest: S (TLS offered)"),
-        Ok(SslAnswer::Unwilling) => Verdict::up(None, "answered the SSLRequest: N (no TLS)"),
-        Err(e) => Verdict::down(e.to_string()),
+        Ok(SslAnswer::Willing) => Finding::up(None, "answered the SSLRequest: S (TLS offered)"),
+        Ok(SslAnswer::Unwilling) => Finding::up(None, "answered the SSLRequest: N (no TLS)"),
+        Err(e) => Finding::down(e.to_string()),
     })
 }
 
@@ -117,7 +117,7 @@ async fn login(
     user: &str,
     password: Option<&str>,
     database: &str,
-) -> Result<Verdict, CheckError> {
+) -> Result<Finding, CheckError> {
     let mut pg = tokio_postgres::Config::new();
     pg.user(user)
         .dbname(database)
@@ -142,21 +142,21 @@ async fn login(
     // Let the connection send Terminate, so the server logs no lost client.
     let _ = connection.await;
     Ok(match answer {
-        Ok(messages) => recovery_verdict(&messages),
-        Err(e) => Verdict::down(format!("{ROLE_QUERY}: {}", server_says(&e))),
+        Ok(messages) => recovery_finding(&messages),
+        Err(e) => Finding::down(format!("{ROLE_QUERY}: {}", server_says(&e))),
     })
 }
 
 /// Down with the server's message; NotReady while it starts or stops.
-fn login_failure(e: &tokio_postgres::Error) -> Verdict {
+fn login_failure(e: &tokio_postgres::Error) -> Finding {
     let not_ready = e
         .as_db_error()
         .is_some_and(|db| db.code().code() == CANNOT_CONNECT_NOW);
     let detail = format!("login failed: {}", server_says(e));
     if not_ready {
-        Verdict::not_ready(detail)
+        Finding::not_ready(detail)
     } else {
-        Verdict::down(detail)
+        Finding::down(detail)
     }
 }
 
@@ -172,7 +172,7 @@ fn server_says(e: &tokio_postgres::Error) -> String {
 /// The role from [`ROLE_QUERY`]'s one row: in recovery (`t`), a replica;
 /// else read-only (`on`), a fenced primary that takes no writes, also a
 /// replica; else (`f`, `off`) the primary.
-fn recovery_verdict(messages: &[SimpleQueryMessage]) -> Verdict {
+fn recovery_finding(messages: &[SimpleQueryMessage]) -> Finding {
     let row = messages.iter().find_map(|m| match m {
         SimpleQueryMessage::Row(row) => {
             Some((row.get(0).map(str::to_owned), row.get(1).map(str::to_owned)))
@@ -180,24 +180,24 @@ fn recovery_verdict(messages: &[SimpleQueryMessage]) -> Verdict {
         _ => None,
     });
     let (recovery, read_only) = row.unwrap_or_default();
-    role_verdict(recovery.as_deref(), read_only.as_deref())
+    role_finding(recovery.as_deref(), read_only.as_deref())
 }
 
-fn role_verdict(recovery: Option<&str>, read_only: Option<&str>) -> Verdict {
+fn role_finding(recovery: Option<&str>, read_only: Option<&str>) -> Finding {
     match (recovery, read_only) {
-        (Some("t"), _) => Verdict::up(
+        (Some("t"), _) => Finding::up(
             Some(Role::Replica),
             "logged in; pg_is_in_recovery = t (replica)",
         ),
-        (Some("f"), Some("on")) => Verdict::up(
+        (Some("f"), Some("on")) => Finding::up(
             Some(Role::Replica),
             "logged in; not in recovery but transaction_read_only = on (takes no writes)",
         ),
-        (Some("f"), Some("off")) => Verdict::up(
+        (Some("f"), Some("off")) => Finding::up(
             Some(Role::Primary),
             "logged in; pg_is_in_recovery = f, transaction_read_only = off (primary)",
         ),
-        other => Verdict::down(format!(
+        other => Finding::down(format!(
             "{ROLE_QUERY} returned {other:?}, expected (t or f, on or off)"
         )),
     }
@@ -210,11 +210,11 @@ mod tests {
 
     #[test]
     fn a_read_only_primary_is_no_primary() {
-        let role = |r, ro| role_verdict(r, ro).role;
+        let role = |r, ro| role_finding(r, ro).role;
         assert_eq!(role(Some("f"), Some("off")), Some(Role::Primary));
         assert_eq!(role(Some("t"), Some("on")), Some(Role::Replica));
         assert_eq!(role(Some("f"), Some("on")), Some(Role::Replica));
-        let odd = role_verdict(Some("f"), None);
+        let odd = role_finding(Some("f"), None);
         assert_eq!(
             odd.status,
             super::super::CheckStatus::Down,
@@ -222,7 +222,7 @@ mod tests {
             odd.detail
         );
         assert_eq!(
-            role_verdict(None, None).status,
+            role_finding(None, None).status,
             super::super::CheckStatus::Down
         );
     }

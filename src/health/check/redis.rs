@@ -9,7 +9,7 @@
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{excerpt, password, read_more, CheckError, Role, Verdict};
+use super::{excerpt, password, read_more, CheckError, Finding, Role};
 use crate::config::CheckConfig;
 
 /// The longest bulk string accepted.
@@ -179,7 +179,7 @@ pub(crate) fn encode_command(args: &[&[u8]]) -> Vec<u8> {
 }
 
 /// Runs the check: one write of every command, then the replies in order.
-pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Verdict, CheckError> {
+pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Finding, CheckError> {
     let password = password(config).map_err(CheckError::Password)?;
     let mut request = Vec::new();
     if let Some(password) = &password {
@@ -195,14 +195,14 @@ pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Ver
     stream.write_all(&request).await.map_err(CheckError::Io)?;
     let mut replies = Replies::new(stream);
     if password.is_some() {
-        if let Some(refused) = auth_verdict(replies.next("the AUTH reply").await?) {
+        if let Some(refused) = auth_finding(replies.next("the AUTH reply").await?) {
             return Ok(refused);
         }
     }
-    if let Some(failed) = ping_verdict(replies.next("the PING reply").await?) {
+    if let Some(failed) = ping_finding(replies.next("the PING reply").await?) {
         return Ok(failed);
     }
-    Ok(role_verdict(replies.next("the ROLE reply").await?))
+    Ok(role_finding(replies.next("the ROLE reply").await?))
 }
 
 /// Replies read one by one from a connection.
@@ -219,8 +219,8 @@ impl Replies {
         }
     }
 
-    /// The next reply, or a Down verdict if the bytes are not RESP.
-    async fn next(&mut self, what: &str) -> Result<Result<Reply, Verdict>, CheckError> {
+    /// The next reply, or a Down finding if the bytes are not RESP.
+    async fn next(&mut self, what: &str) -> Result<Result<Reply, Finding>, CheckError> {
         loop {
             match parse_reply(&self.buf) {
                 Ok(Some((reply, used))) => {
@@ -228,35 +228,35 @@ impl Replies {
                     return Ok(Ok(reply));
                 }
                 Ok(None) => read_more(&mut self.stream, &mut self.buf, what).await?,
-                Err(e) => return Ok(Err(Verdict::down(format!("{what}: {e}")))),
+                Err(e) => return Ok(Err(Finding::down(format!("{what}: {e}")))),
             }
         }
     }
 }
 
-fn auth_verdict(reply: Result<Reply, Verdict>) -> Option<Verdict> {
+fn auth_finding(reply: Result<Reply, Finding>) -> Option<Finding> {
     match reply {
         Ok(Reply::Simple(_)) => None,
-        Ok(Reply::Error(message)) => Some(Verdict::down(format!("AUTH refused: {message}"))),
-        Ok(other) => Some(Verdict::down(format!("AUTH answered {}", describe(&other)))),
+        Ok(Reply::Error(message)) => Some(Finding::down(format!("AUTH refused: {message}"))),
+        Ok(other) => Some(Finding::down(format!("AUTH answered {}", describe(&other)))),
         Err(down) => Some(down),
     }
 }
 
-fn ping_verdict(reply: Result<Reply, Verdict>) -> Option<Verdict> {
+fn ping_finding(reply: Result<Reply, Finding>) -> Option<Finding> {
     match reply {
         Ok(Reply::Simple(pong)) if pong == "PONG" => None,
         Ok(Reply::Error(message)) if message.starts_with("LOADING") => {
-            Some(Verdict::not_ready(format!("PING: {message}")))
+            Some(Finding::not_ready(format!("PING: {message}")))
         }
-        Ok(Reply::Error(message)) => Some(Verdict::down(format!("PING: {message}"))),
-        Ok(other) => Some(Verdict::down(format!("PING answered {}", describe(&other)))),
+        Ok(Reply::Error(message)) => Some(Finding::down(format!("PING: {message}"))),
+        Ok(other) => Some(Finding::down(format!("PING answered {}", describe(&other)))),
         Err(down) => Some(down),
     }
 }
 
 /// PING passed, so the server is up; ROLE adds the role when it can.
-fn role_verdict(reply: Result<Reply, Verdict>) -> Verdict {
+fn role_finding(reply: Result<Reply, Finding>) -> Finding {
     let first = match &reply {
         Ok(Reply::Array(Some(items))) => items.first(),
         _ => None,
@@ -267,20 +267,20 @@ fn role_verdict(reply: Result<Reply, Verdict>) -> Verdict {
         _ => b"",
     };
     match (role, &reply) {
-        (b"master", _) => Verdict::up(Some(Role::Primary), "PONG; role master"),
-        (b"slave" | b"replica", Ok(Reply::Array(Some(items)))) => Verdict::up(
+        (b"master", _) => Finding::up(Some(Role::Primary), "PONG; role master"),
+        (b"slave" | b"replica", Ok(Reply::Array(Some(items)))) => Finding::up(
             Some(Role::Replica),
             format!("PONG; role replica (link {})", replica_link(items)),
         ),
-        (b"slave" | b"replica", _) => Verdict::up(Some(Role::Replica), "PONG; role replica"),
+        (b"slave" | b"replica", _) => Finding::up(Some(Role::Replica), "PONG; role replica"),
         (b"sentinel", _) => {
-            Verdict::down("a Redis Sentinel, not a data server (ROLE answered sentinel)")
+            Finding::down("a Redis Sentinel, not a data server (ROLE answered sentinel)")
         }
         (_, Ok(Reply::Error(message))) => {
-            Verdict::up(None, format!("PONG; ROLE refused: {message}"))
+            Finding::up(None, format!("PONG; ROLE refused: {message}"))
         }
-        (_, Ok(other)) => Verdict::up(None, format!("PONG; ROLE answered {}", describe(other))),
-        (_, Err(down)) => Verdict::up(None, format!("PONG; {}", down.detail)),
+        (_, Ok(other)) => Finding::up(None, format!("PONG; ROLE answered {}", describe(other))),
+        (_, Err(down)) => Finding::up(None, format!("PONG; {}", down.detail)),
     }
 }
 

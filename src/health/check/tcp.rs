@@ -2,9 +2,9 @@
 
 use tokio::net::TcpStream;
 
-use super::{CheckError, Verdict};
+use super::{CheckError, Finding};
 
 /// The connection was made (by the caller); it closes when dropped.
-pub(super) async fn check(_stream: TcpStream) -> Result<Verdict, CheckError> {
-    Ok(Verdict::up(None, "connected"))
+pub(super) async fn check(_stream: TcpStream) -> Result<Finding, CheckError> {
+    Ok(Finding::up(None, "connected"))
 }

@@ -10,7 +10,7 @@ use crate::evict::{EvictReason, Leg, Verdict};
 use crate::liveness::bounds::{CONNECT_WINDOW_MAX, CONNECT_WINDOW_MIN};
 use crate::liveness::leg::answer_window_ms;
 use crate::liveness::verdict::{self, Decision, HostEvidence};
-use crate::liveness::{leg_index, now_ms, REMOVED};
+use crate::liveness::{leg_index, now_ms};
 use crate::sockopt::{self, TcpInfo};
 
 /// Other legs of a host sampled at most to corroborate one suspicion: far
@@ -234,8 +234,7 @@ impl Sweeper {
     /// A dead upstream leg makes its backend suspect (unless its host was
     /// seen to answer: then only that flow died).
     fn suspect_backend(&mut self, s: &Suspected) {
-        let backend = s.session.backend();
-        if s.leg == Leg::Upstream && backend != REMOVED {
+        if let (Leg::Upstream, Some(backend)) = (s.leg, s.session.backend()) {
             self.suspects.push(backend);
         }
     }
@@ -292,8 +291,8 @@ impl Sweeper {
 
     fn publish(&self, s: &Suspected, needed: u32, waiting_for: &'static str) {
         let backend = match s.session.backend() {
-            REMOVED => "(removed by a reload)".to_string(),
-            b => self.backends.label(b).to_string(),
+            None => "(removed by a reload)".to_string(),
+            Some(b) => self.backends.label(b).to_string(),
         };
         self.suspicions.set(
             s.id,
@@ -314,7 +313,7 @@ impl Sweeper {
     /// Sets each backend's loss and evidence gauges from its hosts.
     pub(super) fn publish_link_estimates(&self) {
         let probe_ms = self.rules[leg_index(Leg::Upstream)].probe_ms;
-        for backend in 0..self.backends.len() {
+        for backend in self.backends.ids() {
             let loss = self
                 .backends
                 .addresses(backend)

@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Entry, Sweeper, WatcherHandle};
+use crate::backend::BackendId;
 use crate::evict::{EvictReason, Leg, Verdict};
-use crate::liveness::{leg_index, now_ms, Watched, REMOVED};
+use crate::liveness::{leg_index, now_ms, Watched};
 use crate::sockopt;
 
 impl Sweeper {
     pub(super) fn hand_over(
         &mut self,
         to: WatcherHandle,
-        remap: Vec<Option<usize>>,
+        remap: Vec<Option<BackendId>>,
         grace: Duration,
     ) {
         let entries: Vec<Entry> = self.slots.iter_mut().flat_map(std::mem::take).collect();
@@ -34,10 +35,14 @@ impl Sweeper {
         self.successor = Some((to, remap));
     }
 
-    fn sessions_of(&mut self, backend: usize) -> impl Iterator<Item = (&mut Entry, Arc<Watched>)> {
+    fn sessions_of(
+        &mut self,
+        backend: BackendId,
+    ) -> impl Iterator<Item = (&mut Entry, Arc<Watched>)> {
         self.slots.iter_mut().flatten().filter_map(move |e| {
             let session = e.session.upgrade()?;
-            (session.backend() == backend && session.verdict().is_none()).then_some((e, session))
+            (session.backend() == Some(backend) && session.verdict().is_none())
+                .then_some((e, session))
         })
     }
 
@@ -46,7 +51,7 @@ impl Sweeper {
     /// resolves to): the kernel's minimum TCP_KEEPIDLE (1 s) makes every
     /// leg quiet for a second or more send its probe at once, whatever
     /// `probe_interval` is.
-    pub(super) fn probe_backend(&mut self, backend: usize, only: Option<&[SocketAddr]>) {
+    pub(super) fn probe_backend(&mut self, backend: BackendId, only: Option<&[SocketAddr]>) {
         const MIN_KEEPIDLE: Duration = Duration::from_secs(1);
         let mut probed = 0;
         let meters = self.meters.clone();
@@ -78,7 +83,7 @@ impl Sweeper {
     /// Evicts the sessions of a down backend: idle ones now, busy ones at
     /// their client's next request after the answer in flight, or after
     /// `grace` (see [`Watched::leave`]).
-    pub(super) fn evict_backend(&mut self, backend: usize, grace: Duration) {
+    pub(super) fn evict_backend(&mut self, backend: BackendId, grace: Duration) {
         let now = now_ms();
         let reason = EvictReason::BackendDown;
         let (mut now_count, mut later) = (0, 0);
@@ -117,13 +122,14 @@ pub(super) fn busy(session: &Watched) -> bool {
 pub(super) fn forward(
     mut entry: Entry,
     to: &WatcherHandle,
-    remap: &[Option<usize>],
+    remap: &[Option<BackendId>],
     grace: Duration,
 ) -> Option<bool> {
     let session = entry.session.upgrade()?;
-    let old = session.backend();
-    let new = remap.get(old).copied().flatten();
-    session.set_backend(new.unwrap_or(REMOVED));
+    let new = session
+        .backend()
+        .and_then(|old| remap.get(old.index()).copied().flatten());
+    session.set_backend(new);
     if new.is_none() && session.verdict().is_none() && entry.evict_at.is_none() {
         if grace.is_zero() || !busy(&session) {
             session.evict(Verdict::decided(Leg::Upstream, EvictReason::BackendRemoved));

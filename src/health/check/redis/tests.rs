@@ -75,29 +75,29 @@ fn role_replies_of_a_master_and_a_replica() {
     let (reply, used) = parsed(master).unwrap().unwrap();
     assert_eq!(used, master.len());
     assert_eq!(
-        role_verdict(Ok(reply)),
-        Verdict::up(Some(Role::Primary), "PONG; role master")
+        role_finding(Ok(reply)),
+        Finding::up(Some(Role::Primary), "PONG; role master")
     );
     let replica = b"*5\r\n$5\r\nslave\r\n$9\r\n127.0.0.1\r\n:6379\r\n$9\r\nconnected\r\n:14\r\n";
     let (reply, _) = parsed(replica).unwrap().unwrap();
     assert_eq!(
-        role_verdict(Ok(reply)),
-        Verdict::up(Some(Role::Replica), "PONG; role replica (link connected)")
+        role_finding(Ok(reply)),
+        Finding::up(Some(Role::Replica), "PONG; role replica (link connected)")
     );
     let sentinel = b"*2\r\n$8\r\nsentinel\r\n*0\r\n";
     let (reply, _) = parsed(sentinel).unwrap().unwrap();
-    let verdict = role_verdict(Ok(reply));
-    assert_eq!(verdict.status, crate::health::check::CheckStatus::Down);
-    assert!(verdict.detail.contains("Sentinel"), "{}", verdict.detail);
+    let finding = role_finding(Ok(reply));
+    assert_eq!(finding.status, crate::health::check::CheckStatus::Down);
+    assert!(finding.detail.contains("Sentinel"), "{}", finding.detail);
 }
 
 #[test]
 fn ping_verdicts() {
     use crate::health::check::CheckStatus;
-    assert_eq!(ping_verdict(Ok(Reply::Simple("PONG".into()))), None);
-    let loading = ping_verdict(Ok(Reply::Error("LOADING Redis is loading".into()))).unwrap();
+    assert_eq!(ping_finding(Ok(Reply::Simple("PONG".into()))), None);
+    let loading = ping_finding(Ok(Reply::Error("LOADING Redis is loading".into()))).unwrap();
     assert_eq!(loading.status, CheckStatus::NotReady);
-    let noauth = ping_verdict(Ok(Reply::Error("NOAUTH Authentication required.".into()))).unwrap();
+    let noauth = ping_finding(Ok(Reply::Error("NOAUTH Authentication required.".into()))).unwrap();
     assert_eq!(noauth.status, CheckStatus::Down);
     assert_eq!(noauth.detail, "PING: NOAUTH Authentication required.");
 }

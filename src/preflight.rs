@@ -1,4 +1,5 @@
-//! `pulsegate check`: the effective config and what it promises.
+//! `pulsegate check`: the effective config and what it promises (a
+//! preflight report; "check" elsewhere means a backend health check).
 
 use std::fmt::Write;
 
