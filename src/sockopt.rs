@@ -30,7 +30,7 @@ pub fn apply(socket: &impl AsFd, settings: &SocketSettings) -> io::Result<()> {
 
 /// Sets TCP_KEEPIDLE. Lowering it on an idle socket with keepalive on
 /// re-arms the kernel's keepalive timer: if the socket has been quiet longer
-/// than `idle`, a probe leaves at once (DESIGN.md, the on-demand probe).
+/// than `idle`, a probe leaves at once (docs/DESIGN.md, "The on-demand probe").
 pub fn set_keepalive_idle(socket: &impl AsFd, idle: Duration) -> io::Result<()> {
     SockRef::from(socket).set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))
 }

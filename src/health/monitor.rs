@@ -9,8 +9,9 @@
 //! were answered is the network losing a packet, not the backend going
 //! away: it counts as `unknown`. A backend that goes down on unanswered
 //! connects alone has its sessions probed (those that do not answer are
-//! evicted); one that answered wrongly (refused, wrong role, an error, a
-//! frozen process) has them all evicted, as `on_down` says.
+//! evicted); one that answered wrongly (refused, an error, a frozen
+//! process), or that answered in a role the listener does not route to,
+//! has them all evicted, as `on_down` says.
 
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
