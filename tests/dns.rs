@@ -185,3 +185,57 @@ fn a_name_that_rotates_its_answers_does_not_churn_sessions() {
         proxy.stderr()
     );
 }
+
+/// A session to a backend named by host name found dead makes the backend
+/// suspect, and the name is looked up at once, not at the next
+/// `resolve_interval` (here a minute): a managed database that failed over
+/// by moving its name is followed as soon as the old host is seen gone.
+#[test]
+fn a_dead_session_has_its_backends_name_looked_up_at_once() {
+    let Some(lab) = lab_or_skip("dns-suspect") else {
+        return;
+    };
+    let old: SocketAddr = "127.0.0.2:7000".parse().unwrap();
+    let new: SocketAddr = "127.0.0.3:7000".parse().unwrap();
+    tagged_server(listen(&lab, old), "old");
+    tagged_server(listen(&lab, new), "new");
+    lab.set_hosts("127.0.0.1 localhost\n127.0.0.2 db.pulsegate.test\n")
+        .unwrap();
+    let toml = format!(
+        "[[listener]]\nname = \"dns\"\nbind = \"{}\"\nbackends = [\"db.pulsegate.test:7000\"]\n\
+         resolve_interval = \"60s\"\nconnect_timeout = \"500ms\"\n\
+         [listener.liveness]\nprobe_interval = \"1s\"\ndead_after = \"1s\"\n",
+        proxy_addr()
+    );
+    let proxy = lab
+        .start_pulsegate_with(&exe(), proxy_addr(), &toml)
+        .expect("start pulsegate");
+    let mut pooled = connect(&lab, proxy_addr());
+    assert_eq!(ask(&mut pooled).unwrap(), "old");
+
+    // The name moves and the old host vanishes; no lookup is due for a
+    // minute.
+    lab.set_hosts("127.0.0.1 localhost\n127.0.0.3 db.pulsegate.test\n")
+        .unwrap();
+    lab.drop_host("127.0.0.2".parse().unwrap()).unwrap();
+    let vanished = Instant::now();
+    loop {
+        let mut c = connect(&lab, proxy_addr());
+        if ask(&mut c).ok().as_deref() == Some("new") {
+            break;
+        }
+        assert!(
+            vanished.elapsed() < Duration::from_secs(10),
+            "never followed the name: {}",
+            proxy.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let followed = vanished.elapsed();
+    eprintln!(
+        "new connections follow the moved name {:.2} s after the old host vanished",
+        followed.as_secs_f64()
+    );
+    let log = proxy.stderr();
+    assert!(log.contains("a session to it was found dead"), "{log}");
+}

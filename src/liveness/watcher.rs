@@ -247,6 +247,9 @@ impl Sweeper {
                     to = %change.to, cause = "a session to it was found dead",
                     "backend state changed");
                 self.obey(Order::ProbeBackend(backend));
+                // A name-addressed backend may have moved: look it up now,
+                // as a failed check does.
+                self.backends.resolve_now(backend);
             }
         }
     }
