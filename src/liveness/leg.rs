@@ -381,7 +381,17 @@ impl LegState {
             && u64::from(info.last_data_recv_ms) >= rule.probe_ms;
         // Quiet means no data either way; probe ACKs do not count as traffic.
         let quiet_ms = u64::from(info.last_data_recv_ms.min(info.last_data_sent_ms));
-        let quiet = quiet_ms >= rule.probe_ms;
+        let quiet = if self.probing && self.probe_idle_ms < rule.probe_ms {
+            // A probe forced by order (a suspect backend) stays armed until
+            // it is answered or data flows: the kernel sends it from its
+            // timer a moment after the setsockopt, so a sample may come
+            // first and see no probe out yet.
+            let answered_since_armed =
+                u64::from(info.last_ack_recv_ms) < now_ms.saturating_sub(self.armed_at_ms);
+            quiet_ms >= self.probe_idle_ms && !answered_since_armed
+        } else {
+            quiet_ms >= rule.probe_ms
+        };
         let action = match (quiet, self.probing) {
             (true, false) => {
                 self.probing = true;

@@ -365,3 +365,44 @@ fn an_answered_probe_debt_counts_its_lost_probes() {
     assert_eq!(a.trials.probes_lost, 1);
     assert_eq!(a.trials.probes_answered, 1);
 }
+
+/// The on-demand probe of a suspect backend lowers TCP_KEEPIDLE to 1 s on
+/// legs quiet for less than `probe_interval`. The kernel sends that probe
+/// from its timer a moment after the setsockopt; a sample taken before it
+/// left (no probe out yet) must keep the probe armed, not restore the long
+/// keepalive as if data had flowed (which cancelled the probe, and an idle
+/// session to a vanished host then waited for its own probe_interval).
+#[test]
+fn a_forced_probe_sampled_before_it_left_stays_armed() {
+    let rule = Rule {
+        probe_ms: 30_000,
+        ..rule()
+    };
+    let mut leg = LegState::default();
+    // Quiet for 2 s: too short for the 30 s probe_interval.
+    let a = leg.assess(&info(0, 0, 2000, 2000), 10_000, 0, &rule);
+    assert_eq!(a.action, Action::None);
+    leg.force_probe(10_100, 1000);
+    // Sampled at once: the kernel has not sent the probe yet.
+    let a = leg.assess(&info(0, 0, 2100, 2100), 10_101, 0, &rule);
+    assert_eq!(a.action, Action::None, "the forced probe was cancelled");
+    // The probe left, then a retry, unanswered: dead after dead_after.
+    let a = leg.assess(&info(0, 1, 2600, 2600), 10_600, 0, &rule);
+    assert_eq!(a.suspect.map(|e| e.reason()), None);
+    let a = leg.assess(&info(0, 2, 3200, 3200), 11_200, 0, &rule);
+    assert_eq!(
+        a.suspect.map(|e| e.reason()),
+        Some(EvictReason::ProbeUnanswered)
+    );
+    // A live host answers the forced probe: the long keepalive is back.
+    let mut leg = LegState::default();
+    leg.assess(&info(0, 0, 2000, 2000), 10_000, 0, &rule);
+    leg.force_probe(10_100, 1000);
+    let a = leg.assess(&info(0, 0, 100, 2500), 10_500, 0, &rule);
+    assert_eq!(a.action, Action::Restore);
+    // Data flows again: the long keepalive is restored.
+    let mut leg = LegState::default();
+    leg.force_probe(10_100, 1000);
+    let a = leg.assess(&info(0, 0, 5, 5), 10_200, 0, &rule);
+    assert_eq!(a.action, Action::Restore);
+}
