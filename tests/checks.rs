@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use pulsegate::config::CheckConfig;
-use pulsegate::health::check::{check, parse_status_ranges, CheckOutcome, CheckStatus, Role};
+use pulsegate::config::{parse_status_ranges, CheckConfig};
+use pulsegate::health::check::{check, CheckOutcome, CheckStatus, Role};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

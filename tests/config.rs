@@ -74,6 +74,37 @@ fn several_problems_are_reported_together_with_their_lines() {
 }
 
 #[test]
+fn config_imports_nothing_from_the_rest_of_the_crate() {
+    // `config` is the leaf of the module graph: every other module may use
+    // it, it uses none of them.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config");
+    let mut files = vec![dir];
+    let mut seen = 0;
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        seen += 1;
+        for (i, line) in text.lines().enumerate() {
+            let outside = line
+                .match_indices("crate::")
+                .any(|(at, _)| !line[at..].starts_with("crate::config"));
+            assert!(
+                !outside,
+                "{}:{}: config uses another module: {line}",
+                path.display(),
+                i + 1
+            );
+        }
+    }
+    assert!(seen >= 4, "read the config module ({seen} files)");
+}
+
+#[test]
 fn shipped_examples_pass_check_with_defaults_and_bounds() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for (file, listener, idle, busy) in [

@@ -5,11 +5,16 @@
 //! keys and types (unknown keys are refused); `validate` checks values and
 //! cross-field rules and reports every problem at once, each with the file,
 //! line, key and a one-line fix.
+//!
+//! `config` imports nothing from the rest of the crate: it is the leaf of
+//! the module graph, and parses its own values (`expect_status` too).
 
 mod bounds;
+mod expect_status;
 mod validate;
 
 pub use bounds::Warning;
+pub use expect_status::parse_status_ranges;
 pub use validate::{ConfigError, Problem};
 
 use std::fmt;

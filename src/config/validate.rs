@@ -309,7 +309,7 @@ impl Checker<'_> {
             );
         }
         if check.kind == CheckKind::Http {
-            if let Err(e) = crate::health::check::parse_status_ranges(&check.expect_status) {
+            if let Err(e) = super::parse_status_ranges(&check.expect_status) {
                 self.problem(
                     "check.expect_status",
                     e,

@@ -22,8 +22,6 @@ mod postgres;
 mod redis;
 mod tcp;
 
-pub use http::parse_status_ranges;
-
 /// What a check returns, defined with the backend state it feeds.
 pub use crate::backend::state::{CheckOutcome, CheckStatus, Role};
 
