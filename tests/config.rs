@@ -1,9 +1,10 @@
 //! Config validation: every bad fixture is refused with its key named, the
 //! shipped examples pass `pulsegate check`, and problems are reported
-//! together.
+//! together, serde's (unknown keys, wrong types) with validate's.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pulsegate");
 
@@ -27,12 +28,16 @@ fn every_bad_fixture_is_refused_naming_its_key_line_and_fix() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap();
-        let expect = text
+        // Each leading `# expect: ` line is a text the report must contain.
+        let expect: Vec<&str> = text
             .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect: "))
-            .unwrap_or_else(|| panic!("{} lacks an `# expect:` first line", path.display()))
-            .to_string();
+            .map_while(|l| l.strip_prefix("# expect: "))
+            .collect();
+        assert!(
+            !expect.is_empty(),
+            "{} lacks an `# expect:` first line",
+            path.display()
+        );
         let (code, stdout, stderr) = check(&path);
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         assert_eq!(code, 2, "{name} should exit 2; stderr: {stderr}");
@@ -40,10 +45,12 @@ fn every_bad_fixture_is_refused_naming_its_key_line_and_fix() {
             stdout.is_empty(),
             "{name}: nothing on stdout for a refused config"
         );
-        assert!(
-            stderr.contains(&expect),
-            "{name}: expected `{expect}` in:\n{stderr}"
-        );
+        for expect in expect {
+            assert!(
+                stderr.contains(expect),
+                "{name}: expected `{expect}` in:\n{stderr}"
+            );
+        }
         assert!(
             stderr.contains(&name),
             "{name}: the file is named in:\n{stderr}"
@@ -71,6 +78,55 @@ fn several_problems_are_reported_together_with_their_lines() {
         msg.contains("inline.toml:6: listener[0].liveness.probe_interval"),
         "{msg}"
     );
+}
+
+#[test]
+fn serde_and_validate_problems_are_reported_together() {
+    // Each of serde's refusals used to hide everything after it.
+    let text = "[[listener]]\nname = \"a\"\nbind = \"nowhere\"\nbackends = [\"127.0.0.1:1\"]\n\
+                max_connections = 0\nretries = 3\n[listener.liveness]\nprobe_interval = 500\n\
+                dead_after = \"500ms\"\n";
+    let err = pulsegate::config::parse(text, "inline.toml").unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("5 problem(s)"), "{msg}");
+    for at in [
+        "inline.toml:3: listener[0].bind",
+        "inline.toml:5: listener[0].max_connections",
+        "inline.toml:6: listener[0].retries",
+        "inline.toml:8: listener[0].liveness.probe_interval",
+        "inline.toml:9: listener[0].liveness.dead_after",
+    ] {
+        assert!(msg.contains(at), "{at} in:\n{msg}");
+    }
+}
+
+#[test]
+fn run_refuses_a_file_with_several_problems_naming_each() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bad");
+    let mut child = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(dir.join("several_unknown_key_and_wrong_type.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run pulsegate run");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`pulsegate run` kept running with an invalid config");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("listener[0].conect_timeout"), "{stderr}");
+    assert!(stderr.contains("listener[0].max_connections"), "{stderr}");
 }
 
 #[test]

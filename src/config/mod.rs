@@ -2,20 +2,23 @@
 //!
 //! The shape (`[[listener]]`, `[listener.liveness]`, `[listener.upstream]`,
 //! `[listener.client]`) is the contract of DESIGN.md section 4. serde checks
-//! keys and types (unknown keys are refused); `validate` checks values and
-//! cross-field rules and reports every problem at once, each with the file,
-//! line, key and a one-line fix.
+//! keys and types (unknown keys are refused), `validate` checks values and
+//! cross-field rules, and every problem of both is reported at once, each
+//! with the file, line, key and a one-line fix.
 //!
 //! `config` imports nothing from the rest of the crate: it is the leaf of
 //! the module graph, and parses its own values (`expect_status` too).
 
 mod bounds;
+mod decode;
+mod error;
 mod expect_status;
+mod key_path;
 mod validate;
 
 pub use bounds::Warning;
+pub use error::{ConfigError, Problem};
 pub use expect_status::parse_status_ranges;
-pub use validate::{ConfigError, Problem};
 
 use std::fmt;
 use std::net::SocketAddr;

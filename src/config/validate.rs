@@ -1,86 +1,25 @@
-//! The one place that checks a config: decode with serde, then validate
-//! every value and cross-field rule, collecting all problems with their
-//! line, key and fix.
+//! The one place that checks a config: decode with serde (every key and
+//! type problem, see `decode`), then validate every value and cross-field
+//! rule, collecting all problems with their line, key and fix.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use toml::de::{DeTable, DeValue};
-
+use super::decode;
+use super::key_path::KeyLines;
 use super::{
-    bounds, AdminConfig, BackendAddr, CheckKind, Config, Listener, ListenerConfig, RoleWanted,
-    SocketSettings, ValidConfig,
+    bounds, AdminConfig, BackendAddr, CheckKind, Config, ConfigError, Listener, ListenerConfig,
+    Problem, RoleWanted, SocketSettings, ValidConfig,
 };
 
-/// Why a config was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Syntax or type error found by the TOML decoder (one at a time).
-    #[error("{origin}:{line}: {message}\n  fix: {fix}")]
-    Decode {
-        origin: String,
-        line: usize,
-        message: String,
-        fix: String,
-    },
-    /// Every value problem found, reported together.
-    #[error("{origin}: {} problem(s) in the config:\n{}", .problems.len(), render(origin, problems))]
-    Invalid {
-        origin: String,
-        problems: Vec<Problem>,
-    },
-}
-
-/// One refused value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Key path, e.g. `listener[0].liveness.dead_after`.
-    pub key: String,
-    /// 1-based line of the key (or of its table when the key is absent).
-    pub line: Option<usize>,
-    pub message: String,
-    pub fix: String,
-}
-
-fn render(origin: &str, problems: &[Problem]) -> String {
-    problems
-        .iter()
-        .map(|p| p.render(origin))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-impl Problem {
-    fn render(&self, origin: &str) -> String {
-        let at = match self.line {
-            Some(line) => format!("{origin}:{line}"),
-            None => origin.to_string(),
-        };
-        format!(
-            "  {at}: {}: {}\n    fix: {}",
-            self.key, self.message, self.fix
-        )
-    }
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.render("config"))
-    }
-}
-
 pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<ValidConfig, ConfigError> {
-    let config: Config = toml::from_str(text).map_err(|e| decode_error(text, origin, &e))?;
-    let spans = KeyLines::new(text);
+    let doc = decode::parse_toml(text, origin)?;
+    let lines = KeyLines::new(text, &doc);
+    let mut decoded = decode::decode(&doc, &lines);
+    let Some(config) = decoded.config.take() else {
+        return Err(invalid(origin, decoded.merge(Vec::new(), &lines)));
+    };
     let mut problems = Vec::new();
     let listeners = validate(&config, &mut problems);
     let admin_bind = config
@@ -97,14 +36,9 @@ pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<ValidConfig
             });
         }
     }
+    let problems = decoded.merge(problems, &lines);
     if !problems.is_empty() {
-        for p in &mut problems {
-            p.line = spans.line_of(&p.key);
-        }
-        return Err(ConfigError::Invalid {
-            origin: origin.to_string(),
-            problems,
-        });
+        return Err(invalid(origin, problems));
     }
     let mut warnings = bounds::warnings(&listeners);
     if let (Some(admin), Some(bind)) = (&config.admin, admin_bind) {
@@ -127,57 +61,11 @@ pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<ValidConfig
     })
 }
 
-fn decode_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
-    let line = e.span().map(|s| line_at(text, s.start)).unwrap_or(1);
-    let mut message = e.message().trim().to_string();
-    if let Some(key) = e.span().and_then(|s| key_on_line(text, s.start)) {
-        if !message.contains(&format!("`{key}`")) {
-            message = format!("key `{key}`: {message}");
-        }
-    }
-    let fix = if message.contains("unknown field") {
-        "remove this key or correct its spelling (the keys each table accepts are listed in README.md, section Configuration)"
-    } else if message.contains("missing field") {
-        "add the missing key to this table"
-    } else if message.contains("duration") || message.contains("time unit") {
-        "write durations as a number with a unit, e.g. \"500ms\", \"3s\", \"2m\""
-    } else if message.contains("unknown variant") {
-        "use one of the values listed in the message"
-    } else if message.contains("nonzero") {
-        "use a number of 1 or more"
-    } else if message.contains("invalid type") {
-        "give the value the type shown in README.md (durations and addresses are quoted strings)"
-    } else {
-        "correct the TOML at this line (strings need quotes, tables are [[listener]] / [listener.liveness])"
-    };
-    ConfigError::Decode {
+fn invalid(origin: &str, problems: Vec<Problem>) -> ConfigError {
+    ConfigError::Invalid {
         origin: origin.to_string(),
-        line,
-        message,
-        fix: fix.to_string(),
+        problems,
     }
-}
-
-/// The key assigned on the line holding `offset`, if that line is `key = ...`.
-fn key_on_line(text: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(text.len());
-    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[start..].lines().next()?;
-    let (key, _) = line.split_once('=')?;
-    let key = key.trim().trim_matches('"');
-    let plain = !key.is_empty()
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
-    plain.then(|| key.to_string())
-}
-
-fn line_at(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
 }
 
 struct Checker<'a> {
@@ -536,53 +424,6 @@ fn check_listener<'a>(
     })
 }
 
-/// Finds the line of a key path such as `listener[1].liveness.dead_after`
-/// in the original text; falls back to the nearest enclosing table.
-struct KeyLines<'t> {
-    text: &'t str,
-    doc: Option<toml::Spanned<DeTable<'t>>>,
-}
-
-impl<'t> KeyLines<'t> {
-    fn new(text: &'t str) -> Self {
-        KeyLines {
-            text,
-            doc: DeTable::parse(text).ok(),
-        }
-    }
-
-    fn line_of(&self, path: &str) -> Option<usize> {
-        let doc = self.doc.as_ref()?;
-        let mut best = None;
-        let mut table: Option<&DeTable<'_>> = Some(doc.get_ref());
-        let mut value: Option<&toml::Spanned<DeValue<'_>>> = None;
-        for segment in path.split('.') {
-            let (key, index) = match segment.split_once('[') {
-                Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
-                None => (segment, None),
-            };
-            let found = match (table, value) {
-                (Some(t), _) => t.iter().find(|(k, _)| k.get_ref() == key),
-                _ => None,
-            };
-            let Some((k, v)) = found else { break };
-            best = Some(k.span().start);
-            value = Some(v);
-            if let Some(index) = index {
-                match v.get_ref().as_array().and_then(|a| a.get(index)) {
-                    Some(item) => {
-                        best = Some(item.span().start);
-                        value = Some(item);
-                    }
-                    None => break,
-                }
-            }
-            table = value.and_then(|v| v.get_ref().as_table());
-        }
-        best.map(|offset| line_at(self.text, offset))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,14 +449,5 @@ mod tests {
                 "{bad} should be refused"
             );
         }
-    }
-
-    #[test]
-    fn key_lines_point_at_keys_and_tables() {
-        let text = "[[listener]]\nname = \"a\"\nbind = \"x\"\nbackends = []\n\n[[listener]]\nname = \"b\"\n[listener.liveness]\ndead_after = \"1ms\"\n";
-        let lines = KeyLines::new(text);
-        assert_eq!(lines.line_of("listener[0].bind"), Some(3));
-        assert_eq!(lines.line_of("listener[1].liveness.dead_after"), Some(9));
-        assert_eq!(lines.line_of("listener[1].upstream.user_timeout"), Some(6));
     }
 }
