@@ -422,7 +422,7 @@ pub async fn serve(bound: Vec<(Listener, TcpListener)>, shutdown: CancellationTo
     let listeners: Vec<Listener> = bound.iter().map(|(l, _)| l.clone()).collect();
     let config = ValidConfig {
         raw: config::Config {
-            listeners: listeners.iter().map(|l| l.settings.clone()).collect(),
+            listeners: listeners.iter().map(Listener::written).collect(),
             admin: None,
         },
         listeners,

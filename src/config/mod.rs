@@ -1,7 +1,7 @@
 //! Configuration: the TOML file that is pulsegate's user interface.
 //!
 //! The shape (`[[listener]]`, `[listener.liveness]`, `[listener.upstream]`,
-//! `[listener.client]`) is the contract of DESIGN.md section 4. serde checks
+//! `[listener.client]`) is the contract documented in README.md, section Configuration. serde checks
 //! keys and types (unknown keys are refused), `validate` checks values and
 //! cross-field rules, and every problem of both is reported at once, each
 //! with the file, line, key and a one-line fix.
@@ -474,7 +474,89 @@ pub struct Listener {
     pub name: String,
     pub bind: SocketAddr,
     pub backends: Vec<BackendAddr>,
-    pub settings: ListenerConfig,
+    pub settings: ListenerSettings,
+}
+
+impl Listener {
+    /// The `[[listener]]` table this listener is written as (a config
+    /// built in code, e.g. for tests, renders its effective TOML from it).
+    pub fn written(&self) -> ListenerConfig {
+        let s = self.settings.clone();
+        ListenerConfig {
+            name: self.name.clone(),
+            bind: self.bind.to_string(),
+            backends: self.backends.iter().map(ToString::to_string).collect(),
+            connect_timeout: s.connect_timeout,
+            max_connections: s.max_connections,
+            on_evict: s.on_evict,
+            drain_timeout: s.drain_timeout,
+            resolve_interval: s.resolve_interval,
+            liveness: s.liveness,
+            upstream: s.upstream,
+            client: s.client,
+            check: s.check,
+            routing: s.routing,
+            pool: s.pool,
+            readiness: s.readiness,
+        }
+    }
+}
+
+/// A validated listener's settings: everything of its `[[listener]]` but
+/// the name and addresses, which [`Listener`] holds parsed (so the text as
+/// written cannot be used by mistake).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerSettings {
+    pub connect_timeout: Duration,
+    pub max_connections: NonZeroU32,
+    pub on_evict: OnEvict,
+    pub drain_timeout: Duration,
+    pub resolve_interval: Duration,
+    pub liveness: Liveness,
+    pub upstream: SocketSettings,
+    pub client: SocketSettings,
+    pub check: Option<CheckConfig>,
+    pub routing: Routing,
+    pub pool: PoolConfig,
+    pub readiness: Readiness,
+}
+
+impl ListenerSettings {
+    /// The settings of a `[[listener]]` as written (its addresses are
+    /// validated apart).
+    pub(crate) fn of(raw: &ListenerConfig) -> Self {
+        let ListenerConfig {
+            name: _,
+            bind: _,
+            backends: _,
+            connect_timeout,
+            max_connections,
+            on_evict,
+            drain_timeout,
+            resolve_interval,
+            liveness,
+            upstream,
+            client,
+            check,
+            routing,
+            pool,
+            readiness,
+        } = raw.clone();
+        ListenerSettings {
+            connect_timeout,
+            max_connections,
+            on_evict,
+            drain_timeout,
+            resolve_interval,
+            liveness,
+            upstream,
+            client,
+            check,
+            routing,
+            pool,
+            readiness,
+        }
+    }
 }
 
 /// A config that passed `validate`: the only kind the proxy accepts.

@@ -10,7 +10,7 @@ use super::decode;
 use super::key_path::KeyLines;
 use super::{
     bounds, AdminConfig, BackendAddr, CheckKind, Config, ConfigError, Listener, ListenerConfig,
-    Problem, RoleWanted, SocketSettings, ValidConfig,
+    ListenerSettings, Problem, RoleWanted, SocketSettings, ValidConfig,
 };
 
 pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<ValidConfig, ConfigError> {
@@ -420,13 +420,25 @@ fn check_listener<'a>(
         name: l.name.clone(),
         bind: bind?,
         backends,
-        settings: l.clone(),
+        settings: ListenerSettings::of(l),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_validated_listener_is_written_as_its_table() {
+        let config = crate::config::parse(
+            "[[listener]]\nname = \"a\"\nbind = \"[::1]:6432\"\n\
+             backends = [\"127.0.0.1:5432\", \"db.example:5433\"]\n\
+             [listener.routing]\nrole = \"primary\"\n[listener.check]\nkind = \"redis\"\n",
+            "test",
+        )
+        .expect("valid");
+        assert_eq!(config.listeners[0].written(), config.raw.listeners[0]);
+    }
 
     #[test]
     fn backend_addresses() {
