@@ -369,8 +369,8 @@ fn a_short_matrix_measures_every_route_under_the_same_fault() {
 }
 
 /// `role-flip` with pulsegate's `role = "primary"`: no write reaches the
-/// demoted server more than one check interval (500 ms, plus the check's
-/// own time) after the flip; directly, every client keeps writing to it.
+/// demoted server more than one check interval (500 ms) after the flip;
+/// directly, every client keeps writing to it.
 fn role_flip(workload: &str, via: &str) -> Value {
     let out = tempfile::tempdir().unwrap();
     let args = [
@@ -391,12 +391,13 @@ fn role_flip(workload: &str, via: &str) -> Value {
     let r = report(&output, out.path());
     eprintln!("{}", String::from_utf8_lossy(&output.stdout));
     let pulsegate = route(&r, "pulsegate");
-    // One check interval (0.5 s), plus the check's own login under load and
-    // each client's next write: 0.07-0.13 s with 8 clients per route here;
-    // 0.68 s with 16 per route through four routes on two cores.
+    // The first read-only reply has the backend checked at once, and its
+    // sessions end at their next request: +0.01 s (redis) and +0.05 to
+    // +0.27 s (postgres) with 16 clients per route through four routes on
+    // two cores; the target is one check interval.
     if let Some(last) = pulsegate["wrong_role_last_s"].as_f64() {
         assert!(
-            last <= 1.0,
+            last <= 0.5,
             "a write reached the demoted server {last} s after the flip"
         );
     }
