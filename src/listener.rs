@@ -85,6 +85,7 @@ impl Generation {
         ));
         let ctx = Arc::new(ListenerContext {
             name: shared.name.clone(),
+            bound: tcp.local_addr().unwrap_or(config.bind),
             watcher: liveness::spawn_watcher(
                 settings.liveness,
                 settings.upstream,
@@ -150,7 +151,7 @@ pub async fn serve(task: ListenerTask) {
     registry.publish(instance, current.ctx.clone());
     let sessions = TaskTracker::new();
     let cfg = &current.ctx.config;
-    tracing::info!(listener = %shared.name, bind = %cfg.bind,
+    tracing::info!(listener = %shared.name, bind = %current.ctx.bound,
         backends = ?cfg.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(), "listening");
 
     let mut accepting = Accepting::default();

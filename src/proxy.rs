@@ -365,7 +365,7 @@ impl Control for Proxy {
     }
 
     fn status(&self) -> Reply {
-        Reply::ok(self.registry.status())
+        Reply::ok(json!(self.registry.status()))
     }
 
     fn ready(&self) -> Reply {

@@ -2,27 +2,42 @@
 //! config generation, the recent evictions with their evidence, the config
 //! generation and the last reload's outcome. Listeners publish here; the
 //! admin server only reads, through short locks that the data path never
-//! waits on (sessions only append an eviction).
+//! waits on (sessions only append an eviction). The document it answers
+//! with is typed in [`status`]; each listener renders its own part through
+//! [`ListenerView`], so the registry needs nothing of the session side.
+
+pub mod status;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
-use serde_json::{json, Value};
-
-use crate::backend::state::Role;
-use crate::config::Readiness;
 use crate::evict::{SessionLabels, Verdict};
-use crate::session::ListenerContext;
+use status::{EvictionRecord, ListenerStatus, ReloadRecord, Status};
+
+/// A running listener as the registry sees it: its part of `/status` and
+/// of readiness. The listener side implements it for each config
+/// generation it publishes.
+pub trait ListenerView: Send + Sync {
+    fn name(&self) -> &str;
+    /// Its entry in `/status`, as of now.
+    fn status(&self) -> ListenerStatus;
+    /// `Err` with the reason when it gates readiness (not `readiness =
+    /// "always"`, not on its way out) and no backend could take a new
+    /// connection.
+    fn readiness(&self) -> Result<(), String>;
+}
 
 /// The proxy's shared, observable state.
 pub struct Registry {
     listeners: RwLock<BTreeMap<String, Published>>,
-    evictions: Mutex<VecDeque<Value>>,
+    evictions: Mutex<VecDeque<EvictionRecord>>,
     keep_evictions: usize,
     generation: AtomicU64,
-    last_reload: Mutex<Option<Value>>,
+    last_reload: Mutex<Option<ReloadRecord>>,
     draining: AtomicBool,
 }
 
@@ -30,7 +45,7 @@ struct Published {
     /// Which running instance published it: a listener whose bind changed
     /// is a new instance under the same name.
     instance: u64,
-    ctx: Arc<ListenerContext>,
+    view: Arc<dyn ListenerView>,
 }
 
 impl Registry {
@@ -47,12 +62,12 @@ impl Registry {
     }
 
     /// A listener instance started or moved to a new config generation.
-    pub fn publish(&self, instance: u64, ctx: Arc<ListenerContext>) {
-        let name = ctx.name.to_string();
+    pub fn publish(&self, instance: u64, view: Arc<dyn ListenerView>) {
+        let name = view.name().to_string();
         self.listeners
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(name, Published { instance, ctx });
+            .insert(name, Published { instance, view });
     }
 
     /// A listener instance stopped; a newer instance of the same name stays.
@@ -77,7 +92,7 @@ impl Registry {
         if self.keep_evictions == 0 {
             return;
         }
-        let event = eviction_json(labels, verdict, age, idle);
+        let event = EvictionRecord::new(labels, verdict, age, idle);
         let mut events = self
             .evictions
             .lock()
@@ -99,11 +114,11 @@ impl Registry {
 
     /// Remembers a reload's outcome (`error` is `None` when it applied).
     pub fn reload_done(&self, error: Option<String>) {
-        let record = json!({
-            "at": timestamp(SystemTime::now()),
-            "ok": error.is_none(),
-            "error": error,
-        });
+        let record = ReloadRecord {
+            at: status::timestamp(SystemTime::now()),
+            ok: error.is_none(),
+            error,
+        };
         *self
             .last_reload
             .lock()
@@ -118,12 +133,12 @@ impl Registry {
         self.draining.load(Ordering::Relaxed)
     }
 
-    fn contexts(&self) -> Vec<Arc<ListenerContext>> {
+    fn views(&self) -> Vec<Arc<dyn ListenerView>> {
         self.listeners
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
-            .map(|p| p.ctx.clone())
+            .map(|p| p.view.clone())
             .collect()
     }
 
@@ -135,18 +150,13 @@ impl Registry {
         if self.draining() {
             why.push("draining: not accepting new connections".to_string());
         }
-        let contexts = self.contexts();
-        if contexts.is_empty() && !self.draining() {
+        let views = self.views();
+        if views.is_empty() && !self.draining() {
             why.push("no listener is running".to_string());
         }
-        for ctx in contexts {
-            // A listener on its way out (drain, or removed by a reload)
-            // takes no new clients: its backends no longer matter here.
-            if ctx.config.settings.readiness == Readiness::Always || ctx.shared.draining() {
-                continue;
-            }
-            if let Err(e) = ctx.router.usable(&ctx.backends) {
-                why.push(format!("listener `{}`: {e}", ctx.name));
+        for view in views {
+            if let Err(e) = view.readiness() {
+                why.push(format!("listener `{}`: {e}", view.name()));
             }
         }
         if why.is_empty() {
@@ -157,9 +167,8 @@ impl Registry {
     }
 
     /// The `/status` document.
-    pub fn status(&self) -> Value {
-        let listeners: Vec<Value> = self.contexts().iter().map(|c| listener_json(c)).collect();
-        let evictions: Vec<Value> = self
+    pub fn status(&self) -> Status {
+        let evictions = self
             .evictions
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -167,109 +176,17 @@ impl Registry {
             .rev()
             .cloned()
             .collect();
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "config_generation": self.generation(),
-            "draining": self.draining(),
-            "last_reload": self.last_reload.lock().unwrap_or_else(PoisonError::into_inner).clone(),
-            "listeners": listeners,
-            "recent_evictions": evictions,
-        })
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            config_generation: self.generation(),
+            draining: self.draining(),
+            last_reload: self
+                .last_reload
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            listeners: self.views().iter().map(|v| v.status()).collect(),
+            recent_evictions: evictions,
+        }
     }
-}
-
-fn listener_json(ctx: &ListenerContext) -> Value {
-    let backends: Vec<Value> = ctx
-        .backends
-        .ids()
-        .map(|i| {
-            let last = ctx.backends.last_check(i).map(|c| {
-                json!({
-                    "status": c.status.as_str(),
-                    "latency_ms": c.latency.as_secs_f64() * 1000.0,
-                    "detail": c.detail,
-                })
-            });
-            json!({
-                "backend": ctx.backends.label(i),
-                "addresses": ctx.backends.addresses(i).iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                "state": ctx.backends.state(i).as_str(),
-                "role": ctx.backends.role(i).map_or("unknown", Role::as_str),
-                "active_sessions": ctx.backends.active(i),
-                "pool_idle": ctx.pool.as_ref().map_or(0, |p| p.idle(i)),
-                "last_check": last,
-            })
-        })
-        .collect();
-    let suspects: Vec<Value> = ctx
-        .shared
-        .suspicions
-        .snapshot()
-        .iter()
-        .map(suspect_json)
-        .collect();
-    json!({
-        "name": &*ctx.name,
-        "bind": ctx.config.bind.to_string(),
-        "sessions": ctx.shared.sessions(),
-        "draining": ctx.shared.draining(),
-        "max_connections": ctx.config.settings.max_connections.get(),
-        "health_checks": ctx.config.settings.check.as_ref().map(|c| format!("{:?}", c.kind).to_lowercase()),
-        "routable": ctx.router.usable(&ctx.backends).is_ok(),
-        "backends": backends,
-        "under_suspicion": suspects,
-    })
-}
-
-/// A leg whose own silence asks for a verdict, while it waits for
-/// corroboration: what it owes, what it lost, what it waits for.
-fn suspect_json(s: &crate::liveness::Suspect) -> Value {
-    json!({
-        "client": s.client.map(|c| c.to_string()),
-        "backend": s.backend,
-        "leg": s.leg.as_str(),
-        "reason": s.reason.as_str(),
-        "silent_ms": s.silent_for.as_millis() as u64,
-        "exchanges_lost": s.lost,
-        "exchanges_needed": s.needed,
-        "waiting_for": s.waiting_for,
-        "tcp_info": tcp_info_json(&s.evidence),
-    })
-}
-
-fn tcp_info_json(i: &crate::sockopt::TcpInfo) -> Value {
-    json!({
-        "rtt_us": i.rtt_us,
-        "rto_us": i.rto_us,
-        "last_ack_recv_ms": i.last_ack_recv_ms,
-        "probes": i.probes,
-        "unacked": i.unacked,
-        "retransmits": i.retransmits,
-        "total_retrans": i.total_retrans,
-    })
-}
-
-fn eviction_json(
-    labels: &SessionLabels,
-    verdict: &Verdict,
-    age: Duration,
-    idle: Duration,
-) -> Value {
-    let evidence = verdict.evidence.as_ref().map(tcp_info_json);
-    json!({
-        "at": timestamp(SystemTime::now()),
-        "listener": &*labels.listener,
-        "backend": labels.backend,
-        "client": labels.client.to_string(),
-        "dead_leg": verdict.leg.as_str(),
-        "reason": verdict.reason.as_str(),
-        "age_ms": age.as_millis() as u64,
-        "idle_ms": idle.as_millis() as u64,
-        "detection_ms": verdict.detection_time().map(|d| d.as_millis() as u64),
-        "tcp_info": evidence,
-    })
-}
-
-fn timestamp(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
 }

@@ -1,5 +1,8 @@
 //! One proxied session: connect upstream, relay both ways under the
-//! watcher's eye, and end it cleanly or by eviction.
+//! watcher's eye, and end it cleanly or by eviction. What a listener
+//! generation shows in `/status` is rendered in [`status`].
+
+mod status;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -27,6 +30,9 @@ use crate::upstream;
 pub struct ListenerContext {
     pub config: Listener,
     pub name: Arc<str>,
+    /// The address the listening socket is bound to: `config.bind`, or the
+    /// port the kernel chose when that asks for port 0.
+    pub bound: SocketAddr,
     pub watcher: WatcherHandle,
     pub backends: Arc<BackendSet>,
     /// Which backends a new client tries (keeps the round-robin turn).

@@ -276,6 +276,18 @@ impl Tracker {
     }
 }
 
+/// `/status` writes these as logs and metrics do: by [`as_str`](State::as_str).
+macro_rules! serialize_as_str {
+    ($($t:ty),*) => {$(
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    )*};
+}
+serialize_as_str!(Role, CheckStatus, State);
+
 #[cfg(test)]
 mod tests {
     use super::*;
