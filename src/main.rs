@@ -287,11 +287,10 @@ async fn serve(
     let proxy = Proxy::start(config, bound, Some(path), metrics);
     let admin_stop = CancellationToken::new();
     if let (Some(settings), Some(listener)) = (admin, admin_listener) {
-        let control: Arc<dyn pulsegate::admin::Control> = proxy.clone();
         tokio::spawn(pulsegate::admin::serve(
             listener,
             settings,
-            control,
+            proxy.clone(),
             admin_stop.clone(),
         ));
     }
@@ -362,7 +361,7 @@ async fn watch_signals(
                 signal = name,
                 "shutting down: draining sessions (send it again to exit at once)"
             );
-            proxy.drain(true);
+            proxy.drain(pulsegate::admin::AfterDrain::Exit);
             exit_now.cancel();
         } else {
             tracing::warn!(signal = name, "second signal: exiting now");

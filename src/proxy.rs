@@ -8,22 +8,20 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use hyper::StatusCode;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{Control, Reply};
-use crate::config::{self, ConfigError, Listener, ValidConfig};
+pub use crate::admin::{AfterDrain, ReloadError, ReloadSummary};
+use crate::admin::{Control, Readiness};
+use crate::config::{self, Listener, ValidConfig};
 use crate::listener::{self, ListenerTask, Update};
-use crate::registry::Registry;
+use crate::registry::{status::Status, Registry};
 use crate::telemetry::metrics;
 
 /// How long a reload waits for a listener to take its new config.
@@ -37,35 +35,6 @@ pub struct BindError {
     pub bind: SocketAddr,
     #[source]
     pub source: io::Error,
-}
-
-/// Why a reload changed nothing.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error("the new config is invalid; the running config stays:\n{0}")]
-    Invalid(#[from] ConfigError),
-    #[error("the new config cannot be applied; the running config stays: {0}")]
-    Bind(#[from] BindError),
-    #[error("draining: reloads are refused once a drain has begun")]
-    Draining,
-    #[error("no config file to reload from (the proxy was started from a config in memory)")]
-    NoFile,
-    /// The reload task did not finish (it panicked, or the runtime is
-    /// shutting down).
-    #[error("the reload did not finish: {0}")]
-    Interrupted(String),
-}
-
-/// What a reload changed, by listener name.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ReloadSummary {
-    pub generation: u64,
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    pub changed: Vec<String>,
-    pub unchanged: Vec<String>,
-    /// Settings that a reload does not apply (they need a restart).
-    pub notes: Vec<String>,
 }
 
 /// Binds every listener of the config; fails if any one cannot be bound.
@@ -227,7 +196,9 @@ impl Proxy {
         let (running, current) = &mut *state;
         let plan = Plan::new(running, &new);
         // Bind first: if any new address is taken, nothing changes.
-        let bound = bind_each(plan.to_bind.iter()).await?;
+        let bound = bind_each(plan.to_bind.iter())
+            .await
+            .map_err(|e| ReloadError::Apply(Box::new(e)))?;
         let mut summary = ReloadSummary {
             added: plan.added,
             removed: plan.removed,
@@ -278,7 +249,10 @@ impl Proxy {
 
     /// Stops accepting on every listener and lets sessions finish (each
     /// listener's `drain_timeout`); [`Proxy::drained`] resolves after.
-    pub fn drain(&self, then_exit: bool) {
+    /// `then` says what the process does once drained; a drain that asked
+    /// to stay is not undone by a later one that asks to exit.
+    pub fn drain(&self, then: AfterDrain) {
+        let then_exit = then == AfterDrain::Exit;
         if !then_exit {
             self.exit_after_drain.store(false, Ordering::Relaxed);
         }
@@ -357,6 +331,8 @@ impl Plan {
 }
 
 impl Control for Proxy {
+    type Status = Status;
+
     fn metrics(&self) -> String {
         match &self.metrics {
             Some(handle) => handle.render(),
@@ -364,54 +340,23 @@ impl Control for Proxy {
         }
     }
 
-    fn status(&self) -> Reply {
-        Reply::ok(json!(self.registry.status()))
+    fn status(&self) -> Status {
+        self.registry.status()
     }
 
-    fn ready(&self) -> Reply {
+    fn readiness(&self) -> Readiness {
         match self.registry.readiness() {
-            Ok(()) => Reply::ok(json!({ "ready": true })),
-            Err(reasons) => Reply {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                body: json!({ "ready": false, "reasons": reasons }),
-            },
+            Ok(()) => Readiness::Ready,
+            Err(reasons) => Readiness::NotReady(reasons),
         }
     }
 
-    fn drain(&self, then_exit: bool) -> Reply {
-        Proxy::drain(self, then_exit);
-        Reply {
-            status: StatusCode::ACCEPTED,
-            body: json!({ "draining": true, "then": if then_exit { "exit" } else { "stay" } }),
-        }
+    fn drain(&self, then: AfterDrain) {
+        Proxy::drain(self, then);
     }
 
-    fn reload(&self) -> Pin<Box<dyn Future<Output = Reply> + Send + '_>> {
-        Box::pin(async move {
-            match Proxy::reload(self).await {
-                Ok(summary) => Reply::ok(json!(summary)),
-                Err(ReloadError::Invalid(e)) => Reply {
-                    status: StatusCode::BAD_REQUEST,
-                    body: json!({ "error": "invalid config; the running config stays", "problems": problems(&e) }),
-                },
-                Err(e @ ReloadError::Draining) => Reply::error(StatusCode::CONFLICT, e.to_string()),
-                Err(e) => Reply::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            }
-        })
-    }
-}
-
-/// The problems of a refused config, one line each.
-fn problems(e: &ConfigError) -> Vec<String> {
-    match e {
-        ConfigError::Invalid { origin, problems } => problems
-            .iter()
-            .map(|p| match p.line {
-                Some(line) => format!("{origin}:{line}: {}: {} (fix: {})", p.key, p.message, p.fix),
-                None => format!("{origin}: {}: {} (fix: {})", p.key, p.message, p.fix),
-            })
-            .collect(),
-        other => vec![other.to_string()],
+    fn reload(&self) -> impl Future<Output = Result<ReloadSummary, ReloadError>> + Send {
+        Proxy::reload(self)
     }
 }
 
@@ -431,7 +376,7 @@ pub async fn serve(bound: Vec<(Listener, TcpListener)>, shutdown: CancellationTo
     };
     let proxy = Proxy::start(config, bound, None, None);
     shutdown.cancelled().await;
-    proxy.drain(true);
+    proxy.drain(AfterDrain::Exit);
     proxy.drained().await;
 }
 
@@ -490,7 +435,7 @@ mod tests {
             "the stored config is the new one"
         );
         drop(state);
-        proxy.drain(true);
+        proxy.drain(AfterDrain::Exit);
         proxy.drained().await;
     }
 }

@@ -1,53 +1,82 @@
-//! What the admin server may ask of the running proxy.
+//! What the admin server may ask of the running proxy, and the answers it
+//! gets: domain values (a readiness, a reload summary or error), never
+//! HTTP. [`super::routes`] alone turns them into status codes and bodies.
 
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
 
-use hyper::StatusCode;
+use serde::Serialize;
 use subtle::ConstantTimeEq;
 
-/// An answer to an admin request: a status code and a JSON body.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reply {
-    pub status: StatusCode,
-    pub body: serde_json::Value,
-}
+use crate::config::ConfigError;
 
-impl Reply {
-    pub fn ok(body: serde_json::Value) -> Self {
-        Reply {
-            status: StatusCode::OK,
-            body,
-        }
-    }
-
-    /// A short JSON error: `{"error": message}`.
-    pub fn error(status: StatusCode, message: impl Into<String>) -> Self {
-        Reply {
-            status,
-            body: serde_json::json!({ "error": message.into() }),
-        }
-    }
-}
-
-/// The proxy as the admin server sees it. Every method returns quickly;
-/// none blocks on the data path.
+/// The proxy as the admin server sees it. Every method but `reload`
+/// returns at once; none blocks on the data path.
 pub trait Control: Send + Sync + 'static {
+    /// The `/status` document.
+    type Status: Serialize;
+
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
-    /// 200 with a JSON document of listeners, backends, sessions, recent
-    /// evictions, config generation and last reload error.
-    fn status(&self) -> Reply;
-    /// 200 when every listener that asks for it has a usable backend (and
-    /// the proxy is not draining), else 503 with the reasons.
-    fn ready(&self) -> Reply;
-    /// Stops accepting and lets sessions finish; then exits when
-    /// `then_exit`, or stays up (drained) otherwise. 202.
-    fn drain(&self, then_exit: bool) -> Reply;
-    /// Re-reads and applies the config file: 200 with what changed, 400
-    /// with the problems (nothing changed), 409 while draining.
-    fn reload(&self) -> Pin<Box<dyn Future<Output = Reply> + Send + '_>>;
+    /// Listeners, backends, sessions, recent evictions, config generation
+    /// and the last reload.
+    fn status(&self) -> Self::Status;
+    /// Whether every listener that asks for it has a usable backend (and
+    /// the proxy is not draining).
+    fn readiness(&self) -> Readiness;
+    /// Stops accepting and lets sessions finish; then exits, or stays up
+    /// drained.
+    fn drain(&self, then: AfterDrain);
+    /// Re-reads and applies the config file.
+    fn reload(&self) -> impl Future<Output = Result<ReloadSummary, ReloadError>> + Send;
+}
+
+/// Whether the proxy takes new clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Why not, one line per reason.
+    NotReady(Vec<String>),
+}
+
+/// What the process does once a drain is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterDrain {
+    /// The default: a drain is how the proxy stops.
+    Exit,
+    /// Stay up drained (the admin server still answers) until told to exit.
+    Stay,
+}
+
+/// What a reload changed, by listener name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReloadSummary {
+    pub generation: u64,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
+    /// Settings that a reload does not apply (they need a restart).
+    pub notes: Vec<String>,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the new config is invalid; the running config stays:\n{0}")]
+    Invalid(#[from] ConfigError),
+    /// Valid, but it cannot be served (a new address cannot be bound).
+    #[error("the new config cannot be applied; the running config stays: {0}")]
+    Apply(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("draining: reloads are refused once a drain has begun")]
+    Draining,
+    #[error("no config file to reload from (the proxy was started from a config in memory)")]
+    NoFile,
+    /// The reload task did not finish (it panicked, or the runtime is
+    /// shutting down).
+    #[error("the reload did not finish: {0}")]
+    Interrupted(String),
 }
 
 /// The admin bearer token. Compared in constant time; never printed.

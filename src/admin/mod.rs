@@ -2,7 +2,8 @@
 //! `POST /drain` and `POST /reload`, on hyper 1 behind a tower stack
 //! (timeout, concurrency limit, request tracing). It sees the proxy only
 //! through [`Control`], so nothing an admin client sends reaches the data
-//! path except through those calls.
+//! path except through those calls. The proxy answers in domain values;
+//! `routes` alone maps them to status codes.
 
 mod client;
 pub mod command;
@@ -13,5 +14,5 @@ mod server;
 mod tests;
 
 pub use client::{request, ClientError};
-pub use control::{Control, Reply, Token};
+pub use control::{AfterDrain, Control, Readiness, ReloadError, ReloadSummary, Token};
 pub use server::{serve, AdminSettings};

@@ -37,8 +37,8 @@ use tower_http::trace::{
 };
 use tracing::{debug, info, warn, Instrument, Level};
 
-use super::routes::{json_response, Admin};
-use super::{Control, Reply, Token};
+use super::routes::{json_response, Admin, Reply};
+use super::{Control, Token};
 use crate::config::AdminConfig;
 
 /// How long an accept error (EMFILE, ENOBUFS, ...) pauses the accept loop.
@@ -123,10 +123,10 @@ fn read_token(admin: &AdminConfig) -> Result<Option<Token>, String> {
 /// Serves admin requests on `listener` until `shutdown` is cancelled, then
 /// stops accepting, gives open connections a second to finish their
 /// current request, and returns.
-pub async fn serve(
+pub async fn serve<C: Control>(
     listener: TcpListener,
     settings: AdminSettings,
-    control: Arc<dyn Control>,
+    control: Arc<C>,
     shutdown: CancellationToken,
 ) {
     let max_connections = settings.max_connections.max(1);

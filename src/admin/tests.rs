@@ -1,20 +1,21 @@
 //! The admin server over real loopback sockets, against a fake proxy.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::{Method, StatusCode};
+use hyper::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{request, serve, AdminSettings, Control, Reply, Token};
+use super::{
+    request, serve, AdminSettings, AfterDrain, Control, Readiness, ReloadError, ReloadSummary,
+    Token,
+};
 
 const TOKEN: &str = "s3cret-token";
 /// Generous bound for "answered promptly" on a loaded test machine.
@@ -36,36 +37,33 @@ impl FakeControl {
 }
 
 impl Control for FakeControl {
+    type Status = serde_json::Value;
+
     fn metrics(&self) -> String {
         "# TYPE pulsegate_sessions gauge\npulsegate_sessions 3\n".to_owned()
     }
 
-    fn status(&self) -> Reply {
-        Reply::ok(serde_json::json!({ "listeners": [], "generation": 7 }))
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({ "listeners": [], "generation": 7 })
     }
 
-    fn ready(&self) -> Reply {
+    fn readiness(&self) -> Readiness {
         if self.not_ready {
-            Reply::error(StatusCode::SERVICE_UNAVAILABLE, "no usable backend")
+            Readiness::NotReady(vec!["no usable backend".to_owned()])
         } else {
-            Reply::ok(serde_json::json!({ "ready": true }))
+            Readiness::Ready
         }
     }
 
-    fn drain(&self, then_exit: bool) -> Reply {
+    fn drain(&self, then: AfterDrain) {
+        let then_exit = then == AfterDrain::Exit;
         self.drains.lock().expect("drains lock").push(then_exit);
-        Reply {
-            status: StatusCode::ACCEPTED,
-            body: serde_json::json!({ "draining": true, "then_exit": then_exit }),
-        }
     }
 
-    fn reload(&self) -> Pin<Box<dyn Future<Output = Reply> + Send + '_>> {
-        Box::pin(async move {
-            tokio::time::sleep(self.reload_delay).await;
-            self.reloads.fetch_add(1, Ordering::SeqCst);
-            Reply::ok(serde_json::json!({ "changed": [] }))
-        })
+    async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
+        tokio::time::sleep(self.reload_delay).await;
+        self.reloads.fetch_add(1, Ordering::SeqCst);
+        Ok(ReloadSummary::default())
     }
 }
 
@@ -103,7 +101,7 @@ async fn start(settings: AdminSettings, control: FakeControl) -> Harness {
     let server = tokio::spawn(serve(
         listener,
         settings,
-        Arc::clone(&control) as Arc<dyn Control>,
+        Arc::clone(&control),
         shutdown.clone(),
     ));
     Harness {
@@ -204,7 +202,10 @@ async fn readyz_and_status_pass_the_control_reply_through() {
     let server = start(settings(None), not_ready).await;
     let (status, body) = server.get("/readyz", None).await;
     assert_eq!(status, 503);
-    assert_eq!(json(&body)["error"], "no usable backend");
+    assert_eq!(
+        json(&body),
+        serde_json::json!({ "ready": false, "reasons": ["no usable backend"] })
+    );
 }
 
 #[tokio::test]
@@ -223,7 +224,7 @@ async fn drain_exits_by_default_and_stays_when_asked() {
     assert_eq!(status, 202);
     let (status, body) = server.post("/drain?then=stay", None).await;
     assert_eq!(status, 202);
-    assert_eq!(json(&body)["then_exit"], false);
+    assert_eq!(json(&body)["then"], "stay");
     let (status, _) = server.post("/drain?then=exit", None).await;
     assert_eq!(status, 202);
     assert_eq!(server.control.drains(), vec![true, false, true]);
