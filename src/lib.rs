@@ -6,8 +6,12 @@
 //!
 //! - [`config`] — the TOML file, its defaults, validation and the detection
 //!   bounds it promises; [`preflight`] renders them for `pulsegate check`.
+//! - [`server`] — startup as a library call: [`run`] serves listeners and
+//!   an admin socket already bound, until drained or told to shut down
+//!   (`main.rs` keeps the command line, signals and exit codes).
 //! - [`proxy`] — binds every listener, serves them, applies reloads and
-//!   drains; [`registry`] is the state the admin API reads.
+//!   drains; [`registry`] is the state the admin API reads, and types the
+//!   `/status` document.
 //! - [`listener`] — the accept loop, `max_connections`, drain on shutdown.
 //! - [`session`] — one client: upstream connect, relay, eviction.
 //! - [`backend`] — a listener's backends: addresses, the up / suspect /
@@ -24,7 +28,9 @@
 //! - [`evict`] — eviction reasons and the structured eviction event.
 //! - [`sockopt`] — every socket option, and the one `unsafe` TCP_INFO read.
 //! - [`admin`] — the admin HTTP server (metrics, health, readiness,
-//!   status, drain, reload) and `pulsegate admin`.
+//!   status, drain, reload) and `pulsegate admin`; the proxy answers it in
+//!   domain values through [`admin::Control`], and only its routes know
+//!   status codes.
 //! - [`telemetry`] — logging, and the Prometheus metrics catalog.
 //! - [`lab`] — network namespaces, firewall rules, processes and an
 //!   emulated lossy or far link for the demo, the tests and the benches
@@ -52,7 +58,10 @@ pub mod registry;
 pub mod relay;
 pub mod resolver;
 pub mod routing;
+pub mod server;
 pub mod session;
 pub mod sockopt;
 pub mod telemetry;
 pub mod upstream;
+
+pub use server::{run, Bound, Handle, Server};

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use pulsegate::telemetry::{self, LogFormat};
@@ -249,7 +248,6 @@ async fn serve(
     admin: Option<pulsegate::admin::AdminSettings>,
     path: PathBuf,
 ) -> ExitCode {
-    use pulsegate::proxy::Proxy;
     let signals = match Signals::install() {
         Ok(signals) => signals,
         Err(e) => {
@@ -257,63 +255,19 @@ async fn serve(
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let metrics = match pulsegate::telemetry::metrics::install() {
-        Ok(handle) => Some(handle),
-        Err(e) => {
-            tracing::warn!("{e}; /metrics will be empty");
-            None
-        }
-    };
-    if let Some(handle) = &metrics {
-        tokio::spawn(metrics_upkeep(handle.clone()));
-    }
-    let bound = match pulsegate::proxy::bind_all(&config).await {
+    let bound = match pulsegate::Bound::bind(config, admin).await {
         Ok(bound) => bound,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let admin_listener = match &admin {
-        Some(a) => match tokio::net::TcpListener::bind(a.bind).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                eprintln!("error: admin server: cannot bind {}: {e}", a.bind);
-                return ExitCode::from(EXIT_RUNTIME);
-            }
-        },
-        None => None,
-    };
-    let proxy = Proxy::start(config, bound, Some(path), metrics);
-    let admin_stop = CancellationToken::new();
-    if let (Some(settings), Some(listener)) = (admin, admin_listener) {
-        tokio::spawn(pulsegate::admin::serve(
-            listener,
-            settings,
-            proxy.clone(),
-            admin_stop.clone(),
-        ));
-    }
-    let exit_now = CancellationToken::new();
-    tokio::spawn(watch_signals(signals, proxy.clone(), exit_now.clone()));
-    proxy.drained().await;
-    tracing::info!("all listeners drained");
-    if !proxy.exit_after_drain() {
-        tracing::info!("staying up drained (POST /drain?then=stay); SIGTERM exits");
-        exit_now.cancelled().await;
-    }
-    admin_stop.cancel();
+    let server = pulsegate::Server::start(bound, Some(path));
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(signals, server.handle(), shutdown.clone()));
+    server.run(shutdown).await;
     tracing::info!("exiting");
     ExitCode::SUCCESS
-}
-
-/// Keeps the histograms' memory bounded between scrapes.
-async fn metrics_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-    loop {
-        tick.tick().await;
-        handle.run_upkeep();
-    }
 }
 
 /// The signals `run` handles, installed before anything binds so that an
@@ -340,8 +294,8 @@ impl Signals {
 /// when an admin drain said to stay). Second: exit at once.
 async fn watch_signals(
     mut signals: Signals,
-    proxy: Arc<pulsegate::proxy::Proxy>,
-    exit_now: CancellationToken,
+    server: pulsegate::Handle,
+    shutdown: CancellationToken,
 ) {
     let mut received = 0;
     loop {
@@ -351,7 +305,7 @@ async fn watch_signals(
             _ = signals.hup.recv() => {
                 tracing::info!(signal = "SIGHUP", "reloading the config");
                 // The outcome is logged and shown in /status by reload().
-                let _ = proxy.reload().await;
+                let _ = server.reload().await;
                 continue;
             }
         };
@@ -361,8 +315,7 @@ async fn watch_signals(
                 signal = name,
                 "shutting down: draining sessions (send it again to exit at once)"
             );
-            proxy.drain(pulsegate::admin::AfterDrain::Exit);
-            exit_now.cancel();
+            shutdown.cancel();
         } else {
             tracing::warn!(signal = name, "second signal: exiting now");
             std::process::exit(i32::from(EXIT_RUNTIME));
