@@ -1,30 +1,183 @@
-//! Operating pulsegate through its admin server, against the real binary:
+//! Operating pulsegate through its admin server, with the proxy running
+//! in this test process (`pulsegate::Server` on sockets bound to port 0):
 //! metrics after real traffic, `/status`, auth, per-listener readiness,
-//! reloads (SIGHUP and `POST /reload`) under live traffic, refused reloads,
-//! drain-and-stay, and slow admin clients that must not stall the data path.
-//! The namespace tests (eviction metrics, `/readyz` and a blackholed
-//! backend) are in tests/admin_lab.rs.
+//! reloads (the SIGHUP path and `POST /reload`) under live traffic, refused
+//! reloads, drain-and-stay, and slow admin clients that must not stall the
+//! data path. The binary itself (signals, exit codes, a process that exits
+//! after its drain) is tested in tests/process.rs; the namespace tests
+//! (eviction metrics, `/readyz` and a blackholed backend) are in
+//! tests/admin_lab.rs.
+//!
+//! Every proxy of this binary shares the process-wide metrics recorder, so
+//! each test names its listeners after itself, and the tests that reload
+//! (the config generation and reload counters have no listener label) take
+//! [`RELOADS`] and compare counters before and after.
 
 #[path = "support/admin.rs"]
 mod admin;
-#[path = "support/servers.rs"]
-mod servers;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use admin::{call, sample, wait_for};
-use nix::sys::signal::Signal;
-use servers::{free_port, HostProxy};
+use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "s3cret-admin-token";
 
-fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_pulsegate"))
+/// Held by the tests that reload or read the reload metrics.
+static RELOADS: Mutex<()> = Mutex::new(());
+
+fn reloads_alone() -> MutexGuard<'static, ()> {
+    RELOADS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The addresses a test's config is written with: the admin server's and
+/// each listener's, all bound by the test on port 0 before the config is.
+struct Ports {
+    admin: SocketAddr,
+    listeners: Vec<SocketAddr>,
+}
+
+/// pulsegate served in this process, on its own runtime, from a config
+/// file (so reloads re-read it). Shut down and waited for on drop.
+struct InProcess {
+    ports: Ports,
+    handle: pulsegate::Handle,
+    shutdown: CancellationToken,
+    served: Option<tokio::task::JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+    dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    /// Binds the admin socket and `listeners` sockets on 127.0.0.1 port 0,
+    /// writes `toml(ports)` and serves it. Each `[[listener]]` must bind
+    /// one of `ports.listeners`.
+    fn start(listeners: usize, toml: impl FnOnce(&Ports) -> String) -> InProcess {
+        let bind = || TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        let admin_socket = bind();
+        let sockets: Vec<TcpListener> = (0..listeners).map(|_| bind()).collect();
+        let ports = Ports {
+            admin: admin_socket.local_addr().unwrap(),
+            listeners: sockets.iter().map(|s| s.local_addr().unwrap()).collect(),
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pulsegate.toml");
+        std::fs::write(&path, toml(&ports)).expect("write the config");
+        let config = pulsegate::config::load(&path).expect("a valid test config");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _entered = runtime.enter();
+        let tokio_socket = |s: TcpListener| {
+            s.set_nonblocking(true).unwrap();
+            tokio::net::TcpListener::from_std(s).unwrap()
+        };
+        let mut sockets: Vec<Option<TcpListener>> = sockets.into_iter().map(Some).collect();
+        let bound_listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let at = ports.listeners.iter().position(|a| *a == l.bind);
+                let socket = at.and_then(|i| sockets[i].take()).unwrap_or_else(|| {
+                    panic!(
+                        "listener `{}` binds {}, not one of the test's ports",
+                        l.name, l.bind
+                    )
+                });
+                (l.clone(), tokio_socket(socket))
+            })
+            .collect();
+        let admin = config
+            .raw
+            .admin
+            .as_ref()
+            .zip(config.admin_bind)
+            .map(|(a, bind)| {
+                assert_eq!(bind, ports.admin, "[admin] binds the test's admin port");
+                let settings =
+                    pulsegate::admin::AdminSettings::from_config(a, bind).expect("admin settings");
+                (settings, tokio_socket(admin_socket))
+            });
+        let bound = pulsegate::Bound {
+            config,
+            listeners: bound_listeners,
+            admin,
+        };
+        let server = pulsegate::Server::start(bound, Some(path));
+        let handle = server.handle();
+        let shutdown = CancellationToken::new();
+        let served = runtime.spawn(server.run(shutdown.clone()));
+        drop(_entered);
+        InProcess {
+            ports,
+            handle,
+            shutdown,
+            served: Some(served),
+            runtime: Some(runtime),
+            dir,
+        }
+    }
+
+    /// The address of the `i`th listener socket.
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.ports.listeners[i]
+    }
+
+    fn admin(&self) -> SocketAddr {
+        self.ports.admin
+    }
+
+    /// The config file it reloads from (rewrite it, then reload).
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("pulsegate.toml")
+    }
+
+    /// What SIGHUP does in the binary: reload, waiting for the outcome.
+    fn reload(&self) -> Result<pulsegate::admin::ReloadSummary, pulsegate::admin::ReloadError> {
+        let runtime = self.runtime.as_ref().expect("runtime");
+        runtime.block_on(self.handle.reload())
+    }
+
+    /// True while `Server::run` has not returned.
+    fn running(&self) -> bool {
+        self.served.as_ref().is_some_and(|s| !s.is_finished())
+    }
+
+    /// What SIGTERM does in the binary: drain, then return.
+    fn shut_down(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Whether `Server::run` returned within `timeout`.
+    fn stopped_within(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.running() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        // Sessions still open are evicted at their drain_timeout; a test
+        // that ends (or fails) with some open does not wait for that.
+        let _ = self.stopped_within(Duration::from_secs(2));
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
 }
 
 /// An echo server on a free port; counts the connections it accepted.
@@ -111,20 +264,20 @@ fn metrics(admin: SocketAddr) -> String {
 
 #[test]
 fn metrics_and_status_follow_real_traffic() {
+    // It reads the config generation, which a reload elsewhere would move.
+    let _alone = reloads_alone();
     let echo = echo_server();
     let (dead, _held) = closed_port();
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let token = write_token();
-    let dead_bind = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let proxy = HostProxy::start(&exe(), |bind| {
+    let proxy = InProcess::start(2, |ports| {
         format!(
             r#"
 [admin]
-bind = "{admin_addr}"
+bind = "{admin}"
 token_file = "{token}"
 
 [[listener]]
-name = "app"
+name = "traffic"
 bind = "{bind}"
 backends = ["{echo}"]
 [listener.check]
@@ -132,31 +285,34 @@ kind = "tcp"
 interval = "200ms"
 
 [[listener]]
-name = "dead"
+name = "traffic_dead"
 bind = "{dead_bind}"
 backends = ["{dead}"]
 "#,
+            admin = ports.admin,
+            bind = ports.listeners[0],
+            dead_bind = ports.listeners[1],
             token = token.path().display(),
             echo = echo.addr,
         )
     });
+    let admin_addr = proxy.admin();
 
     const SESSIONS: usize = 5;
     const BYTES: usize = 3000;
     for i in 0..SESSIONS {
-        let mut s = TcpStream::connect(proxy.addr).unwrap();
+        let mut s = TcpStream::connect(proxy.addr(0)).unwrap();
         echo_exact(&mut s, BYTES, i as u8);
     }
     // A client of the listener whose backend refuses: reset, counted.
-    let mut refused = TcpStream::connect(dead_bind).unwrap();
+    let mut refused = TcpStream::connect(proxy.addr(1)).unwrap();
     refused
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     assert!(matches!(refused.read(&mut [0u8; 1]), Ok(0) | Err(_)));
 
-    // HostProxy's start-up probe (connect, close) was one more session.
-    let sessions = (SESSIONS + 1) as f64;
-    let app = [("listener", "app")];
+    let sessions = SESSIONS as f64;
+    let app = [("listener", "traffic")];
     let text = wait_for(
         "every session ended and counted",
         Duration::from_secs(5),
@@ -169,14 +325,14 @@ backends = ["{dead}"]
         },
     );
     let backend = echo.addr.to_string();
-    let be = [("listener", "app"), ("backend", backend.as_str())];
+    let be = [("listener", "traffic"), ("backend", backend.as_str())];
     let get = |name: &str, labels: &[(&str, &str)]| {
         sample(&text, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} missing:\n{text}"))
     };
     assert_eq!(get("pulsegate_connections_accepted_total", &app), sessions);
     assert_eq!(get("pulsegate_connections_active", &app), 0.0);
-    let up = [("listener", "app"), ("direction", "client_to_upstream")];
-    let down = [("listener", "app"), ("direction", "upstream_to_client")];
+    let up = [("listener", "traffic"), ("direction", "client_to_upstream")];
+    let down = [("listener", "traffic"), ("direction", "upstream_to_client")];
     assert_eq!(get("pulsegate_bytes_total", &up), (SESSIONS * BYTES) as f64);
     assert_eq!(
         get("pulsegate_bytes_total", &down),
@@ -194,20 +350,23 @@ backends = ["{dead}"]
     checks_up.push(("result", "up"));
     assert!(get("pulsegate_checks_total", &checks_up) >= 1.0);
     assert!(get("pulsegate_check_duration_seconds_count", &be) >= 1.0);
-    let dead_label = [("listener", "dead"), ("reason", "connect_failed")];
+    let dead_label = [("listener", "traffic_dead"), ("reason", "connect_failed")];
     assert_eq!(get("pulsegate_connections_refused_total", &dead_label), 1.0);
     let dead_backend = dead.to_string();
     assert_eq!(
         get(
             "pulsegate_upstream_connect_failures_total",
-            &[("listener", "dead"), ("backend", dead_backend.as_str())]
+            &[
+                ("listener", "traffic_dead"),
+                ("backend", dead_backend.as_str())
+            ]
         ),
         1.0
     );
     assert_eq!(
         get(
             "pulsegate_evictions_total",
-            &[("listener", "app"), ("reason", "probe_unanswered")]
+            &[("listener", "traffic"), ("reason", "probe_unanswered")]
         ),
         0.0
     );
@@ -219,8 +378,9 @@ backends = ["{dead}"]
     let status = call(admin_addr, "GET", "/status", Some(TOKEN)).json();
     assert_eq!(status["config_generation"], 1);
     let listeners = status["listeners"].as_array().unwrap();
-    let app_status = listeners.iter().find(|l| l["name"] == "app").unwrap();
+    let app_status = listeners.iter().find(|l| l["name"] == "traffic").unwrap();
     assert_eq!(app_status["sessions"], 0);
+    assert_eq!(app_status["bind"], proxy.addr(0).to_string());
     let b = &app_status["backends"][0];
     assert_eq!(b["backend"], backend);
     assert_eq!(b["state"], "up");
@@ -243,23 +403,22 @@ backends = ["{dead}"]
 
 #[test]
 fn readiness_is_per_listener_and_follows_reload() {
+    let _alone = reloads_alone();
     let echo = echo_server();
     let (dead, _held) = closed_port();
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let dead_bind = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = move |bind: SocketAddr, dead_readiness: &str| {
+    let config = move |ports: &Ports, dead_readiness: &str| {
         format!(
             r#"
 [admin]
-bind = "{admin_addr}"
+bind = "{admin}"
 
 [[listener]]
-name = "app"
+name = "gated_app"
 bind = "{bind}"
 backends = ["{echo}"]
 
 [[listener]]
-name = "dead"
+name = "gated_dead"
 bind = "{dead_bind}"
 backends = ["{dead}"]
 readiness = "{dead_readiness}"
@@ -268,10 +427,14 @@ kind = "tcp"
 interval = "200ms"
 fall = 2
 "#,
+            admin = ports.admin,
+            bind = ports.listeners[0],
+            dead_bind = ports.listeners[1],
             echo = echo.addr,
         )
     };
-    let proxy = HostProxy::start(&exe(), |bind| config(bind, "backend"));
+    let proxy = InProcess::start(2, |ports| config(ports, "backend"));
+    let admin_addr = proxy.admin();
     // The `dead` listener's only backend refuses: not ready, and says why.
     let reply = wait_for("/readyz 503", Duration::from_secs(5), || {
         let r = call(admin_addr, "GET", "/readyz", None);
@@ -282,44 +445,48 @@ fall = 2
         }
     });
     let reasons = reply.json()["reasons"].to_string();
-    assert!(reasons.contains("dead"), "{reasons}");
-    assert!(!reasons.contains("`app`"), "{reasons}");
+    assert!(reasons.contains("`gated_dead`"), "{reasons}");
+    assert!(!reasons.contains("`gated_app`"), "{reasons}");
 
     // The operator decides `dead` does not gate readiness: reload.
-    std::fs::write(proxy.config_path(), config(proxy.addr, "always")).unwrap();
+    std::fs::write(proxy.config_path(), config(&proxy.ports, "always")).unwrap();
     let r = call(admin_addr, "POST", "/reload", None);
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.json()["changed"], serde_json::json!(["dead"]));
+    assert_eq!(r.json()["changed"], serde_json::json!(["gated_dead"]));
     assert_eq!(r.json()["generation"], 2);
     assert_eq!(call(admin_addr, "GET", "/readyz", None).status, 200);
 }
 
 #[test]
 fn reload_under_traffic_keeps_sessions_to_kept_backends() {
+    let _alone = reloads_alone();
     let (a, b, c) = (
         echo_server_greeting(Some(b'A')),
         echo_server_greeting(Some(b'B')),
         echo_server_greeting(Some(b'C')),
     );
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = move |bind: SocketAddr, backends: &str| {
+    let config = move |ports: &Ports, backends: &str| {
         format!(
             r#"
 [admin]
-bind = "{admin_addr}"
+bind = "{admin}"
 
 [[listener]]
-name = "app"
+name = "rolling"
 bind = "{bind}"
 backends = [{backends}]
 [listener.routing]
 balance = "round_robin"
 down_grace = "500ms"
-"#
+"#,
+            admin = ports.admin,
+            bind = ports.listeners[0],
         )
     };
     let ab = format!("\"{}\", \"{}\"", a.addr, b.addr);
-    let mut proxy = HostProxy::start(&exe(), |bind| config(bind, &ab));
+    let proxy = InProcess::start(1, |ports| config(ports, &ab));
+    let admin_addr = proxy.admin();
+    let reloads_before = reload_counts(admin_addr);
 
     const SESSIONS: usize = 50;
     let stop = Arc::new(AtomicBool::new(false));
@@ -328,7 +495,7 @@ down_grace = "500ms"
     let mut clients = Vec::new();
     for i in 0..SESSIONS {
         let flags = (stop.clone(), reloaded.clone(), started.clone());
-        let addr = proxy.addr;
+        let addr = proxy.addr(0);
         clients.push(std::thread::spawn(move || {
             session_loop(addr, i as u8, &flags.2, &flags.1, &flags.0)
         }));
@@ -338,7 +505,7 @@ down_grace = "500ms"
     // An invalid file changes nothing, says why, and stays in /status.
     std::fs::write(
         proxy.config_path(),
-        config(proxy.addr, "\"not an address\""),
+        config(&proxy.ports, "\"not an address\""),
     )
     .unwrap();
     let refused = call(admin_addr, "POST", "/reload", None);
@@ -353,11 +520,13 @@ down_grace = "500ms"
         .unwrap()
         .contains("not an address"));
 
-    // Replace B by C with SIGHUP while every session is exchanging data.
+    // Replace B by C as SIGHUP does (tests/process.rs sends the signal)
+    // while every session is exchanging data.
     let ac = format!("\"{}\", \"{}\"", a.addr, c.addr);
-    std::fs::write(proxy.config_path(), config(proxy.addr, &ac)).unwrap();
+    std::fs::write(proxy.config_path(), config(&proxy.ports, &ac)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    proxy.signal(Signal::SIGHUP);
+    let summary = proxy.reload().expect("the reload applies");
+    assert_eq!(summary.changed, ["rolling"]);
     wait_for("generation 2", Duration::from_secs(5), || {
         let s = call(admin_addr, "GET", "/status", None).json();
         if s["config_generation"] == 2 {
@@ -401,7 +570,7 @@ down_grace = "500ms"
     let b_before = b.accepted.load(Ordering::SeqCst);
     let mut reached = Vec::new();
     for i in 0..4 {
-        let mut s = TcpStream::connect(proxy.addr).unwrap();
+        let mut s = TcpStream::connect(proxy.addr(0)).unwrap();
         reached.push(greeting(&mut s));
         echo_exact(&mut s, 100, i);
     }
@@ -411,25 +580,42 @@ down_grace = "500ms"
     );
     assert_eq!(b.accepted.load(Ordering::SeqCst), b_before);
     let text = call(admin_addr, "GET", "/metrics", None).body;
-    let removed = [("listener", "app"), ("reason", "backend_removed")];
+    let removed = [("listener", "rolling"), ("reason", "backend_removed")];
     assert_eq!(
         sample(&text, "pulsegate_evictions_total", &removed),
         Some(to_b as f64),
         "{text}"
     );
-    assert_eq!(
-        sample(&text, "pulsegate_config_reloads_total", &[("result", "ok")]),
-        Some(1.0)
-    );
-    assert_eq!(
+    let reloads = reload_counts(admin_addr);
+    assert_eq!(reloads.ok, reloads_before.ok + 1.0, "{text}");
+    assert_eq!(reloads.invalid, reloads_before.invalid + 1.0, "{text}");
+    assert!(proxy.running());
+}
+
+/// `pulsegate_config_reloads_total` by result. The counters are the
+/// process's: compare them before and after, holding [`RELOADS`].
+#[derive(Debug, Clone, Copy)]
+struct ReloadCounts {
+    ok: f64,
+    invalid: f64,
+    failed: f64,
+}
+
+fn reload_counts(admin: SocketAddr) -> ReloadCounts {
+    let text = call(admin, "GET", "/metrics", None).body;
+    let count = |result: &str| {
         sample(
             &text,
             "pulsegate_config_reloads_total",
-            &[("result", "invalid")]
-        ),
-        Some(1.0)
-    );
-    assert!(proxy.running());
+            &[("result", result)],
+        )
+        .unwrap_or_else(|| panic!("no reload counter for {result}:\n{text}"))
+    };
+    ReloadCounts {
+        ok: count("ok"),
+        invalid: count("invalid"),
+        failed: count("failed"),
+    }
 }
 
 /// Reads the one-byte greeting of the backend this connection reached.
@@ -497,18 +683,23 @@ fn session_loop(
     result
 }
 
+/// The process that stays up drained, and exits at SIGTERM, is in
+/// tests/process.rs; here the drain itself, and the server returning once
+/// told to shut down.
 #[test]
-fn drain_and_stay_then_sigterm_exits() {
+fn drain_and_stay_then_shutdown_returns() {
+    // Its refused reload counts as failed.
+    let _alone = reloads_alone();
     let echo = echo_server();
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut proxy = HostProxy::start(&exe(), |bind| {
+    let proxy = InProcess::start(1, |ports| {
         format!(
-            "[admin]\nbind = \"{admin_addr}\"\n\n[[listener]]\nname = \"app\"\nbind = \"{bind}\"\n\
+            "[admin]\nbind = \"{}\"\n\n[[listener]]\nname = \"staying\"\nbind = \"{}\"\n\
              backends = [\"{}\"]\ndrain_timeout = \"10s\"\n",
-            echo.addr
+            ports.admin, ports.listeners[0], echo.addr
         )
     });
-    let mut session = TcpStream::connect(proxy.addr).unwrap();
+    let admin_addr = proxy.admin();
+    let mut session = TcpStream::connect(proxy.addr(0)).unwrap();
     echo_exact(&mut session, 500, 1);
 
     let r = call(admin_addr, "POST", "/drain?then=stay", None);
@@ -518,7 +709,7 @@ fn drain_and_stay_then_sigterm_exits() {
     wait_for(
         "listener closed",
         Duration::from_secs(5),
-        || match TcpStream::connect(proxy.addr) {
+        || match TcpStream::connect(proxy.addr(0)) {
             Err(e) => Ok(e),
             Ok(_) => Err("still accepting"),
         },
@@ -540,24 +731,31 @@ fn drain_and_stay_then_sigterm_exits() {
         }
     });
     std::thread::sleep(Duration::from_millis(500));
-    assert!(proxy.running(), "then=stay: the process stays up");
+    assert!(proxy.running(), "then=stay: the server stays up");
     assert_eq!(call(admin_addr, "GET", "/healthz", None).status, 200);
 
-    proxy.signal(Signal::SIGTERM);
-    assert_eq!(proxy.wait_exit(Duration::from_secs(5)), Some(0));
+    proxy.shut_down();
+    assert!(
+        proxy.stopped_within(Duration::from_secs(5)),
+        "the server returns once told to shut down"
+    );
+    assert!(
+        TcpStream::connect(admin_addr).is_err(),
+        "the admin server stopped with it"
+    );
 }
 
 #[test]
 fn slow_and_malformed_admin_clients_do_not_stall_the_data_path() {
     let echo = echo_server();
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let proxy = HostProxy::start(&exe(), |bind| {
+    let proxy = InProcess::start(1, |ports| {
         format!(
-            "[admin]\nbind = \"{admin_addr}\"\nrequest_timeout = \"1s\"\n\n[[listener]]\n\
-             name = \"app\"\nbind = \"{bind}\"\nbackends = [\"{}\"]\n",
-            echo.addr
+            "[admin]\nbind = \"{}\"\nrequest_timeout = \"1s\"\n\n[[listener]]\n\
+             name = \"slow_admin\"\nbind = \"{}\"\nbackends = [\"{}\"]\n",
+            ports.admin, ports.listeners[0], echo.addr
         )
     });
+    let admin_addr = proxy.admin();
     // More stalled admin connections than the server serves at once, each
     // stuck half-way through its headers, plus garbage and an oversized body.
     let stalled = stall_admin_clients(admin_addr, 80);
@@ -573,7 +771,7 @@ fn slow_and_malformed_admin_clients_do_not_stall_the_data_path() {
 
     // Meanwhile the proxy relays at once, every byte exact.
     for i in 0..20 {
-        let mut s = TcpStream::connect(proxy.addr).unwrap();
+        let mut s = TcpStream::connect(proxy.addr(0)).unwrap();
         echo_exact(&mut s, 64 * 1024, i);
     }
     // And the admin server answers again once the stalled clients time out
@@ -605,16 +803,18 @@ fn stall_admin_clients(admin: SocketAddr, n: usize) -> Vec<TcpStream> {
 #[test]
 fn probes_are_answered_at_once_while_slow_clients_hold_every_admin_slot() {
     let echo = echo_server();
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let token = write_token();
-    let _proxy = HostProxy::start(&exe(), |bind| {
+    let proxy = InProcess::start(1, |ports| {
         format!(
-            "[admin]\nbind = \"{admin_addr}\"\ntoken_file = \"{}\"\n\n[[listener]]\n\
-             name = \"app\"\nbind = \"{bind}\"\nbackends = [\"{}\"]\n",
+            "[admin]\nbind = \"{}\"\ntoken_file = \"{}\"\n\n[[listener]]\n\
+             name = \"probed\"\nbind = \"{}\"\nbackends = [\"{}\"]\n",
+            ports.admin,
             token.path().display(),
+            ports.listeners[0],
             echo.addr
         )
     });
+    let admin_addr = proxy.admin();
     let stalled = stall_admin_clients(admin_addr, 80);
     std::thread::sleep(Duration::from_millis(300));
     for path in ["/healthz", "/readyz", "/healthz"] {
@@ -638,56 +838,62 @@ fn probes_are_answered_at_once_while_slow_clients_hold_every_admin_slot() {
     drop(stalled);
 }
 
+/// Listeners added by a reload bind what the new file says; with port 0
+/// there, `/status` tells where each one landed. Moving `b` from
+/// 127.0.0.1 to 127.0.0.2 changes its bind (all of 127/8 is loopback).
 #[test]
 fn reload_adds_moves_and_removes_listeners() {
+    let _alone = reloads_alone();
     let echo = echo_server();
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let port = || SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let (b_bind, b_moved) = (port(), port());
-    let listener = |name: &str, bind: SocketAddr| {
+    let listener = |name: &str, bind: &str| {
         format!(
             "[[listener]]\nname = \"{name}\"\nbind = \"{bind}\"\nbackends = [\"{}\"]\n",
             echo.addr
         )
     };
+    let proxy = InProcess::start(1, |ports| {
+        format!(
+            "[admin]\nbind = \"{}\"\n\n{}",
+            ports.admin,
+            listener("a", &ports.listeners[0].to_string())
+        )
+    });
+    let admin_addr = proxy.admin();
     let head = format!("[admin]\nbind = \"{admin_addr}\"\n\n");
-    let proxy = HostProxy::start(&exe(), |bind| format!("{head}{}", listener("a", bind)));
-    let a_bind = proxy.addr;
+    let a_bind = proxy.addr(0);
+    let a = listener("a", &a_bind.to_string());
+    let reloads_before = reload_counts(admin_addr);
     let mut a_session = TcpStream::connect(a_bind).unwrap();
     echo_exact(&mut a_session, 100, 1);
 
     // A reload that cannot bind (the port is taken) changes nothing.
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap();
-    let config = format!(
-        "{head}{}\n{}",
-        listener("a", a_bind),
-        listener("b", taken_addr)
-    );
+    let config = format!("{head}{a}\n{}", listener("b", &taken_addr.to_string()));
     std::fs::write(proxy.config_path(), config).unwrap();
     let r = call(admin_addr, "POST", "/reload", None);
     assert_eq!(r.status, 500, "{}", r.body);
     assert!(r.body.contains("cannot bind"), "{}", r.body);
-    let text = call(admin_addr, "GET", "/metrics", None).body;
-    let failed = [("result", "failed")];
-    assert_eq!(
-        sample(&text, "pulsegate_config_reloads_total", &failed),
-        Some(1.0)
-    );
+    let reloads = reload_counts(admin_addr);
+    assert_eq!(reloads.failed, reloads_before.failed + 1.0);
+    assert_eq!(reloads.ok, reloads_before.ok);
+    assert!(bound_at(admin_addr, "b").is_none(), "b was not added");
     drop(taken);
 
     // Add b.
-    let config = format!("{head}{}\n{}", listener("a", a_bind), listener("b", b_bind));
+    let config = format!("{head}{a}\n{}", listener("b", "127.0.0.1:0"));
     std::fs::write(proxy.config_path(), config).unwrap();
     let r = call(admin_addr, "POST", "/reload", None);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["added"], serde_json::json!(["b"]));
+    let b_bind = bound_at(admin_addr, "b").expect("b is listed");
+    assert_ne!(b_bind.port(), 0, "/status shows the port b is bound to");
     let mut b_session = TcpStream::connect(b_bind).unwrap();
     echo_exact(&mut b_session, 100, 2);
 
     // Remove a, move b: a stops accepting but its open session lives on
     // (drain); b answers on its new address and its old session lives on.
-    let config = format!("{head}{}", listener("b", b_moved));
+    let config = format!("{head}{}", listener("b", "127.0.0.2:0"));
     std::fs::write(proxy.config_path(), config).unwrap();
     let r = call(admin_addr, "POST", "/reload", None);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -701,6 +907,9 @@ fn reload_adds_moves_and_removes_listeners() {
             _ => Err("still accepting"),
         },
     );
+    let b_moved = bound_at(admin_addr, "b").expect("b is listed");
+    assert_eq!(b_moved.ip(), std::net::Ipv4Addr::new(127, 0, 0, 2));
+    assert_ne!(b_moved.port(), 0);
     let mut moved = TcpStream::connect(b_moved).unwrap();
     echo_exact(&mut moved, 100, 3);
     echo_exact(&mut a_session, 100, 4);
@@ -712,6 +921,7 @@ fn reload_adds_moves_and_removes_listeners() {
     let a = find("a").expect("a is listed while it drains");
     assert_eq!(a["draining"], true, "{status:#}");
     assert_eq!(a["sessions"], 1);
+    assert_eq!(a["bind"], a_bind.to_string());
     let b = find("b").unwrap();
     assert_eq!(b["bind"], b_moved.to_string());
     assert_eq!(b["draining"], false);
@@ -731,4 +941,21 @@ fn reload_adds_moves_and_removes_listeners() {
             Err(names)
         }
     });
+    let reloads = reload_counts(admin_addr);
+    assert_eq!(reloads.ok, reloads_before.ok + 2.0);
+}
+
+/// Where `/status` says the listener `name` is bound, if it is listed.
+fn bound_at(admin: SocketAddr, name: &str) -> Option<SocketAddr> {
+    let status = call(admin, "GET", "/status", None).json();
+    let listener = status["listeners"]
+        .as_array()?
+        .iter()
+        .find(|l| l["name"] == name)?
+        .clone();
+    let bind = listener["bind"].as_str()?;
+    Some(
+        bind.parse()
+            .unwrap_or_else(|e| panic!("bind {bind:?}: {e}")),
+    )
 }
