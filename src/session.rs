@@ -1,6 +1,6 @@
 //! One proxied session: connect upstream, relay both ways under the
 //! watcher's eye, and end it cleanly or by eviction. What a listener
-//! generation shows in `/status` is rendered in [`status`].
+//! generation shows in `/status` is rendered in `session/status.rs`.
 
 mod status;
 
