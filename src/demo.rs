@@ -9,15 +9,15 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::lab::{read_evictions, EvictionLine, Lab, LabError, LabProcess, ProxyConfig};
+use crate::lab::{
+    read_evictions, EchoBackend, EvictionLine, Lab, LabError, LabProcess, ProxyConfig,
+};
 
 const BACKEND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7000);
 const PROXY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 6432);
@@ -37,7 +37,8 @@ pub fn run() -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot locate the pulsegate binary")?;
     println!("pulsegate demo: in network namespace {}", lab.name());
 
-    let backend = start_backend(&lab, &exe)?;
+    let echo = EchoBackend::new(&exe, Duration::from_secs(120));
+    let backend = lab.start_echo_backend(&echo, BACKEND)?;
     let config = ProxyConfig::new(PROXY, BACKEND);
     let proxy = lab.start_pulsegate(&exe, &config)?;
     println!(
@@ -92,20 +93,6 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     } else {
         1
     }
-}
-
-fn start_backend(lab: &Lab, exe: &Path) -> anyhow::Result<LabProcess> {
-    let mut command = Command::new(exe);
-    command.args([
-        "lab-backend",
-        "--listen",
-        &BACKEND.to_string(),
-        "--max-lifetime",
-        "2m",
-    ]);
-    let backend = lab.spawn_as("backend", command)?;
-    lab.wait_ready(&backend, BACKEND, SETUP_TIMEOUT)?;
-    Ok(backend)
 }
 
 /// A default client socket in the lab that has exchanged one line.

@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 
 use super::args::{Plan, WorkloadKind};
 use super::BenchError;
-use crate::lab::{Lab, LabProcess, LinkedLab};
+use crate::lab::{EchoBackend, Lab, LabProcess, LinkedLab};
 
 /// How long a backend may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,10 +39,7 @@ pub(crate) fn backend_addrs(workload: WorkloadKind) -> [SocketAddr; 2] {
 /// How to start (and restart) one backend.
 #[derive(Debug, Clone)]
 enum Program {
-    Echo {
-        exe: PathBuf,
-        lifetime: Duration,
-    },
+    Echo(EchoBackend),
     Redis {
         program: PathBuf,
         dir: PathBuf,
@@ -55,12 +52,7 @@ enum Program {
 impl Program {
     fn command(&self, addr: SocketAddr) -> Command {
         match self {
-            Program::Echo { exe, lifetime } => {
-                let mut command = Command::new(exe);
-                command.args(["lab-backend", "--listen", &addr.to_string()]);
-                command.args(["--max-lifetime", &format!("{}s", lifetime.as_secs())]);
-                command
-            }
+            Program::Echo(echo) => echo.command(addr),
             Program::Redis {
                 program,
                 dir,
@@ -252,10 +244,8 @@ pub(crate) struct Backends {
 pub(crate) fn start(lab: &Lab, exe: &Path, plan: &Plan) -> Result<Backends, BenchError> {
     let [primary, secondary] = match plan.workload {
         WorkloadKind::Echo => {
-            let program = Program::Echo {
-                exe: exe.to_path_buf(),
-                lifetime: plan.duration + Duration::from_secs(120),
-            };
+            let lifetime = plan.duration + Duration::from_secs(120);
+            let program = Program::Echo(EchoBackend::new(exe, lifetime));
             [program.clone(), program]
         }
         WorkloadKind::Redis => {

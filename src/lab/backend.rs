@@ -1,12 +1,20 @@
-//! `pulsegate lab-backend`: a tiny echo server (or an idle client) run as a
-//! separate process, so an experiment can SIGKILL or SIGSTOP a real peer.
+//! The echo backend of the demo, the benches and the tests: `pulsegate
+//! lab-backend`, a tiny echo server (or an idle client) run as a separate
+//! process so an experiment can SIGKILL or SIGSTOP a real peer
+//! ([`EchoBackend`], [`Lab::start_echo_backend`]), and the same echo
+//! server in this process where no peer needs killing
+//! ([`spawn_echo_server`]).
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use super::{Lab, LabError, LabProcess};
 
 /// The line the idle client sends and expects back.
 const HELLO: &[u8] = b"hello\n";
@@ -51,6 +59,82 @@ pub struct BackendArgs {
         default_value = "5m"
     )]
     pub max_lifetime: Duration,
+}
+
+/// How long an echo backend gets to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to run `pulsegate lab-backend` as an echo server.
+#[derive(Debug, Clone)]
+pub struct EchoBackend {
+    /// The pulsegate binary.
+    pub exe: PathBuf,
+    /// It exits by itself after this long, so none outlives its run.
+    pub lifetime: Duration,
+    /// Stop reading each connection for a while (a live but slow reader).
+    pub pause: Option<ReadPause>,
+}
+
+impl EchoBackend {
+    pub fn new(exe: &Path, lifetime: Duration) -> EchoBackend {
+        EchoBackend {
+            exe: exe.to_path_buf(),
+            lifetime,
+            pause: None,
+        }
+    }
+
+    /// `<exe> lab-backend --listen ADDR --max-lifetime …`.
+    pub fn command(&self, addr: SocketAddr) -> Command {
+        let mut command = Command::new(&self.exe);
+        command.args(["lab-backend", "--listen", &addr.to_string()]);
+        command.args(["--max-lifetime", &millis(self.lifetime)]);
+        if let Some(pause) = self.pause {
+            command.args(["--pause-reading-after", &pause.after_bytes.to_string()]);
+            command.args(["--pause-for", &millis(pause.duration)]);
+        }
+        command
+    }
+}
+
+fn millis(duration: Duration) -> String {
+    format!("{}ms", duration.as_millis())
+}
+
+impl Lab {
+    /// Starts `echo` on `addr` in the namespace (its output files labelled
+    /// `backend`) and waits until it listens.
+    pub fn start_echo_backend(
+        &self,
+        echo: &EchoBackend,
+        addr: SocketAddr,
+    ) -> Result<LabProcess, LabError> {
+        let backend = self.spawn_as("backend", echo.command(addr))?;
+        self.wait_ready(&backend, addr, START_TIMEOUT)?;
+        Ok(backend)
+    }
+}
+
+/// [`echo_server`] on a free 127.0.0.1 port, served by a thread (and
+/// runtime) of its own for the rest of this process; its address.
+pub fn spawn_echo_server() -> io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(format!("echo {addr}"))
+        .spawn(move || {
+            runtime.block_on(async {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => echo_server(listener, None).await,
+                    Err(e) => Err(e),
+                }
+            })
+        })?;
+    Ok(addr)
 }
 
 /// A pause in reading, to play a peer that is alive but stops reading.

@@ -15,7 +15,9 @@
 //!   way or both);
 //! - [`Lab::tcp_state`] reads a socket's kernel state, as `ss` would;
 //! - [`Lab::start_pulsegate`] runs the proxy with a [`ProxyConfig`], and
-//!   [`run_backend`] is the echo server (or idle client) process to kill;
+//!   [`Lab::start_echo_backend`] the echo server process to kill
+//!   ([`run_backend`] is that process, [`spawn_echo_server`] the same echo
+//!   in this process);
 //! - dropping the `Lab` kills its processes and deletes the namespace (its
 //!   firewall rules go with it), also while a test panics.
 //!
@@ -30,7 +32,9 @@ mod process;
 mod proxy;
 mod sockets;
 
-pub use backend::{echo_server, run_backend, BackendArgs, ReadPause};
+pub use backend::{
+    echo_server, run_backend, spawn_echo_server, BackendArgs, EchoBackend, ReadPause,
+};
 pub use link::{Direction, Impairment, Link};
 pub use process::LabProcess;
 pub use proxy::{read_evictions, EvictionLine, ProxyConfig};
