@@ -32,9 +32,10 @@
 //!   domain values through [`admin::Control`], and only its routes know
 //!   status codes.
 //! - [`telemetry`] — logging, and the Prometheus metrics catalog.
-//! - [`lab`] — network namespaces, firewall rules, processes and an
-//!   emulated lossy or far link for the demo, the tests and the benches
-//!   (not on the proxy path).
+//! - [`lab`] — network namespaces, firewall rules, processes, an emulated
+//!   lossy or far link, and the real servers (echo, redis-server,
+//!   PostgreSQL) for the demo, the tests and the benches (not on the proxy
+//!   path).
 //! - [`demo`] — `pulsegate demo`, the seed experiment in one command.
 //! - `bench` — `pulsegate bench failover`, a load test of failover in the
 //!   lab (the `bench` cargo feature, on by default).

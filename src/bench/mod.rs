@@ -39,12 +39,14 @@ pub use failover::run_failover;
 pub use fault::flip_redis_roles;
 pub use matrix::{Matrix, MatrixRow};
 pub use report::Report;
-/// PostgreSQL's server binaries and the account to run them as, for the
-/// benches that start their own cluster (`benches/db_clients`).
+/// PostgreSQL's server binaries and the account to run them as, as
+/// [`crate::lab::servers`] finds them.
 pub mod postgres {
-    pub use super::servers::postgres::{is_root, newest_bin, postgres_account};
+    pub use crate::lab::servers::is_root;
+    pub use crate::lab::servers::postgres::{newest_bin, postgres_account};
 }
 
+use crate::lab::servers::ServerError;
 use crate::lab::LabError;
 
 /// Exit code for invalid arguments.
@@ -99,6 +101,19 @@ impl BenchError {
     fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
         let what = what.into();
         move |source| BenchError::Io { what, source }
+    }
+}
+
+impl From<ServerError> for BenchError {
+    /// A missing program stays [`BenchError::Missing`] (its text names the
+    /// package); a failed one is a setup error.
+    fn from(e: ServerError) -> BenchError {
+        match e {
+            ServerError::Missing(text) => BenchError::Missing(text),
+            ServerError::Failed(text) => BenchError::Setup(text),
+            ServerError::Io { what, source } => BenchError::Io { what, source },
+            ServerError::Lab(e) => BenchError::Lab(e),
+        }
     }
 }
 

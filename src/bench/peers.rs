@@ -8,8 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::args::{FaultKind, Plan, WorkloadKind, DNS_NAME, HAPROXY_ADDR, PGBOUNCER_ADDR};
-use super::servers::{find_program, PG_USER};
+use super::servers::PG_USER;
 use super::BenchError;
+use crate::lab::servers::find_program;
 use crate::lab::{Lab, LabProcess};
 
 /// How long HAProxy may take to listen.

@@ -1,22 +1,22 @@
 //! The two backends of a run (primary, secondary) as lab processes: the
-//! echo server (`pulsegate lab-backend`), `redis-server`, or PostgreSQL
-//! ([`postgres`]). A fault kills, freezes or restarts the primary through
-//! [`Backend`].
+//! echo server (`pulsegate lab-backend`), `redis-server`, or PostgreSQL,
+//! all as [`crate::lab`] starts them. A fault kills, freezes or restarts
+//! the primary through [`Backend`].
 
-pub(crate) mod postgres;
-
-pub(crate) use postgres::USER as PG_USER;
+pub(crate) use crate::lab::servers::postgres::USER as PG_USER;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use nix::unistd::Pid;
 
 use super::args::{Plan, WorkloadKind};
 use super::BenchError;
+use crate::lab::servers::children_of;
+use crate::lab::servers::postgres::{Cluster, Install, Login};
+use crate::lab::servers::redis::Redis;
 use crate::lab::{EchoBackend, Lab, LabProcess, LinkedLab};
 
 /// How long a backend may take to listen.
@@ -40,39 +40,27 @@ pub(crate) fn backend_addrs(workload: WorkloadKind) -> [SocketAddr; 2] {
 #[derive(Debug, Clone)]
 enum Program {
     Echo(EchoBackend),
-    Redis {
-        program: PathBuf,
-        dir: PathBuf,
-        /// Starts as a replica of this server.
-        replica_of: Option<SocketAddr>,
+    Redis(Redis),
+    Postgres {
+        cluster: Cluster,
+        max_connections: u32,
     },
-    Postgres(postgres::Server),
 }
 
 impl Program {
     fn command(&self, addr: SocketAddr) -> Command {
         match self {
             Program::Echo(echo) => echo.command(addr),
-            Program::Redis {
-                program,
-                dir,
-                replica_of,
+            Program::Redis(redis) => redis.command(addr),
+            Program::Postgres {
+                cluster,
+                max_connections,
             } => {
-                let mut command = Command::new(program);
-                command.arg("--dir").arg(dir);
-                // Each its own dump file: they share the directory.
-                command.args(["--dbfilename", &format!("dump-{addr}.rdb")]);
-                if let Some(primary) = replica_of {
-                    let (ip, port) = (primary.ip().to_string(), primary.port().to_string());
-                    command.args(["--replicaof", &ip, &port]);
-                }
-                command.args(["--port", &addr.port().to_string()]);
-                command.args(["--bind", &addr.ip().to_string()]);
-                command.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
-                command.args(["--logfile", "", "--protected-mode", "no"]);
-                command
+                let max_connections = format!("max_connections={max_connections}");
+                // In a session of its own, a Ctrl-C on the bench's terminal
+                // does not reach it: the bench stops it itself.
+                cluster.postmaster_in_own_session(addr, &[&max_connections])
             }
-            Program::Postgres(server) => server.command(addr),
         }
     }
 
@@ -80,7 +68,7 @@ impl Program {
     /// session leader, so a process-group signal would miss it): signals
     /// go to the postmaster and to every process it forked.
     fn forks(&self) -> bool {
-        matches!(self, Program::Postgres(_))
+        matches!(self, Program::Postgres { .. })
     }
 }
 
@@ -151,7 +139,7 @@ impl Backend {
     /// `lab`); other backends have no SQL.
     pub fn sql(&self, lab: &Lab, statements: &[&str]) -> Result<(), BenchError> {
         match &self.program {
-            Program::Postgres(server) => server.sql(lab, self.addr, statements),
+            Program::Postgres { cluster, .. } => Ok(cluster.sql(lab, self.addr, statements)?),
             _ => Err(BenchError::Setup(format!(
                 "the {} backend speaks no SQL",
                 self.label
@@ -197,31 +185,6 @@ impl Drop for Backend {
     }
 }
 
-/// The processes whose parent is `pid`, from `/proc/<pid>/stat`.
-fn children_of(pid: u32) -> Vec<Pid> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&candidate| {
-            std::fs::read_to_string(format!("/proc/{candidate}/stat"))
-                .ok()
-                .and_then(|stat| parent_in_stat(&stat))
-                == Some(pid)
-        })
-        .map(Pid::from_raw)
-        .collect()
-}
-
-/// The parent pid in a `/proc/<pid>/stat` line: the second field after
-/// the command name, which is in parentheses and may hold anything.
-fn parent_in_stat(stat: &str) -> Option<u32> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn spawn(
     lab: &Lab,
     label: &'static str,
@@ -249,51 +212,39 @@ pub(crate) fn start(lab: &Lab, exe: &Path, plan: &Plan) -> Result<Backends, Benc
             [program.clone(), program]
         }
         WorkloadKind::Redis => {
-            let program = find_program("redis-server", "redis-server")?;
-            let server = |replica_of| Program::Redis {
-                program: program.clone(),
-                dir: lab.dir().to_path_buf(),
-                replica_of,
-            };
+            let server = Redis::new(lab.dir())?;
             // For a role flip the secondary starts as the primary's replica.
-            let replica_of = plan.roles_change().then_some(plan.primary);
-            [server(None), server(replica_of)]
+            let replica = Redis {
+                replica_of: plan.roles_change().then_some(plan.primary),
+                ..server.clone()
+            };
+            [Program::Redis(server), Program::Redis(replica)]
         }
         WorkloadKind::Postgres => {
-            let install = postgres::Install::find()?;
+            let install = Install::find()?;
             // Every client of every route may hold a connection, plus the
             // proxies' checks, the replication and the fault's own session.
             let routes = u32::try_from(plan.routes.len()).unwrap_or(u32::MAX);
             let max_connections = routes.saturating_mul(plan.clients).saturating_add(30);
-            let [a, b] = install.init_two(lab.dir(), max_connections)?;
-            [Program::Postgres(a), Program::Postgres(b)]
+            // initdb once, then a copy: two independent clusters.
+            let primary = install.init(&lab.dir().join("pg-primary"), Login::Trust)?;
+            primary.trust_remote_hosts()?;
+            let secondary = primary.copy_to(&lab.dir().join("pg-secondary"))?;
+            [primary, secondary].map(|cluster| Program::Postgres {
+                cluster,
+                max_connections,
+            })
         }
     };
     let primary = Backend::start(lab, "primary", plan.primary, primary)?;
-    if let (Program::Postgres(replica), true) = (&secondary, plan.roles_change()) {
+    if let (Program::Postgres { cluster, .. }, true) = (&secondary, plan.roles_change()) {
         // When the roles change the secondary is a streaming replica.
-        replica.replicate_from(lab, plan.primary)?;
+        cluster.replicate_from(lab, plan.primary)?;
     }
     Ok(Backends {
         primary,
         secondary: Backend::start(lab, "secondary", plan.secondary, secondary)?,
     })
-}
-
-/// `name` on PATH or in /usr/sbin, /usr/bin, else [`BenchError::Missing`]
-/// naming `package`.
-pub(crate) fn find_program(name: &str, package: &str) -> Result<PathBuf, BenchError> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
-            BenchError::Missing(format!(
-                "`{name}` was not found in PATH, /usr/sbin or /usr/bin; this workload needs it: \
-                 install the {package} package (e.g. `apt-get install {package}`)"
-            ))
-        })
 }
 
 #[cfg(test)]
@@ -312,31 +263,5 @@ mod tests {
             assert_ne!(a, super::super::args::PROXY_ADDR);
             assert_eq!(a.port(), b.port(), "two hosts, one port");
         }
-    }
-
-    #[test]
-    fn finds_the_parent_in_a_stat_line() {
-        let stat = "4242 (postgres: x) y) S 4200 4242 4242 0 -1 4194560";
-        assert_eq!(parent_in_stat(stat), Some(4200));
-        assert_eq!(parent_in_stat("garbage"), None);
-        let me = std::process::id();
-        let child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let found = children_of(me).contains(&Pid::from_raw(child.id() as i32));
-        let mut child = child;
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(found);
-    }
-
-    #[test]
-    fn a_missing_program_names_its_package() {
-        let err = find_program("surely-not-installed-xyz", "xyz-server").unwrap_err();
-        assert!(
-            err.to_string().contains("apt-get install xyz-server"),
-            "{err}"
-        );
     }
 }

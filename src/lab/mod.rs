@@ -1,6 +1,6 @@
 //! The lab: private network namespaces with real sockets, real processes
-//! and real packet drops, for `pulsegate demo`, the half-open tests and the
-//! failover bench. Not on the proxy path.
+//! and real packet drops, and the real servers run in them or on loopback,
+//! for `pulsegate demo`, the tests and the benches. Not on the proxy path.
 //!
 //! A [`Lab`] owns one namespace with only `lo` in it, so every experiment
 //! has its own ports and firewall and can run beside the others:
@@ -18,6 +18,8 @@
 //!   [`Lab::start_echo_backend`] the echo server process to kill
 //!   ([`run_backend`] is that process, [`spawn_echo_server`] the same echo
 //!   in this process);
+//! - [`servers`] makes and starts redis-server and PostgreSQL, in a lab or
+//!   on this host's loopback;
 //! - dropping the `Lab` kills its processes and deletes the namespace (its
 //!   firewall rules go with it), also while a test panics.
 //!
@@ -30,6 +32,7 @@ pub mod link;
 mod netns;
 mod process;
 mod proxy;
+pub mod servers;
 mod sockets;
 
 pub use backend::{
