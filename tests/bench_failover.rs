@@ -15,6 +15,7 @@ mod support;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use pulsegate::lab::servers::find_program;
 use serde_json::Value;
 
 /// Runs `pulsegate bench failover ARGS --quiet --out DIR`.
@@ -240,18 +241,7 @@ fn without_root_it_names_the_privilege_and_exits_3() {
 
 /// `haproxy` on PATH or in /usr/sbin; under CI=true it must be there.
 fn haproxy_or_skip() -> bool {
-    let found = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
-        .iter()
-        .any(|p| Path::new(p).exists());
-    if !found {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true but haproxy is not installed (apt-get install haproxy)"
-        );
-        eprintln!("skipping: haproxy is not installed (apt-get install haproxy)");
-    }
-    found
+    support::or_skip(find_program("haproxy", "haproxy")).is_some()
 }
 
 /// The short matrix CI runs: echo, three faults (loss, flow, blackhole),
@@ -430,16 +420,7 @@ fn postgres_role_flip_through_pulsegate_and_pgbouncer() {
     if !lab_available("bench-probe") {
         return;
     }
-    let installed = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
-        .iter()
-        .any(|p| Path::new(p).exists());
-    if !installed {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true but pgbouncer is not installed (apt-get install pgbouncer)"
-        );
-        eprintln!("skipping: pgbouncer is not installed (apt-get install pgbouncer)");
+    if support::or_skip(find_program("pgbouncer", "pgbouncer")).is_none() {
         return;
     }
     let r = role_flip("postgres", "pulsegate,pgbouncer,direct");

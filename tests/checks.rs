@@ -3,27 +3,27 @@
 //! a temporary directory (never the system services), and in-test HTTP and
 //! TCP servers, including ones that speak the wrong protocol or garbage.
 //!
-//! A missing server binary (or, for PostgreSQL, not being root) prints
-//! "skipping: <reason>"; under `CI=true` it fails the test instead.
+//! A missing server binary prints "skipping: <reason>"; under `CI=true` it
+//! fails the test instead.
+
+mod support;
 
 use std::fs;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use pulsegate::config::{parse_status_ranges, CheckConfig};
 use pulsegate::health::check::{check, CheckOutcome, CheckStatus, Role};
+use pulsegate::lab::servers::postgres::Login;
+use pulsegate::lab::servers::redis::Redis;
+use pulsegate::lab::servers::{is_root, HostServer};
+use support::servers::{PgCluster, RedisServer};
+use support::{or_skip, require};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-#[path = "support/servers.rs"]
-mod servers;
-mod support;
-use servers::{free_port, is_root, postgres_account, postgres_bin, require};
 
 /// How long a server may take to start before the test gives up.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -31,10 +31,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 // ---------------------------------------------------------------- helpers
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 /// A check config of `kind` with every other setting at its default, as a
 /// user would write it.
@@ -66,125 +62,15 @@ async fn wait_for(
     }
 }
 
-/// A server process of the test, stopped (and continued first, if the test
-/// stopped it) when dropped, before its directory is removed.
-struct Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    dir: TempDir,
-}
-
-impl Server {
-    /// Starts `command(port)` with output to a log in `dir`, retrying with
-    /// another port if it exits before listening (someone took the port).
-    fn start(dir: TempDir, name: &str, mut command: impl FnMut(u16) -> Command) -> Server {
-        let log = dir.path().join(format!("{name}.log"));
-        for _ in 0..3 {
-            let port = free_port();
-            let out = fs::File::create(&log).expect("create the server log");
-            let mut child = command(port)
-                .stdin(Stdio::null())
-                .stdout(out.try_clone().expect("dup the log file"))
-                .stderr(out)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-            if wait_listening(&mut child, loopback(port), &log) {
-                return Server {
-                    child,
-                    port,
-                    log,
-                    dir,
-                };
-            }
-            let _ = child.wait();
-            eprintln!("{name} on port {port} did not start:\n{}", read_log(&log));
-        }
-        panic!("{name} did not start after 3 tries");
-    }
-
-    fn addr(&self) -> SocketAddr {
-        loopback(self.port)
-    }
-
-    fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal the server");
-    }
-
-    fn signal_quietly(&self, signal: Signal) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.signal_quietly(Signal::SIGCONT);
-        // SIGINT: PostgreSQL's fast shutdown; redis and MariaDB stop on it too.
-        self.signal_quietly(Signal::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!(
-            "server did not stop on SIGINT; killing it:\n{}",
-            read_log(&self.log)
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read_log(log: &Path) -> String {
-    fs::read_to_string(log).unwrap_or_default()
-}
-
-/// True once `addr` accepts; false if the process exits first.
-fn wait_listening(child: &mut Child, addr: SocketAddr, log: &Path) -> bool {
-    let deadline = Instant::now() + START_TIMEOUT;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return false;
-        }
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    panic!(
-        "not listening on {addr} after {START_TIMEOUT:?}:\n{}",
-        read_log(log)
-    );
-}
-
 fn temp_dir() -> TempDir {
     tempfile::tempdir().expect("temp dir")
 }
 
 // ------------------------------------------------------------------ redis
 
-const REDIS_SERVER: &str = "/usr/bin/redis-server";
-
 /// redis-server on a free port, nothing persisted, `extra` arguments added.
-fn start_redis(extra: &[&str]) -> Option<Server> {
-    require(
-        Path::new(REDIS_SERVER).exists(),
-        "redis-server is not installed (apt-get install redis-server)",
-    )?;
-    let dir = temp_dir();
-    let data = dir.path().to_path_buf();
-    Some(Server::start(dir, "redis", |port| {
-        let mut command = Command::new(REDIS_SERVER);
-        command.arg("--port").arg(port.to_string());
-        command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
-        command.args(["--daemonize", "no", "--logfile", ""]);
-        command.arg("--dir").arg(&data);
-        command.args(extra);
-        command
-    }))
+fn start_redis(extra: &[&str]) -> Option<RedisServer> {
+    or_skip(RedisServer::start(None, extra))
 }
 
 #[tokio::test]
@@ -192,8 +78,7 @@ async fn redis_primary_and_replica_report_their_roles() {
     let Some(primary) = start_redis(&[]) else {
         return;
     };
-    let primary_port = primary.port.to_string();
-    let Some(replica) = start_redis(&["--replicaof", "127.0.0.1", &primary_port]) else {
+    let Some(replica) = or_skip(RedisServer::start(Some(primary.addr()), &[])) else {
         return;
     };
     let config = config("redis");
@@ -264,7 +149,7 @@ async fn redis_stopped_is_down_within_the_timeout() {
     config.timeout = Duration::from_millis(500);
     assert_status(&check(&config, redis.addr()).await, CheckStatus::Up);
 
-    redis.signal(Signal::SIGSTOP);
+    redis.signal(Signal::SIGSTOP).expect("SIGSTOP");
     let started = Instant::now();
     let outcome = check(&config, redis.addr()).await;
     let took = started.elapsed();
@@ -272,29 +157,27 @@ async fn redis_stopped_is_down_within_the_timeout() {
     assert!(outcome.detail.contains("timeout"), "{outcome:?}");
     assert!(took < Duration::from_millis(1500), "took {took:?}");
 
-    redis.signal(Signal::SIGCONT);
+    redis.signal(Signal::SIGCONT).expect("SIGCONT");
     assert_status(&check(&config, redis.addr()).await, CheckStatus::Up);
 }
 
 #[tokio::test]
 async fn redis_sentinel_is_down_with_a_clear_detail() {
-    let Some(()) = require(
-        Path::new(REDIS_SERVER).exists(),
-        "redis-server is not installed (apt-get install redis-server)",
-    ) else {
+    let Some(redis_server) = or_skip(Redis::find()) else {
         return;
     };
     let dir = temp_dir();
     // Sentinel rewrites its config file, so it must be its own and writable.
     let conf = dir.path().join("sentinel.conf");
     fs::write(&conf, "").expect("write sentinel.conf");
-    let sentinel = Server::start(dir, "sentinel", |port| {
-        let mut command = Command::new(REDIS_SERVER);
+    let sentinel = HostServer::start("sentinel", dir.path(), |addr| {
+        let mut command = Command::new(&redis_server);
         command.arg(&conf).arg("--sentinel");
-        command.arg("--port").arg(port.to_string());
+        command.arg("--port").arg(addr.port().to_string());
         command.args(["--bind", "127.0.0.1", "--daemonize", "no", "--logfile", ""]);
         command
-    });
+    })
+    .expect("start redis-sentinel");
     let outcome = check(&config("redis"), sentinel.addr()).await;
     assert_status(&outcome, CheckStatus::Down);
     assert!(outcome.detail.contains("Sentinel"), "{outcome:?}");
@@ -314,75 +197,48 @@ async fn redis_loading_is_not_ready() {
 const PG_USER: &str = "checker";
 const PG_PASSWORD: &str = "pg-s3cret";
 
-/// initdb (md5 host auth, superuser `checker`) and postgres, as the `postgres`
-/// account, in a temp dir that account owns.
-fn start_postgres() -> Option<Server> {
+/// A PostgreSQL server of the test on a free port, and its cluster in a
+/// temporary directory (declared after the server, so it goes after it).
+struct Postgres {
+    server: HostServer,
+    cluster: PgCluster,
+}
+
+impl Postgres {
+    fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    /// The file that holds the superuser's password.
+    fn pwfile(&self) -> PathBuf {
+        self.cluster.dir().join("pwfile")
+    }
+}
+
+/// initdb (md5 host auth, superuser `checker`) and postgres.
+fn start_postgres() -> Option<Postgres> {
     start_postgres_as(false)
 }
 
 /// With `standby`, the cluster starts in standby mode (`standby.signal`,
 /// no primary to follow): a hot standby where `pg_is_in_recovery()` is true.
-fn start_postgres_as(standby: bool) -> Option<Server> {
-    let bin = postgres_bin();
-    require(
-        bin.is_some(),
-        "PostgreSQL is not installed (apt-get install postgresql)",
-    )?;
-    require(is_root(), "the PostgreSQL tests must run as root")?;
-    let account = postgres_account();
-    require(account.is_some(), "there is no `postgres` account")?;
-    let (bin, (uid, gid)) = (bin?, account?);
-    let dir = temp_dir();
-    let path = dir.path().to_path_buf();
-    let as_postgres = |program: &str| {
-        let mut command = Command::new(bin.join(program));
-        command.uid(uid).gid(gid).current_dir(&path);
-        command
+fn start_postgres_as(standby: bool) -> Option<Postgres> {
+    let login = Login::Password {
+        user: PG_USER,
+        password: PG_PASSWORD,
     };
-    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown the temp dir");
-    fs::write(path.join("pwfile"), format!("{PG_PASSWORD}\n")).expect("write pwfile");
-    std::os::unix::fs::chown(path.join("pwfile"), Some(uid), Some(gid)).expect("chown pwfile");
-    let initdb = as_postgres("initdb")
-        .arg("-D")
-        .arg(path.join("data"))
-        // `md5` in pg_hba.conf: a role whose password is stored as SCRAM
-        // logs in with SCRAM, one stored as md5 with md5, so one cluster
-        // covers both methods.
-        .args([
-            "--auth-host=md5",
-            "--auth-local=trust",
-            "--pwfile=pwfile",
-            "-U",
-            PG_USER,
-        ])
-        .args(["--no-sync", "--no-instructions", "-E", "UTF8", "--locale=C"])
-        .output()
-        .expect("run initdb");
-    assert!(initdb.status.success(), "initdb: {initdb:?}");
+    let cluster = or_skip(PgCluster::init_with(login))?;
     if standby {
-        let signal = path.join("data/standby.signal");
-        fs::write(&signal, "").expect("write standby.signal");
-        std::os::unix::fs::chown(&signal, Some(uid), Some(gid)).expect("chown standby.signal");
+        cluster.make_standby().expect("write standby.signal");
     }
-    Some(Server::start(dir, "postgres", |port| {
-        let mut command = as_postgres("postgres");
-        command.arg("-D").arg(path.join("data"));
-        command.arg("-p").arg(port.to_string());
-        command.arg("-k").arg(&path);
-        for setting in [
-            "listen_addresses=127.0.0.1",
-            "fsync=off",
-            "shared_buffers=16MB",
-        ] {
-            command.args(["-c", setting]);
-        }
-        // A hot standby refuses fewer connections than its primary had
-        // (initdb's 100, recorded in pg_control).
-        if !standby {
-            command.args(["-c", "max_connections=20"]);
-        }
-        command
-    }))
+    let mut settings = vec!["shared_buffers=16MB"];
+    // A hot standby refuses fewer connections than its primary had
+    // (initdb's 100, recorded in pg_control).
+    if !standby {
+        settings.push("max_connections=20");
+    }
+    let server = cluster.start_on_host(&settings).expect("start postgres");
+    Some(Postgres { server, cluster })
 }
 
 fn postgres_login(password: &str) -> CheckConfig {
@@ -426,7 +282,7 @@ async fn postgres_sslrequest_and_login() {
 
     let mut from_file = postgres_login("");
     from_file.password = None;
-    from_file.password_file = Some(pg.dir.path().join("pwfile"));
+    from_file.password_file = Some(pg.pwfile());
     assert_status(&check(&from_file, pg.addr()).await, CheckStatus::Up);
 
     // initdb with md5 host auth stores the superuser's password as md5; a
@@ -515,9 +371,15 @@ fn mariadb_installed() -> Option<()> {
     )
 }
 
+/// A MariaDB server of the test, and its temporary directory.
+struct MariaDb {
+    server: HostServer,
+    _dir: TempDir,
+}
+
 /// mariadb-install-db into a temp dir, then mariadbd with `init_sql` run
 /// at start (one statement per line).
-fn start_mariadb(init_sql: &str) -> Server {
+fn start_mariadb(init_sql: &str) -> MariaDb {
     let dir = temp_dir();
     let path = dir.path().to_path_buf();
     let data = path.join("data");
@@ -540,7 +402,11 @@ fn start_mariadb(init_sql: &str) -> Server {
     let init = path.join("init.sql");
     fs::write(&init, init_sql).expect("write init.sql");
     let init_arg = format!("--init-file={}", init.display());
-    Server::start(dir, "mariadb", |port| mariadbd(&path, port, &[&init_arg]))
+    let server = HostServer::start("mariadb", &path, |addr| {
+        mariadbd(&path, addr.port(), &[&init_arg])
+    })
+    .expect("start mariadbd");
+    MariaDb { server, _dir: dir }
 }
 
 fn mysql_user(user: &str) -> CheckConfig {
@@ -549,8 +415,8 @@ fn mysql_user(user: &str) -> CheckConfig {
     config
 }
 
-fn aborted_connections(server: &Server) -> usize {
-    read_log(&server.log).matches("Aborted connection").count()
+fn aborted_connections(server: &HostServer) -> usize {
+    server.log().matches("Aborted connection").count()
 }
 
 #[tokio::test]
@@ -558,10 +424,11 @@ async fn mysql_greeting_and_login_against_mariadb() {
     let Some(()) = mariadb_installed() else {
         return;
     };
-    let server = start_mariadb(
+    let mariadb = start_mariadb(
         "CREATE USER 'pulsegate_check'@'127.0.0.1';\n\
          CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY 'app-pw';\n",
     );
+    let server = &mariadb.server;
     let greeting = wait_for(
         &config("mysql"),
         server.addr(),
@@ -575,7 +442,7 @@ async fn mysql_greeting_and_login_against_mariadb() {
     // A login that ends in COM_QUIT leaves nothing in the server's log (a
     // greeting-only check logs an aborted connection every time).
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let aborted = aborted_connections(&server);
+    let aborted = aborted_connections(server);
     for _ in 0..3 {
         let login = check(&mysql_user("pulsegate_check"), server.addr()).await;
         assert_status(&login, CheckStatus::Up);
@@ -585,12 +452,7 @@ async fn mysql_greeting_and_login_against_mariadb() {
         );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        aborted_connections(&server),
-        aborted,
-        "{}",
-        read_log(&server.log)
-    );
+    assert_eq!(aborted_connections(server), aborted, "{}", server.log());
 
     for user in ["app", "nosuchuser"] {
         let refused = check(&mysql_user(user), server.addr()).await;
@@ -613,10 +475,11 @@ async fn mysql_refusal_of_mariadb_is_down_with_its_error() {
         return;
     };
     // Only a user at another host: 127.0.0.1 gets ERR 1130 instead of a greeting.
-    let server = start_mariadb(
+    let mariadb = start_mariadb(
         "DELETE FROM mysql.global_priv;\nDELETE FROM mysql.proxies_priv;\n\
          FLUSH PRIVILEGES;\nCREATE USER 'app'@'192.0.2.1';\n",
     );
+    let server = &mariadb.server;
     let deadline = Instant::now() + START_TIMEOUT;
     let outcome = loop {
         let outcome = check(&config("mysql"), server.addr()).await;
@@ -842,7 +705,7 @@ async fn postgres_fenced_primary_reports_the_replica_role() {
     assert_eq!(ready.role, Some(Role::Primary), "{ready:?}");
     let (client, connection) = tokio_postgres::Config::new()
         .host("127.0.0.1")
-        .port(pg.port)
+        .port(pg.addr().port())
         .user(PG_USER)
         .password(PG_PASSWORD)
         .dbname("postgres")
@@ -907,7 +770,7 @@ async fn a_read_only_reply_through_pulsegate_has_the_primary_checked_at_once() {
             .dbname("postgres");
         config
     };
-    let (admin, connection) = config(pg.port)
+    let (admin, connection) = config(pg.addr().port())
         .connect(tokio_postgres::NoTls)
         .await
         .expect("log in directly");

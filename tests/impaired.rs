@@ -10,18 +10,14 @@
 //! ends while its backend lives is a false eviction; each test asserts
 //! there were none, and that its impairment really hit the link.
 
-#[path = "support/fleet.rs"]
-mod fleet;
-#[path = "support/servers.rs"]
-mod servers;
 mod support;
 
 use std::io::{Read, Write};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fleet::{Fleet, FleetReport};
+use pulsegate::lab::servers::redis::Redis;
 use pulsegate::lab::{Direction, Impairment, LabProcess, LinkedLab, ProxyConfig};
+use support::fleet::{self, Fleet, FleetReport};
 use support::*;
 
 fn far_backend() -> std::net::SocketAddr {
@@ -313,23 +309,23 @@ fn one_silently_dropped_flow_is_evicted_alone_within_ten_seconds() {
 /// within 1.5 s and every session of it reset).
 #[test]
 fn a_check_on_a_far_link_never_marks_a_live_backend_down() {
-    if servers::require(
-        servers::installed("redis-server"),
-        "redis-server is not installed (apt-get install redis-server)",
-    )
-    .is_none()
-    {
+    let Some(redis_program) = or_skip(Redis::find()) else {
         return;
-    }
+    };
     let Some(lab) = linked_lab_or_skip("far-check") else {
         return;
     };
     let backend = LinkedLab::far_addr(6379);
-    let mut redis = Command::new("redis-server");
-    redis.args(["--bind", &backend.ip().to_string(), "--port", "6379"]);
-    redis.args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
-    redis.arg("--dir").arg(lab.far().dir());
-    let redis = lab.far().spawn(redis).expect("start redis-server");
+    let redis = Redis {
+        program: redis_program,
+        dir: lab.far().dir().to_path_buf(),
+        replica_of: None,
+        args: Vec::new(),
+    };
+    let redis = lab
+        .far()
+        .spawn(redis.command(backend))
+        .expect("start redis-server");
     lab.far()
         .wait_ready(&redis, backend, Duration::from_secs(10))
         .expect("redis-server listens");

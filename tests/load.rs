@@ -12,15 +12,17 @@
 //! Everything listens on free 127.0.0.1 ports with data in temp dirs, so
 //! the tests run beside the rest of the suite.
 
-#[path = "support/servers.rs"]
-mod servers;
+mod support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use servers::{require, run_bounded, state_changes, HostProxy, PgCluster, PgServer, PG_USER};
+use pulsegate::lab::servers::find_program;
+use pulsegate::lab::servers::postgres::USER as PG_USER;
+use support::or_skip;
+use support::servers::{run_bounded, state_changes, HostProxy, PgCluster, RedisServer};
 
 /// How long each load runs: `LOAD_SECS`, default 20.
 fn load_duration() -> Duration {
@@ -30,10 +32,6 @@ fn load_duration() -> Duration {
         .filter(|&s| s > 0)
         .unwrap_or(20);
     Duration::from_secs(secs)
-}
-
-fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_pulsegate"))
 }
 
 /// Product defaults, plus a check of `kind`.
@@ -106,18 +104,22 @@ fn command_calls(info: &str, command: &str) -> u64 {
 
 #[test]
 fn redis_benchmark_through_pulsegate_without_false_alarm() {
-    let tools = ["redis-server", "redis-benchmark", "redis-cli"];
-    if require(
-        tools.iter().all(|t| servers::installed(t)),
-        "redis-server / redis-benchmark / redis-cli are not installed \
-         (apt-get install redis-server redis-tools)",
-    )
-    .is_none()
-    {
-        return;
+    let tools = [
+        ("redis-benchmark", "redis-tools"),
+        ("redis-cli", "redis-tools"),
+    ];
+    for (program, package) in tools {
+        if or_skip(find_program(program, package)).is_none() {
+            return;
+        }
     }
-    let redis = servers::RedisServer::start();
-    let proxy = HostProxy::start(&exe(), |bind| config("redis", bind, redis.addr, "redis"));
+    let Some(redis) = or_skip(RedisServer::start(None, &[])) else {
+        return;
+    };
+    let redis_addr = redis.addr();
+    let proxy = HostProxy::start(&support::exe(), |bind| {
+        config("redis", bind, redis_addr, "redis")
+    });
     let load = load_duration();
 
     // Repeated redis-benchmark runs (16 clients, keep-alive) until the
@@ -152,7 +154,7 @@ fn redis_benchmark_through_pulsegate_without_false_alarm() {
         }
     }
     let elapsed = started.elapsed();
-    let info = redis_cli(redis.addr, &["INFO", "all"]);
+    let info = redis_cli(redis_addr, &["INFO", "all"]);
     let error_replies = info_field(&info, "total_error_replies");
     let checks = command_calls(&info, "ping");
 
@@ -192,8 +194,8 @@ fn redis_benchmark_through_pulsegate_without_false_alarm() {
 // --------------------------------------------------------------- postgres
 
 /// `pgbench ARGS` through pulsegate, bounded; its output (both streams).
-fn pgbench(cluster: &PgCluster, proxy: SocketAddr, args: &[&str], timeout: Duration) -> String {
-    let mut command = Command::new(cluster.client("pgbench"));
+fn pgbench(program: &Path, proxy: SocketAddr, args: &[&str], timeout: Duration) -> String {
+    let mut command = Command::new(program);
     command
         .args([
             "-h",
@@ -226,32 +228,24 @@ fn figure(output: &str, prefix: &str) -> Option<f64> {
 
 #[test]
 fn pgbench_through_pulsegate_without_false_alarm() {
-    let Some(bin) = servers::postgres_bin() else {
-        require(
-            false,
-            "PostgreSQL is not installed (apt-get install postgresql-15)",
-        );
+    let Some(cluster) = or_skip(PgCluster::init()) else {
         return;
     };
-    if require(
-        bin.join("pgbench").exists(),
-        "pgbench is not installed (apt-get install postgresql-15)",
-    )
-    .is_none()
-    {
-        return;
-    }
-    let Some(cluster) = PgCluster::init() else {
+    let Some(pgbench_program) = or_skip(cluster.install().client("pgbench")) else {
         return;
     };
     // log_connections: every connection, pulsegate's checks included, is
     // one "connection received" line of the server's log.
-    let pg = PgServer::start(&cluster, &["log_connections=on", "max_connections=50"]);
-    let proxy = HostProxy::start(&exe(), |bind| config("pg", bind, pg.addr, "postgres"));
+    let pg = cluster
+        .start_on_host(&["log_connections=on", "max_connections=50"])
+        .expect("start postgres");
+    let proxy = HostProxy::start(&support::exe(), |bind| {
+        config("pg", bind, pg.addr(), "postgres")
+    });
     let load = load_duration();
 
     let init = pgbench(
-        &cluster,
+        &pgbench_program,
         proxy.addr,
         &["-i", "-s", "1", "-q"],
         Duration::from_secs(120),
@@ -262,7 +256,7 @@ fn pgbench_through_pulsegate_without_false_alarm() {
     let secs = load.as_secs().to_string();
     let started = Instant::now();
     let run = pgbench(
-        &cluster,
+        &pgbench_program,
         proxy.addr,
         &["-c", "8", "-j", "2", "-T", &secs, "-P", "5"],
         load + Duration::from_secs(60),

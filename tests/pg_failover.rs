@@ -11,18 +11,19 @@
 //! `postgresql-client-15` for psql); without them the test prints
 //! "skipping: <reason>", and fails under `CI=true`.
 
-#[path = "support/servers.rs"]
-mod servers;
 mod support;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use pulsegate::lab::servers::kill_group;
+use pulsegate::lab::servers::postgres::USER as PG_USER;
 use pulsegate::lab::{Lab, LabProcess};
-use servers::{json_lines, kill_group, require, state_changes, PgCluster, PG_USER};
-use support::{connect, exe, lab_or_skip, proxy_addr};
+use support::servers::{json_lines, state_changes, PgCluster};
+use support::{connect, exe, lab_or_skip, or_skip, proxy_addr};
 
 const A: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5433);
 const B: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5434);
@@ -39,10 +40,10 @@ struct LabPostgres {
 
 impl LabPostgres {
     fn start(lab: &Lab, cluster: &PgCluster, addr: SocketAddr, label: &str) -> LabPostgres {
-        let command = cluster.postgres_command(addr.ip(), addr.port(), &["max_connections=30"]);
+        let command = cluster.postmaster_in_own_session(addr, &["max_connections=30"]);
         let process = lab.spawn_as(label, command).expect("start postgres");
         let server = LabPostgres { process };
-        lab.wait_ready(&server.process, addr, servers::START_TIMEOUT)
+        lab.wait_ready(&server.process, addr, support::servers::START_TIMEOUT)
             .unwrap_or_else(|e| panic!("postgres {label} on {addr}: {e}"));
         server
     }
@@ -73,8 +74,8 @@ impl Drop for LabPostgres {
 
 /// Runs `psql -XAt -c SQL` against pulsegate inside the lab, bounded: its
 /// trimmed stdout, or `Err(stderr)`.
-fn psql(lab: &Lab, cluster: &PgCluster, sql: &str) -> Result<String, String> {
-    let mut command = Command::new(cluster.client("psql"));
+fn psql(lab: &Lab, program: &Path, sql: &str) -> Result<String, String> {
+    let mut command = Command::new(program);
     command
         .args(["-XAt", "-v", "ON_ERROR_STOP=1", "-h"])
         .arg(proxy_addr().ip().to_string())
@@ -105,11 +106,11 @@ fn psql(lab: &Lab, cluster: &PgCluster, sql: &str) -> Result<String, String> {
 
 /// Repeats `psql select inet_server_port()` until it answers `port` or
 /// `within` passes; the time it first did.
-fn wait_served_by(lab: &Lab, cluster: &PgCluster, port: u16, within: Duration) -> Instant {
+fn wait_served_by(lab: &Lab, psql_program: &Path, port: u16, within: Duration) -> Instant {
     let deadline = Instant::now() + within;
     let mut last = Err(String::new());
     loop {
-        let answer = psql(lab, cluster, "select inet_server_port()");
+        let answer = psql(lab, psql_program, "select inet_server_port()");
         if answer.as_deref() == Ok(port.to_string().as_str()) {
             return Instant::now();
         }
@@ -186,24 +187,16 @@ fn secs(d: Duration) -> String {
 
 #[test]
 fn psql_fails_over_from_a_vanished_postgres_and_back() {
-    if require(
-        servers::installed("psql")
-            || servers::postgres_bin().is_some_and(|b| b.join("psql").exists()),
-        "psql is not installed (apt-get install postgresql-client-15)",
-    )
-    .is_none()
-    {
-        return;
-    }
     let Some(lab) = lab_or_skip("pgfail") else {
         return;
     };
-    let Some(cluster_a) = PgCluster::init() else {
+    let Some(cluster_a) = or_skip(PgCluster::init()) else {
         return;
     };
-    let Some(cluster_b) = PgCluster::init() else {
+    let Some(psql_program) = or_skip(cluster_a.install().client("psql")) else {
         return;
     };
+    let cluster_b = PgCluster::init().expect("a second cluster");
     let mut a = Some(LabPostgres::start(&lab, &cluster_a, A, "postgres-a"));
     let _b = LabPostgres::start(&lab, &cluster_b, B, "postgres-b");
     let proxy = lab
@@ -212,13 +205,13 @@ fn psql_fails_over_from_a_vanished_postgres_and_back() {
 
     // psql through pulsegate works, and first_healthy picks A.
     let started = Instant::now();
-    wait_served_by(&lab, &cluster_a, A.port(), Duration::from_secs(10));
+    wait_served_by(&lab, &psql_program, A.port(), Duration::from_secs(10));
     eprintln!(
         "psql through pulsegate reaches A after {}",
         secs(started.elapsed())
     );
     assert_eq!(
-        psql(&lab, &cluster_a, "select 1").as_deref(),
+        psql(&lab, &psql_program, "select 1").as_deref(),
         Ok("1"),
         "psql -c 'select 1' through pulsegate"
     );
@@ -294,12 +287,12 @@ fn psql_fails_over_from_a_vanished_postgres_and_back() {
 
     let down_at = wait_state(&proxy, before_fault, A, "down", Duration::from_secs(5));
     eprintln!("A reported down {} after the fault", secs(down_at - fault));
-    let on_b = wait_served_by(&lab, &cluster_b, B.port(), Duration::from_secs(10));
+    let on_b = wait_served_by(&lab, &psql_program, B.port(), Duration::from_secs(10));
     eprintln!("new psql reaches B {} after the fault", secs(on_b - fault));
     // Now that A is down, every new connection goes straight to B.
     let direct = Instant::now();
     assert_eq!(
-        psql(&lab, &cluster_b, "show port").as_deref(),
+        psql(&lab, &psql_program, "show port").as_deref(),
         Ok(B.port().to_string().as_str())
     );
     eprintln!("psql while A is down takes {}", secs(direct.elapsed()));
@@ -327,7 +320,7 @@ fn psql_fails_over_from_a_vanished_postgres_and_back() {
         secs(listening - restart)
     );
     let up_at = wait_state(&proxy, before_restart, A, "up", Duration::from_secs(10));
-    let back = wait_served_by(&lab, &cluster_a, A.port(), Duration::from_secs(10));
+    let back = wait_served_by(&lab, &psql_program, A.port(), Duration::from_secs(10));
     eprintln!(
         "A reported up {} and new psql reaches A {} after it listens again",
         secs(up_at.saturating_duration_since(listening)),

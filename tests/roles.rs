@@ -6,65 +6,49 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use pulsegate::lab::servers::find_program;
+use support::or_skip;
+use support::servers::RedisServer;
 use tokio_util::sync::CancellationToken;
 
 const CHECK_INTERVAL: Duration = Duration::from_millis(300);
 
-/// A redis-server on a free loopback port, killed on drop.
+/// A redis-server on a free loopback port, stopped on drop.
 struct Redis {
     port: u16,
-    child: Child,
-    /// Replication writes an RDB file: keep it out of the source tree.
-    _dir: tempfile::TempDir,
+    server: RedisServer,
 }
 
 impl Redis {
-    fn start(replica_of: Option<u16>) -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new("redis-server");
-        cmd.arg("--dir").arg(dir.path());
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]);
-        cmd.args(["--enable-debug-command", "yes"]);
-        if let Some(master) = replica_of {
-            cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
+    /// A primary, or a replica of the one on port `replica_of`; DEBUG
+    /// enabled (a slow command on demand). `None` (skipping, or failing
+    /// under CI) when redis-server or redis-cli is not installed.
+    fn start(replica_of: Option<u16>) -> Option<Redis> {
+        or_skip(find_program("redis-cli", "redis-tools"))?;
+        let primary = replica_of.map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
+        let server = or_skip(RedisServer::start(
+            primary,
+            &["--enable-debug-command", "yes"],
+        ))?;
         let redis = Redis {
-            port,
-            child,
-            _dir: dir,
+            port: server.addr().port(),
+            server,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while redis.cmd(&["PING"]).as_deref() != Some("PONG") {
             assert!(
                 Instant::now() < deadline,
-                "redis-server on {port} did not start"
+                "redis-server on {} did not start",
+                redis.port
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        redis
+        Some(redis)
     }
 
     fn addr(&self) -> SocketAddr {
@@ -75,12 +59,9 @@ impl Redis {
     fn cmd(&self, args: &[&str]) -> Option<String> {
         cli(self.port, args)
     }
-}
 
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn signal(&self, signal: Signal) {
+        self.server.signal(signal).expect("signal redis-server");
     }
 }
 
@@ -96,23 +77,12 @@ fn cli(port: u16, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn redis_available() -> bool {
-    let ok = Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_ok()
-        && Command::new("redis-cli").arg("--version").output().is_ok();
-    if !ok {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true but redis-server / redis-cli are not installed (apt-get install redis-server)"
-        );
-        eprintln!(
-            "skipping: redis-server / redis-cli not installed (apt-get install redis-server)"
-        );
-    }
-    ok
+/// A primary `a` and, with `b_replica`, `b` as its replica (else another
+/// primary), or `None` when redis is not installed (see [`Redis::start`]).
+fn two_servers(b_replica: bool) -> Option<(Redis, Redis)> {
+    let a = Redis::start(None)?;
+    let b = Redis::start(b_replica.then_some(a.port))?;
+    Some((a, b))
 }
 
 /// The port of the redis-server that answers a new connection through
@@ -123,11 +93,9 @@ fn served_port(proxy: u16) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_connections_follow_the_master_and_old_sessions_are_evicted() {
-    if !redis_available() {
+    let Some((a, b)) = two_servers(true) else {
         return;
-    }
-    let a = Redis::start(None);
-    let b = Redis::start(Some(a.port));
+    };
     // b is listed first: role = "primary" must override the order.
     let text = format!(
         "[[listener]]\nname = \"redis\"\nbind = \"127.0.0.1:0\"\nbackends = [\"{}\", \"{}\"]\n\
@@ -215,11 +183,9 @@ async fn new_connections_follow_the_master_and_old_sessions_are_evicted() {
 /// while the check interval is 4 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_readonly_reply_has_the_roles_checked_at_once() {
-    if !redis_available() {
+    let Some((a, b)) = two_servers(true) else {
         return;
-    }
-    let a = Redis::start(None);
-    let b = Redis::start(Some(a.port));
+    };
     let text = format!(
         "[[listener]]\nname = \"redis\"\nbind = \"127.0.0.1:0\"\nbackends = [\"{}\", \"{}\"]\n\
          [listener.check]\nkind = \"redis\"\ninterval = \"4s\"\ntimeout = \"1s\"\njitter = \"0s\"\n\
@@ -336,11 +302,9 @@ fn wait_served_by(proxy: u16, port: u16, within: Duration) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_backend_is_marked_down_by_its_check_and_comes_back() {
-    if !redis_available() {
+    let Some((a, b)) = two_servers(false) else {
         return;
-    }
-    let a = Redis::start(None);
-    let b = Redis::start(None);
+    };
     let (proxy, stop) = start_proxy(
         &[a.addr(), b.addr()],
         "interval = \"300ms\"\ntimeout = \"300ms\"\nrise = 2\nfall = 2",
@@ -349,8 +313,7 @@ async fn frozen_backend_is_marked_down_by_its_check_and_comes_back() {
     tokio::task::spawn_blocking(move || {
         wait_served_by(proxy, a.port, Duration::from_secs(5));
         let mut pooled = pooled_ping(proxy);
-        let pid = nix::unistd::Pid::from_raw(a.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        a.signal(Signal::SIGSTOP);
         let frozen = Instant::now();
         // Its kernel still ACKs, so only the application check can tell.
         let moved = wait_served_by(proxy, b.port, Duration::from_secs(5));
@@ -373,7 +336,7 @@ async fn frozen_backend_is_marked_down_by_its_check_and_comes_back() {
             "its idle session was evicted {:.2} s after the freeze",
             frozen.elapsed().as_secs_f64()
         );
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+        a.signal(Signal::SIGCONT);
         // b stays first_healthy's second choice: a comes back first in order.
         let back = wait_served_by(proxy, a.port, Duration::from_secs(5));
         eprintln!(
@@ -389,11 +352,9 @@ async fn frozen_backend_is_marked_down_by_its_check_and_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_but_alive_backend_is_not_marked_down() {
-    if !redis_available() {
+    let Some((a, b)) = two_servers(false) else {
         return;
-    }
-    let a = Redis::start(None);
-    let b = Redis::start(None);
+    };
     // The check's timeout is above the 1.5 s that the server will be busy.
     let (proxy, stop) = start_proxy(
         &[a.addr(), b.addr()],
@@ -432,11 +393,9 @@ async fn busy_but_alive_backend_is_not_marked_down() {
 #[cfg(feature = "bench")]
 #[test]
 fn the_benchs_role_flip_swaps_roles_and_leaves_every_connection_open() {
-    if !redis_available() {
+    let Some((a, b)) = two_servers(true) else {
         return;
-    }
-    let a = Redis::start(None);
-    let b = Redis::start(Some(a.port));
+    };
     let mut on_a = TcpStream::connect(a.addr()).unwrap();
     let mut on_b = TcpStream::connect(b.addr()).unwrap();
     let ask = |stream: &mut TcpStream, command: &str| -> String {

@@ -2,8 +2,8 @@
 //! against a live proxy.
 
 use super::kubernetes::pre_stop_command;
-use super::servers::run_bounded;
 use super::*;
+use crate::support::servers::run_bounded;
 
 /// The Dockerfile's HEALTHCHECK and the pods' preStop hook exec the binary
 /// (the image has no shell): both commands work against a running proxy.

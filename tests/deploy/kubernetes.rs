@@ -148,12 +148,10 @@ impl Validator {
 /// The validator, or `None` after a skip message; in CI its absence fails.
 fn validator_or_skip() -> Option<Validator> {
     let found = Validator::find();
-    if found.is_none() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("kubernetes-validate not found on PATH or in ~/.local/bin; install it: {VALIDATOR_INSTALL}");
-        }
-        eprintln!("skipped: kubernetes-validate not found; install it: {VALIDATOR_INSTALL}");
-    }
+    support::require(
+        found.is_some(),
+        format!("kubernetes-validate is not on PATH or in ~/.local/bin (install it: {VALIDATOR_INSTALL})"),
+    )?;
     found
 }
 

@@ -4,13 +4,11 @@
 //! verifies, the commands the image and the pods exec work, and every metric
 //! the Grafana dashboard queries is one that a running proxy exports.
 
-#[path = "../support/admin.rs"]
-mod admin;
 mod dashboard;
 mod hooks;
 mod kubernetes;
-#[path = "../support/servers.rs"]
-mod servers;
+#[path = "../support/mod.rs"]
+mod support;
 mod systemd;
 
 use std::io::{Read, Write};
@@ -19,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use servers::free_port;
+use support::admin;
+use support::servers::free_port;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pulsegate");
 /// Where the image and the systemd unit install the binary.

@@ -1,15 +1,29 @@
-//! Test helpers on top of `pulsegate::lab`: getting a lab (or skipping),
-//! starting the echo backend and pulsegate in it, client sockets with
-//! bounded waits, and the eviction events of pulsegate's JSON log.
-#![allow(dead_code)] // each test file uses its own subset
+//! Test helpers on top of `pulsegate::lab`: the rule for a missing
+//! prerequisite ([`or_skip`], [`require`]), getting a lab, starting the
+//! echo backend and pulsegate in it, pulsegate in the test's own process
+//! ([`in_process_proxy`]), client sockets with bounded waits, and the
+//! eviction events of pulsegate's JSON log. Submodules: [`servers`] (real
+//! servers and pulsegate on the host), [`fleet`] (many client sessions),
+//! [`admin`] (an HTTP client for the admin server).
+// Every test file compiles this whole tree and uses its own part of it:
+// what one file leaves unused is not dead code.
+#![allow(dead_code)]
 
+// tests/admin_lab.rs also includes admin.rs by `#[path]` (it is to use
+// this one instead); until then clippy sees the file loaded twice there.
+#[allow(clippy::duplicate_mod)]
+pub mod admin;
+pub mod fleet;
+pub mod servers;
+
+use std::fmt::Display;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pulsegate::lab::{Lab, LabError, LabProcess, LinkedLab, ProxyConfig};
+use pulsegate::lab::servers::ServerError;
+use pulsegate::lab::{EchoBackend, Lab, LabError, LabProcess, LinkedLab, ProxyConfig, ReadPause};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
@@ -32,9 +46,53 @@ pub fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pulsegate"))
 }
 
-/// A fresh lab, or `None` (after saying why) where namespaces cannot be
-/// made. Under `CI=true` a missing lab fails the test instead: CI must
-/// run these tests, not skip them.
+/// The one rule for a test whose prerequisite is missing here (not root,
+/// a server not installed): `Some(())` when `available`; else, under
+/// `CI=true`, a failure (CI must run every test, not skip it), and
+/// elsewhere "skipping: <why>" and `None`, so the test returns early.
+/// `why` says what is missing and how to install it (for a program, the
+/// Debian package).
+pub fn require(available: bool, why: impl Display) -> Option<()> {
+    if available {
+        return Some(());
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but {why}");
+    }
+    eprintln!("skipping: {why}");
+    None
+}
+
+/// An error that may say a prerequisite of the test is missing here.
+pub trait Prerequisite: Display {
+    /// True when it says what is missing (rather than what failed).
+    fn is_missing(&self) -> bool;
+}
+
+impl Prerequisite for LabError {
+    fn is_missing(&self) -> bool {
+        matches!(self, LabError::Unavailable(_))
+    }
+}
+
+impl Prerequisite for ServerError {
+    fn is_missing(&self) -> bool {
+        matches!(self, ServerError::Missing(_))
+    }
+}
+
+/// [`require`] for something made or found: the value, or `None` when the
+/// error says a prerequisite is missing (a failure under `CI=true`); any
+/// other error fails the test.
+pub fn or_skip<T, E: Prerequisite>(made: Result<T, E>) -> Option<T> {
+    match made {
+        Ok(value) => Some(value),
+        Err(e) if e.is_missing() => require(false, e).and(None),
+        Err(e) => panic!("cannot set up the test: {e}"),
+    }
+}
+
+/// A fresh lab, or `None` like [`or_skip`] where namespaces cannot be made.
 pub fn lab_or_skip(tag: &str) -> Option<Lab> {
     or_skip(Lab::new(tag))
 }
@@ -43,20 +101,6 @@ pub fn lab_or_skip(tag: &str) -> Option<Lab> {
 /// far), or `None` like [`lab_or_skip`].
 pub fn linked_lab_or_skip(tag: &str) -> Option<LinkedLab> {
     or_skip(LinkedLab::new(tag))
-}
-
-fn or_skip<T>(made: Result<T, LabError>) -> Option<T> {
-    match made {
-        Ok(lab) => Some(lab),
-        Err(LabError::Unavailable(reason)) => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("CI=true but the namespace lab is unavailable: {reason}");
-            }
-            eprintln!("skipping: {reason}");
-            None
-        }
-        Err(e) => panic!("cannot set up the lab: {e}"),
-    }
 }
 
 /// Starts `pulsegate lab-backend --listen 127.0.0.1:7000` and waits until
@@ -71,19 +115,13 @@ pub fn start_echo_backend_on(
     addr: SocketAddr,
     pause: Option<(u64, Duration)>,
 ) -> LabProcess {
-    let mut command = Command::new(exe());
-    command.args(["lab-backend", "--listen", &addr.to_string()]);
-    command.args(["--max-lifetime", "5m"]);
-    if let Some((bytes, duration)) = pause {
-        command.args(["--pause-reading-after", &bytes.to_string()]);
-        command.args(["--pause-for", &format!("{}ms", duration.as_millis())]);
-    }
-    let backend = lab
-        .spawn_as("backend", command)
-        .expect("start the echo backend");
-    lab.wait_ready(&backend, addr, SETUP_TIMEOUT)
-        .expect("echo backend listening");
-    backend
+    let mut echo = EchoBackend::new(&exe(), Duration::from_secs(5 * 60));
+    echo.pause = pause.map(|(after_bytes, duration)| ReadPause {
+        after_bytes,
+        duration,
+    });
+    lab.start_echo_backend(&echo, addr)
+        .expect("start the echo backend")
 }
 
 /// Starts `pulsegate --log-format json run` on 127.0.0.1:6432 in front of
