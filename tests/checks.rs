@@ -758,7 +758,11 @@ async fn a_read_only_reply_through_pulsegate_has_the_primary_checked_at_once() {
          [listener.routing]\nrole = \"primary\"\ndown_grace = \"200ms\"\n",
         pg.addr()
     );
-    let (proxy, stop) = support::in_process_proxy(&text).await;
+    let support::InProcessProxy {
+        addr: proxy,
+        shutdown: stop,
+        ..
+    } = support::in_process_proxy(&text).await;
     let started = Instant::now();
     let config = |port: u16| {
         let mut config = tokio_postgres::Config::new();

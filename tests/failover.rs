@@ -53,17 +53,12 @@ impl Backend {
 }
 
 async fn proxy(backends: &[SocketAddr], extra: &str) -> (SocketAddr, CancellationToken) {
-    let list = backends
-        .iter()
-        .map(|b| format!("\"{b}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nbackends = [{list}]\n\
-         [listener.check]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\n\
-         jitter = \"0s\"\nrise = 2\nfall = 2\n{extra}\n"
+    let more = format!(
+        "[listener.check]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\n\
+         jitter = \"0s\"\nrise = 2\nfall = 2\n{extra}"
     );
-    support::in_process_proxy(&text).await
+    let proxy = support::in_process_proxy(&support::listener_toml("t", backends, &more)).await;
+    (proxy.addr, proxy.shutdown)
 }
 
 /// Sends `msg` and returns the backend's tag.

@@ -2,6 +2,8 @@
 //! in each direction, many sessions, backend failover on connect, limits,
 //! and drain on shutdown.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -9,49 +11,12 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
-struct Proxy {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
+use support::{echo_backend, in_process_proxy, listener_toml, InProcessProxy};
 
-/// Starts an in-process proxy with one listener on an ephemeral port.
-async fn proxy(backends: &[SocketAddr], extra: &str) -> Proxy {
-    let list = backends
-        .iter()
-        .map(|b| format!("\"{b}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\nbackends = [{list}]\n{extra}\n"
-    );
-    let config = pulsegate::config::parse(&text, "test.toml").expect("valid test config");
-    let bound = pulsegate::proxy::bind_all(&config).await.expect("bind");
-    let addr = bound[0].1.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(pulsegate::proxy::serve(bound, shutdown.clone()));
-    Proxy {
-        addr,
-        shutdown,
-        task,
-    }
-}
-
-async fn echo_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
+/// An in-process proxy with one listener on an ephemeral port.
+async fn proxy(backends: &[SocketAddr], extra: &str) -> InProcessProxy {
+    in_process_proxy(&listener_toml("test", backends, extra)).await
 }
 
 fn refusing_addr() -> SocketAddr {
@@ -158,7 +123,7 @@ async fn backend_fin_is_forwarded_while_the_client_keeps_sending() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_sessions_each_get_their_own_bytes_back() {
-    let backend = echo_backend().await;
+    let backend = echo_backend();
     let p = proxy(&[backend], "").await;
     let mut clients = Vec::new();
     for i in 0..200u32 {
@@ -187,7 +152,7 @@ async fn two_hundred_concurrent_sessions_each_get_their_own_bytes_back() {
 /// directions at once (the echo), must get every byte back in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_messages_bulk_and_small_again_arrive_exact() {
-    let backend = echo_backend().await;
+    let backend = echo_backend();
     let p = proxy(&[backend], "").await;
     let mut client = TcpStream::connect(p.addr).await.unwrap();
     let mut sizes = Vec::new();
@@ -231,7 +196,7 @@ async fn small_messages_bulk_and_small_again_arrive_exact() {
 
 #[tokio::test]
 async fn refused_first_backend_fails_over_to_the_second() {
-    let backend = echo_backend().await;
+    let backend = echo_backend();
     let p = proxy(&[refusing_addr(), backend], "").await;
     let mut c = TcpStream::connect(p.addr).await.unwrap();
     c.write_all(b"hello").await.unwrap();
@@ -269,7 +234,7 @@ async fn client_is_closed_promptly_when_every_backend_refuses() {
 
 #[tokio::test]
 async fn max_connections_refuses_the_excess_and_serves_the_rest() {
-    let backend = echo_backend().await;
+    let backend = echo_backend();
     let p = proxy(&[backend], "max_connections = 2").await;
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -327,7 +292,7 @@ async fn upstream_reset_resets_the_client() {
 
 #[tokio::test]
 async fn shutdown_drains_live_sessions_then_resets_the_rest() {
-    let backend = echo_backend().await;
+    let backend = echo_backend();
     let p = proxy(&[backend], "drain_timeout = \"1s\"").await;
     let mut c = TcpStream::connect(p.addr).await.unwrap();
     c.write_all(b"a").await.unwrap();

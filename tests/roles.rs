@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use pulsegate::lab::servers::find_program;
-use support::or_skip;
 use support::servers::RedisServer;
+use support::{in_process_proxy, listener_toml, or_skip, InProcessProxy};
 use tokio_util::sync::CancellationToken;
 
 const CHECK_INTERVAL: Duration = Duration::from_millis(300);
@@ -97,15 +97,12 @@ async fn new_connections_follow_the_master_and_old_sessions_are_evicted() {
         return;
     };
     // b is listed first: role = "primary" must override the order.
-    let text = format!(
-        "[[listener]]\nname = \"redis\"\nbind = \"127.0.0.1:0\"\nbackends = [\"{}\", \"{}\"]\n\
-         [listener.check]\nkind = \"redis\"\ninterval = \"300ms\"\ntimeout = \"300ms\"\njitter = \"0s\"\n\
-         rise = 1\nfall = 2\n[listener.routing]\nrole = \"primary\"\ndown_grace = \"1s\"\n",
-        b.addr(),
-        a.addr()
-    );
-    let (proxy, stop) = support::in_process_proxy(&text).await;
-    let proxy = proxy.port();
+    let (proxy, stop) = start_proxy(
+        &[b.addr(), a.addr()],
+        "interval = \"300ms\"\ntimeout = \"300ms\"\nrise = 1\nfall = 2\n\
+         [listener.routing]\nrole = \"primary\"\ndown_grace = \"1s\"",
+    )
+    .await;
 
     tokio::task::spawn_blocking(move || {
         // The first check runs at once; give it a moment.
@@ -186,16 +183,13 @@ async fn a_readonly_reply_has_the_roles_checked_at_once() {
     let Some((a, b)) = two_servers(true) else {
         return;
     };
-    let text = format!(
-        "[[listener]]\nname = \"redis\"\nbind = \"127.0.0.1:0\"\nbackends = [\"{}\", \"{}\"]\n\
-         [listener.check]\nkind = \"redis\"\ninterval = \"4s\"\ntimeout = \"1s\"\njitter = \"0s\"\n\
-         rise = 1\nfall = 2\n[listener.routing]\nrole = \"primary\"\ndown_grace = \"1s\"\n",
-        a.addr(),
-        b.addr()
-    );
-    let (proxy, stop) = support::in_process_proxy(&text).await;
+    let (proxy, stop) = start_proxy(
+        &[a.addr(), b.addr()],
+        "interval = \"4s\"\ntimeout = \"1s\"\nrise = 1\nfall = 2\n\
+         [listener.routing]\nrole = \"primary\"\ndown_grace = \"1s\"",
+    )
+    .await;
     let started = Instant::now();
-    let proxy = proxy.port();
     tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(3);
         while served_port(proxy).as_deref() != Some(&a.port.to_string()) {
@@ -245,18 +239,13 @@ async fn a_readonly_reply_has_the_roles_checked_at_once() {
     stop.cancel();
 }
 
+/// pulsegate in this process in front of `backends`, with a redis check
+/// (`check`: its other keys, then more tables); its port and shutdown.
 async fn start_proxy(backends: &[SocketAddr], check: &str) -> (u16, CancellationToken) {
-    let list = backends
-        .iter()
-        .map(|b| format!("\"{b}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        "[[listener]]\nname = \"redis\"\nbind = \"127.0.0.1:0\"\nbackends = [{list}]\n\
-         [listener.check]\nkind = \"redis\"\njitter = \"0s\"\n{check}\n"
-    );
-    let (addr, stop) = support::in_process_proxy(&text).await;
-    (addr.port(), stop)
+    let check = format!("[listener.check]\nkind = \"redis\"\njitter = \"0s\"\n{check}");
+    let InProcessProxy { addr, shutdown, .. } =
+        in_process_proxy(&listener_toml("redis", backends, &check)).await;
+    (addr.port(), shutdown)
 }
 
 fn pooled_ping(proxy: u16) -> TcpStream {

@@ -12,7 +12,7 @@ mod support;
 mod systemd;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -75,7 +75,7 @@ struct Proxy {
 impl Proxy {
     fn start() -> Proxy {
         let dir = tempfile::tempdir().unwrap();
-        let echo = echo_backend();
+        let echo = support::echo_backend();
         let (admin, listen, unreachable, closed) =
             (free_port(), free_port(), free_port(), free_port());
         let config = format!(
@@ -179,25 +179,6 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// An echo server, a thread per connection, for the rest of the test run.
-fn echo_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for mut s in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 fn echo_once(stream: &mut TcpStream) {

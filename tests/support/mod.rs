@@ -26,6 +26,8 @@ use pulsegate::lab::servers::ServerError;
 use pulsegate::lab::{EchoBackend, Lab, LabError, LabProcess, LinkedLab, ProxyConfig, ReadPause};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// Every test has its own namespace, so fixed ports never collide.
 pub const BACKEND_PORT: u16 = 7000;
@@ -122,6 +124,12 @@ pub fn start_echo_backend_on(
     });
     lab.start_echo_backend(&echo, addr)
         .expect("start the echo backend")
+}
+
+/// The echo server in this process ([`pulsegate::lab::echo_server`]), on
+/// a free loopback port for the rest of the test run.
+pub fn echo_backend() -> SocketAddr {
+    pulsegate::lab::spawn_echo_server().expect("start the echo server")
 }
 
 /// Starts `pulsegate --log-format json run` on 127.0.0.1:6432 in front of
@@ -325,14 +333,41 @@ pub fn echo_transfer(stream: TcpStream, total: usize, io_timeout: Duration) -> T
     }
 }
 
-/// Runs pulsegate in this test's process with the config `toml` (one
-/// listener, bound to an ephemeral port when `bind = "127.0.0.1:0"`);
-/// returns the listener's address and the token that shuts it down.
-pub async fn in_process_proxy(toml: &str) -> (SocketAddr, tokio_util::sync::CancellationToken) {
+/// The TOML of one listener `name` on an ephemeral loopback port in
+/// front of `backends`, with `more` (its other keys and tables) after.
+pub fn listener_toml(name: &str, backends: &[SocketAddr], more: &str) -> String {
+    let list = backends
+        .iter()
+        .map(|b| format!("\"{b}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nbackends = [{list}]\n{more}\n"
+    )
+}
+
+/// pulsegate serving in this test's process.
+pub struct InProcessProxy {
+    /// Where its (first) listener is bound.
+    pub addr: SocketAddr,
+    /// Cancel to drain and stop it.
+    pub shutdown: CancellationToken,
+    /// Ends when it has stopped.
+    pub task: JoinHandle<()>,
+}
+
+/// Runs pulsegate in this test's process with the config `toml` (e.g.
+/// [`listener_toml`]; a listener bound to `127.0.0.1:0` gets an ephemeral
+/// port).
+pub async fn in_process_proxy(toml: &str) -> InProcessProxy {
     let config = pulsegate::config::parse(toml, "test.toml").expect("valid test config");
     let bound = pulsegate::proxy::bind_all(&config).await.expect("bind");
     let addr = bound[0].1.local_addr().unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(pulsegate::proxy::serve(bound, shutdown.clone()));
-    (addr, shutdown)
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(pulsegate::proxy::serve(bound, shutdown.clone()));
+    InProcessProxy {
+        addr,
+        shutdown,
+        task,
+    }
 }
