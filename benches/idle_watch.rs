@@ -21,6 +21,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use pulsegate::lab::EchoBackend;
+
 const USER_HZ: f64 = 100.0;
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
@@ -65,16 +67,13 @@ fn main() {
     let processes = (2 * sessions).div_ceil(fd_limit - 500).max(1);
 
     let backend_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let mut backend = Command::new(env!("CARGO_BIN_EXE_pulsegate"))
-        .args([
-            "--log-level",
-            "warn",
-            "lab-backend",
-            "--max-lifetime",
-            "30m",
-            "--listen",
-        ])
-        .arg(backend_addr.to_string())
+    let echo = EchoBackend::new(
+        Path::new(env!("CARGO_BIN_EXE_pulsegate")),
+        Duration::from_secs(30 * 60),
+    );
+    let mut backend = echo
+        .command(backend_addr)
+        .args(["--log-level", "warn"])
         .spawn()
         .expect("start the echo backend");
     wait_listening(backend_addr.port());

@@ -1,31 +1,13 @@
-//! The database programs db_clients drives (redis-server, redis-benchmark,
-//! PostgreSQL's initdb, postgres, pg_isready and pgbench): found before
-//! anything starts, with the Debian package to install named when one is
-//! missing, and run with a deadline, so that a client stuck behind a broken
-//! proxy fails the bench instead of hanging it.
+//! The database programs db_clients drives (redis-benchmark, pgbench):
+//! their versions, and runs with a deadline, so that a client stuck behind
+//! a broken proxy fails the bench instead of hanging it.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-
-/// `name` on `PATH` (or in /usr/sbin, /usr/bin), or an error naming the
-/// Debian package that provides it.
-pub fn find(name: &str, package: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-        .with_context(|| {
-            format!(
-                "`{name}` was not found in PATH, /usr/sbin or /usr/bin; db_clients needs it: \
-                 install the {package} package (apt-get install {package})"
-            )
-        })
-}
 
 /// The first line `program --version` prints ("redis-benchmark 7.0.15").
 pub fn version(program: &Path) -> Result<String> {

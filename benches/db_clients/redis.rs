@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::common::{self, child::Proc};
+use pulsegate::lab::servers::redis::Redis;
+use pulsegate::lab::servers::{find_program, HostServer};
+
 use crate::programs;
 
 /// redis-benchmark's concurrent connections (`-c`).
@@ -32,8 +34,8 @@ impl Tools {
     /// package of the one missing.
     pub fn find() -> Result<Tools> {
         Ok(Tools {
-            server: programs::find("redis-server", "redis-server")?,
-            benchmark: programs::find("redis-benchmark", "redis-tools")?,
+            server: Redis::find()?,
+            benchmark: find_program("redis-benchmark", "redis-tools")?,
         })
     }
 
@@ -50,35 +52,34 @@ impl Tools {
     }
 }
 
-/// A running redis-server, killed on drop.
+/// A running redis-server, stopped on drop.
 pub struct Server {
     pub addr: SocketAddr,
-    proc: Proc,
+    server: HostServer,
 }
 
 impl Server {
     /// Starts redis-server on a free loopback port, writing nothing to disk
-    /// (`--save "" --appendonly no`, working directory `dir`), and waits
-    /// until it listens. It stays in the foreground, so it is the child the
-    /// bench kills.
+    /// (`--save "" --appendonly no`, working directory `dir`, its log
+    /// there), as `pulsegate::lab::servers` starts it for the tests, and
+    /// waits until it listens.
     pub fn start(tools: &Tools, dir: &Path) -> Result<Server> {
-        let addr = common::free_addr()?;
-        let mut command = Command::new(&tools.server);
-        command
-            .args(["--bind", &addr.ip().to_string()])
-            .args(["--port", &addr.port().to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .current_dir(dir);
-        let mut proc = Proc::spawn("redis-server", command, dir)?;
-        proc.wait_listening(addr)?;
-        Ok(Server { addr, proc })
+        let redis = Redis {
+            program: tools.server.clone(),
+            dir: dir.to_path_buf(),
+            replica_of: None,
+            args: Vec::new(),
+        };
+        let server = redis.start_on_host()?;
+        Ok(Server {
+            addr: server.addr(),
+            server,
+        })
     }
 
     /// Fails, with its log, if redis-server has exited.
     pub fn check_running(&mut self) -> Result<()> {
-        self.proc.check_running()
+        Ok(self.server.check_running()?)
     }
 }
 

@@ -75,7 +75,7 @@ impl Setup {
             .tempdir()
             .context("creating a temporary directory")?;
         let redis = redis::Server::start(&tools.redis, dir.path())?;
-        let postgres = postgres::Server::start(&tools.postgres, dir.path())?;
+        let postgres = postgres::Server::start(&tools.postgres)?;
         println!(
             "redis-server on {}, PostgreSQL on {}; pgbench -i -s {}",
             redis.addr, postgres.addr, knobs.pgbench_scale

@@ -8,12 +8,12 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use pulsegate::lab::{read_evictions, Lab, LabProcess};
+use pulsegate::lab::{read_evictions, EchoBackend, Lab, LabProcess};
 
 use crate::common::{self, Via};
 
@@ -123,12 +123,9 @@ pub fn run(lab: &Lab, vias: &[Via], idle_for: Duration, cap: Duration) -> Result
 }
 
 fn start_backend(lab: &Lab) -> Result<LabProcess> {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_pulsegate"));
-    command.args(["lab-backend", "--max-lifetime", "5m", "--listen"]);
-    command.arg(local(BACKEND_PORT).to_string());
-    let backend = lab.spawn_as("backend", command)?;
-    lab.wait_ready(&backend, local(BACKEND_PORT), SETUP_TIMEOUT)?;
-    Ok(backend)
+    let exe = Path::new(env!("CARGO_BIN_EXE_pulsegate"));
+    let echo = EchoBackend::new(exe, Duration::from_secs(5 * 60));
+    Ok(lab.start_echo_backend(&echo, local(BACKEND_PORT))?)
 }
 
 fn start_haproxy(lab: &Lab) -> Result<LabProcess> {

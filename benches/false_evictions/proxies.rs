@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use pulsegate::lab::{read_evictions, Lab, LabProcess, LinkedLab, ProxyConfig};
+use pulsegate::lab::{read_evictions, EchoBackend, Lab, LabProcess, LinkedLab, ProxyConfig};
 
 use crate::common::Via;
 
@@ -162,13 +162,10 @@ pub fn start(lab: &LinkedLab, vias: &[Via], check: bool, own_backends: bool) -> 
 }
 
 fn start_backend(far: &Lab, addr: SocketAddr) -> Result<LabProcess> {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_pulsegate"));
-    command.args(["lab-backend", "--max-lifetime", "30m", "--listen"]);
-    command.arg(addr.to_string());
-    let backend = far.spawn_as("backend", command)?;
-    far.wait_ready(&backend, addr, SETUP_TIMEOUT)
-        .with_context(|| format!("the echo backend on {addr}"))?;
-    Ok(backend)
+    let exe = Path::new(env!("CARGO_BIN_EXE_pulsegate"));
+    let echo = EchoBackend::new(exe, Duration::from_secs(30 * 60));
+    far.start_echo_backend(&echo, addr)
+        .with_context(|| format!("the echo backend on {addr}"))
 }
 
 fn start_haproxy(near: &Lab, config: &str) -> Result<LabProcess> {

@@ -7,11 +7,11 @@
 use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use pulsegate::lab::EchoBackend;
 
 use crate::common::child::Proc;
 use crate::common::{self, Via};
@@ -92,10 +92,9 @@ impl Setup {
 }
 
 fn start_echo(addr: SocketAddr, dir: &Path) -> Result<Proc> {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_pulsegate"));
-    command.args(["lab-backend", "--max-lifetime", "2h", "--listen"]);
-    command.arg(addr.to_string());
-    Proc::spawn("echo-backend", command, dir)
+    let exe = Path::new(env!("CARGO_BIN_EXE_pulsegate"));
+    let echo = EchoBackend::new(exe, Duration::from_secs(2 * 60 * 60));
+    Proc::spawn("echo-backend", echo.command(addr), dir)
 }
 
 /// A server that reads and discards, and reports each connection's byte
