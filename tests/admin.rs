@@ -13,8 +13,7 @@
 //! (the config generation and reload counters have no listener label) take
 //! [`RELOADS`] and compare counters before and after.
 
-#[path = "support/admin.rs"]
-mod admin;
+mod support;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -23,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use admin::{call, sample, wait_for};
+use support::admin::{self, call, sample, wait_for};
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "s3cret-admin-token";

@@ -8,15 +8,13 @@
 //! share the process's metrics recorder: each names its listener after
 //! itself.
 
-#[path = "support/admin.rs"]
-mod admin;
 mod support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use admin::{sample, wait_for, HttpReply};
 use pulsegate::lab::{Lab, ProxyConfig};
+use support::admin::{sample, wait_for, HttpReply};
 use support::*;
 use tokio_util::sync::CancellationToken;
 

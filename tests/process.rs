@@ -10,8 +10,7 @@
 //! admin server binds 127.0.0.2:0 (loopback too): the config refuses an
 //! admin bind that reads the same as a listener's, port 0 included.
 
-#[path = "support/admin.rs"]
-mod admin;
+mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -20,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use support::admin;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pulsegate");
 

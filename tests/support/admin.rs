@@ -1,10 +1,6 @@
 //! Talking to pulsegate's admin server from tests: a plain HTTP/1.1 client
 //! on std sockets (deliberately not the crate's own client), and a parser
 //! for the Prometheus text exposition. `support::admin`.
-// tests/admin.rs and tests/admin_lab.rs include this file by `#[path]`,
-// outside the allow of `support`, and use a part of it; this allow is for
-// those includes alone.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -9,9 +9,6 @@
 // what one file leaves unused is not dead code.
 #![allow(dead_code)]
 
-// tests/admin_lab.rs also includes admin.rs by `#[path]` (it is to use
-// this one instead); until then clippy sees the file loaded twice there.
-#[allow(clippy::duplicate_mod)]
 pub mod admin;
 pub mod fleet;
 pub mod servers;

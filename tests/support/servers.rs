@@ -3,9 +3,6 @@
 //! their files in temporary directories, pulsegate itself as a process
 //! with its JSON log ([`HostProxy`]), and client programs run to their
 //! end with a deadline ([`run_bounded`]).
-// tests/admin.rs includes this file by `#[path]`, outside the allow of
-// `support`, and uses a part of it; this allow is for that include alone.
-#![allow(dead_code)]
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
