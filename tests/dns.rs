@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use pulsegate::lab::{Lab, LabProcess};
 use support::*;
 
 /// Serves every connection with its `tag` in answer to anything it reads.
@@ -39,44 +40,59 @@ fn ask(s: &mut TcpStream) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-#[test]
-fn backend_name_moving_to_another_address_is_followed_without_restart() {
-    let Some(lab) = lab_or_skip("dns") else {
-        return;
-    };
-    let old: SocketAddr = "127.0.0.2:7000".parse().unwrap();
-    let new: SocketAddr = "127.0.0.3:7000".parse().unwrap();
-    tagged_server(listen(&lab, old), "old");
-    tagged_server(listen(&lab, new), "new");
+/// Two servers answering "old" (127.0.0.2) and "new" (127.0.0.3) on port
+/// 7000, the name `db.pulsegate.test` pointing at the old one, and
+/// pulsegate in front of the name with `settings` added to its listener.
+/// Returns pulsegate and a session that the old server answered.
+fn proxy_in_front_of_the_name(lab: &Lab, settings: &str) -> (LabProcess, TcpStream) {
+    tagged_server(listen(lab, "127.0.0.2:7000".parse().unwrap()), "old");
+    tagged_server(listen(lab, "127.0.0.3:7000".parse().unwrap()), "new");
     lab.set_hosts("127.0.0.1 localhost\n127.0.0.2 db.pulsegate.test\n")
         .unwrap();
     let toml = format!(
-        "[[listener]]\nname = \"dns\"\nbind = \"{}\"\nbackends = [\"db.pulsegate.test:7000\"]\n\
-         resolve_interval = \"500ms\"\n",
+        "[[listener]]\nname = \"dns\"\nbind = \"{}\"\nbackends = [\"db.pulsegate.test:7000\"]\n{settings}",
         proxy_addr()
     );
     let proxy = lab
         .start_pulsegate_with(&exe(), proxy_addr(), &toml)
         .expect("start pulsegate");
-    let mut pooled = connect(&lab, proxy_addr());
-    assert_eq!(ask(&mut pooled).unwrap(), "old");
+    let mut session = connect(lab, proxy_addr());
+    assert_eq!(ask(&mut session).unwrap(), "old");
+    (proxy, session)
+}
 
+/// Points the name at the new server.
+fn move_the_name(lab: &Lab) {
     lab.set_hosts("127.0.0.1 localhost\n127.0.0.3 db.pulsegate.test\n")
         .unwrap();
-    let moved = Instant::now();
+}
+
+/// Waits until a new connection through pulsegate reaches the new server;
+/// how long that took from `since`.
+fn followed_within(lab: &Lab, proxy: &LabProcess, since: Instant, within: Duration) -> Duration {
     loop {
-        let mut c = connect(&lab, proxy_addr());
+        let mut c = connect(lab, proxy_addr());
         if ask(&mut c).ok().as_deref() == Some("new") {
-            break;
+            return since.elapsed();
         }
         assert!(
-            moved.elapsed() < Duration::from_secs(5),
+            since.elapsed() < within,
             "never followed the name: {}",
             proxy.stderr()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let followed = moved.elapsed();
+}
+
+#[test]
+fn backend_name_moving_to_another_address_is_followed_without_restart() {
+    let Some(lab) = lab_or_skip("dns") else {
+        return;
+    };
+    let (proxy, mut pooled) = proxy_in_front_of_the_name(&lab, "resolve_interval = \"500ms\"\n");
+    move_the_name(&lab);
+    let moved = Instant::now();
+    let followed = followed_within(&lab, &proxy, moved, Duration::from_secs(5));
     eprintln!(
         "new connections follow the name {:.2} s after it moved",
         followed.as_secs_f64()
@@ -195,43 +211,17 @@ fn a_dead_session_has_its_backends_name_looked_up_at_once() {
     let Some(lab) = lab_or_skip("dns-suspect") else {
         return;
     };
-    let old: SocketAddr = "127.0.0.2:7000".parse().unwrap();
-    let new: SocketAddr = "127.0.0.3:7000".parse().unwrap();
-    tagged_server(listen(&lab, old), "old");
-    tagged_server(listen(&lab, new), "new");
-    lab.set_hosts("127.0.0.1 localhost\n127.0.0.2 db.pulsegate.test\n")
-        .unwrap();
-    let toml = format!(
-        "[[listener]]\nname = \"dns\"\nbind = \"{}\"\nbackends = [\"db.pulsegate.test:7000\"]\n\
-         resolve_interval = \"60s\"\nconnect_timeout = \"500ms\"\n\
+    let (proxy, _session) = proxy_in_front_of_the_name(
+        &lab,
+        "resolve_interval = \"60s\"\nconnect_timeout = \"500ms\"\n\
          [listener.liveness]\nprobe_interval = \"1s\"\ndead_after = \"1s\"\n",
-        proxy_addr()
     );
-    let proxy = lab
-        .start_pulsegate_with(&exe(), proxy_addr(), &toml)
-        .expect("start pulsegate");
-    let mut pooled = connect(&lab, proxy_addr());
-    assert_eq!(ask(&mut pooled).unwrap(), "old");
-
     // The name moves and the old host vanishes; no lookup is due for a
     // minute.
-    lab.set_hosts("127.0.0.1 localhost\n127.0.0.3 db.pulsegate.test\n")
-        .unwrap();
+    move_the_name(&lab);
     lab.drop_host("127.0.0.2".parse().unwrap()).unwrap();
     let vanished = Instant::now();
-    loop {
-        let mut c = connect(&lab, proxy_addr());
-        if ask(&mut c).ok().as_deref() == Some("new") {
-            break;
-        }
-        assert!(
-            vanished.elapsed() < Duration::from_secs(10),
-            "never followed the name: {}",
-            proxy.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let followed = vanished.elapsed();
+    let followed = followed_within(&lab, &proxy, vanished, Duration::from_secs(10));
     eprintln!(
         "new connections follow the moved name {:.2} s after the old host vanished",
         followed.as_secs_f64()
