@@ -134,12 +134,16 @@ impl Generation {
 /// updates it is sent, then drains: sessions may finish until
 /// `drain_timeout`, after which the rest are evicted with reason `drain`.
 /// Returns when every session has ended.
-pub async fn serve(task: ListenerTask) {
+///
+/// The listener is started and published in the registry before this
+/// returns its future, so whoever started it (a reload) sees it in
+/// `/status` at once.
+pub fn serve(task: ListenerTask) -> impl std::future::Future<Output = ()> {
     let ListenerTask {
         config,
         tcp,
         stop,
-        mut updates,
+        updates,
         registry,
     } = task;
     let instance = INSTANCES.fetch_add(1, Ordering::Relaxed);
@@ -147,43 +151,82 @@ pub async fn serve(task: ListenerTask) {
     // Every generation's background tasks, so the listener ends only after
     // they have.
     let tasks = TaskTracker::new();
-    let mut current = Generation::start(config, &tcp, &shared, None, &tasks);
+    let current = Generation::start(config, &tcp, &shared, None, &tasks);
     registry.publish(instance, current.ctx.clone());
-    let sessions = TaskTracker::new();
     let cfg = &current.ctx.config;
     tracing::info!(listener = %shared.name, bind = %current.ctx.bound,
         backends = ?cfg.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(), "listening");
+    let started = Started {
+        instance,
+        current,
+        tcp,
+        stop,
+        updates,
+        registry,
+        shared,
+        tasks,
+    };
+    started.run()
+}
 
-    let mut accepting = Accepting::default();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            update = updates.recv() => match update {
-                Some(Update { config, applied }) => {
-                    current = apply(current, config, &tcp, &shared, &tasks);
-                    registry.publish(instance, current.ctx.clone());
-                    let _ = applied.send(());
-                }
-                None => break,
-            },
-            _ = accepting.next(&current.ctx, &tcp, &sessions) => {}
+/// A listener started and published, before its accept loop runs.
+struct Started {
+    instance: u64,
+    current: Generation,
+    tcp: TcpListener,
+    stop: CancellationToken,
+    updates: mpsc::UnboundedReceiver<Update>,
+    registry: Arc<Registry>,
+    shared: Arc<ListenerShared>,
+    /// Every generation's background tasks.
+    tasks: TaskTracker,
+}
+
+impl Started {
+    /// The accept loop, then the drain.
+    async fn run(self) {
+        let Started {
+            instance,
+            mut current,
+            tcp,
+            stop,
+            mut updates,
+            registry,
+            shared,
+            tasks,
+        } = self;
+        let sessions = TaskTracker::new();
+        let mut accepting = Accepting::default();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                update = updates.recv() => match update {
+                    Some(Update { config, applied }) => {
+                        current = apply(current, config, &tcp, &shared, &tasks);
+                        registry.publish(instance, current.ctx.clone());
+                        let _ = applied.send(());
+                    }
+                    None => break,
+                },
+                _ = accepting.next(&current.ctx, &tcp, &sessions) => {}
+            }
         }
-    }
-    drop(tcp);
-    shared.set_draining();
-    drain(&current.ctx, &sessions).await;
-    current.monitors.cancel();
-    registry.withdraw(instance, &shared.name);
-    drop(current);
-    tasks.close();
-    if tokio::time::timeout(TASKS_STOP_TIMEOUT, tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(listener = %shared.name, tasks = tasks.len(),
+        drop(tcp);
+        shared.set_draining();
+        drain(&current.ctx, &sessions).await;
+        current.monitors.cancel();
+        registry.withdraw(instance, &shared.name);
+        drop(current);
+        tasks.close();
+        if tokio::time::timeout(TASKS_STOP_TIMEOUT, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(listener = %shared.name, tasks = tasks.len(),
             "background tasks still running after the listener stopped");
+        }
+        tracing::info!(listener = %shared.name, "listener stopped");
     }
-    tracing::info!(listener = %shared.name, "listener stopped");
 }
 
 /// Moves the listener to a new generation built from `config`.
