@@ -2,7 +2,7 @@
 //! verdicts corroborated by the host, applied to both legs of every
 //! session of a listener.
 //!
-//! One sweeper task per listener ([`watcher`]) samples TCP_INFO. A quiet
+//! One sweeper task per listener (`watcher`) samples TCP_INFO. A quiet
 //! leg is put in *probe mode*: TCP_KEEPIDLE is lowered to `probe_interval`,
 //! which makes the kernel probe at once if the leg has been quiet that
 //! long, and again after every `probe_interval` of quiet. The configured
@@ -119,7 +119,7 @@ impl Watched {
         }
     }
 
-    /// A reload renumbered the backends (or removed this one: [`REMOVED`]).
+    /// A reload renumbered the backends (or removed this one: `None`).
     pub fn set_backend(&self, backend: Option<BackendId>) {
         let index = backend.map_or(REMOVED, BackendId::index);
         self.backend.store(index, Ordering::Relaxed);
