@@ -21,6 +21,7 @@
 //! - [`resolver`] — DNS following for backends named by host name.
 //! - [`upstream`] — connect to the first backend that accepts; [`pool`]
 //!   keeps probed spare connections ready per backend.
+//! - [`pgwire`] — the PostgreSQL messages that route cancel requests.
 //! - [`relay`] — exact byte copy both ways with half-close: small reads
 //!   copied, bulk spliced.
 //! - [`liveness`] — the watcher: on-demand probes, the death rule, and
@@ -52,6 +53,7 @@ pub mod health;
 pub mod lab;
 pub mod listener;
 pub mod liveness;
+pub mod pgwire;
 pub mod pool;
 pub mod preflight;
 pub mod proxy;

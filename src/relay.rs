@@ -39,7 +39,6 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::evict::Leg;
-use crate::health::hint::ReplyWatch;
 use crate::liveness::Watched;
 
 /// The scratch buffer of the copy path, and the read size that marks a
@@ -63,6 +62,9 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; COPY_SIZE].into_boxed_slice());
 }
 
+/// Looks at each chunk the copy path relays (not at spliced bulk).
+pub type Observer<'a> = dyn FnMut(&[u8]) + Send + 'a;
+
 /// A socket error, attributed to the leg it happened on.
 #[derive(Debug)]
 pub struct LegError {
@@ -71,7 +73,7 @@ pub struct LegError {
 }
 
 /// Relays `from` → `to` until `from` sends FIN, adding each chunk to
-/// `bytes` and showing each copied chunk to `watch`. Returns the number of bytes relayed. The caller forwards the
+/// `bytes` and showing each copied chunk to `observe`. Returns the number of bytes relayed. The caller forwards the
 /// FIN ([`finish`]), or closes `to` when this was the last direction open:
 /// the close sends the FIN, one syscall fewer per connection.
 pub async fn pump(
@@ -79,7 +81,7 @@ pub async fn pump(
     from: Leg,
     to: Leg,
     bytes: &metrics::Counter,
-    watch: Option<&ReplyWatch<'_>>,
+    mut observe: Option<&mut Observer<'_>>,
 ) -> Result<u64, LegError> {
     let src = session.socket(from);
     let read_err = |error| LegError { leg: from, error };
@@ -88,7 +90,7 @@ pub async fn pump(
     let mut may_splice = true;
     loop {
         src.readable().await.map_err(read_err)?;
-        let copied = match copy_step(session, from, to, watch) {
+        let copied = match copy_step(session, from, to, &mut observe) {
             Ok(copied) => copied,
             Err(Failed::Read(e)) => return Err(read_err(e)),
             Err(Failed::Write(e)) => return Err(write_err(e)),
@@ -155,7 +157,7 @@ fn copy_step(
     session: &Watched,
     from: Leg,
     to: Leg,
-    watch: Option<&ReplyWatch<'_>>,
+    observe: &mut Option<&mut Observer<'_>>,
 ) -> Result<Copied, Failed> {
     let (src, dst) = (session.socket(from), session.socket(to));
     SCRATCH.with_borrow_mut(|buf| {
@@ -170,8 +172,8 @@ fn copy_step(
             return Ok(Copied::Leaving);
         }
         session.note_read(from);
-        if let Some(watch) = watch {
-            watch.see(&buf[..n]);
+        if let Some(observe) = observe.as_mut() {
+            observe(&buf[..n]);
         }
         let full = n == buf.len();
         let sent = match dst.try_write(&buf[..n]) {

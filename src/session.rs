@@ -2,6 +2,7 @@
 //! watcher's eye, and end it cleanly or by eviction. What a listener
 //! generation shows in `/status` is rendered in `session/status.rs`.
 
+mod cancel;
 mod status;
 
 use std::net::SocketAddr;
@@ -57,6 +58,8 @@ pub struct ListenerShared {
     pub registry: Arc<Registry>,
     /// Legs waiting for a verdict's corroboration, for `/status`.
     pub suspicions: Arc<Suspicions>,
+    /// PostgreSQL cancel keys of the open sessions (postgres listeners).
+    pub cancel_keys: cancel::CancelKeys,
     sessions: AtomicUsize,
     /// Stopped accepting (shutdown, or removed or moved by a reload) and
     /// waiting for its sessions.
@@ -71,6 +74,7 @@ impl ListenerShared {
             meters: Arc::new(ListenerMeters::new(name)),
             registry,
             suspicions: Arc::default(),
+            cancel_keys: cancel::CancelKeys::default(),
             sessions: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
         }
@@ -124,8 +128,23 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
             "cannot set client socket options; closing");
         return;
     }
-    let Some(upstream) = acquire_upstream(&ctx, &client, client_addr).await else {
-        return;
+    let postgres = cancel::is_postgres(&ctx);
+    let first = if postgres {
+        cancel::first_bytes(&client).await
+    } else {
+        Vec::new()
+    };
+    let cancel_route = if postgres {
+        cancel::to_session_server(&ctx, &first).await
+    } else {
+        None
+    };
+    let upstream = match cancel_route {
+        Some(upstream) => upstream,
+        None => match acquire_upstream(&ctx, &client, client_addr).await {
+            Some(upstream) => upstream,
+            None => return,
+        },
     };
     let labels = SessionLabels {
         listener: ctx.name.clone(),
@@ -144,9 +163,20 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
         backends: &ctx.backends,
         backend: upstream.backend,
     });
+    let mut key = postgres.then(|| cancel::SessionKey::new(&ctx, &first, upstream.peer));
+    let observing = replies.is_some() || key.is_some();
+    let mut observe = |bytes: &[u8]| {
+        if let Some(replies) = &replies {
+            replies.see(bytes);
+        }
+        if let Some(key) = key.as_mut() {
+            key.see(bytes);
+        }
+    };
+    let observer: Option<&mut relay::Observer<'_>> = observing.then_some(&mut observe);
 
     let outcome = tokio::select! {
-        result = relay_both(&session, cfg.settings.liveness.probe_interval, meters, replies.as_ref()) => result.err(),
+        result = relay_both(&session, cfg.settings.liveness.probe_interval, meters, observer) => result.err(),
         verdict = session.evicted() => Some(verdict),
         _ = ctx.shared.drain_deadline.cancelled() => Some(Verdict::decided(Leg::Client, EvictReason::Drain)),
     };
@@ -239,12 +269,12 @@ async fn acquire_upstream(
 /// and the session ends at once so the client's pool sees the close and no
 /// half-closed socket is left behind.
 ///
-/// `replies`, when given, looks at what the backend answers.
+/// `observe`, when given, looks at what the backend answers.
 async fn relay_both(
     session: &Watched,
     idle_after: Duration,
     meters: &ListenerMeters,
-    replies: Option<&ReplyWatch<'_>>,
+    observe: Option<&mut relay::Observer<'_>>,
 ) -> Result<(), Verdict> {
     let up = relay::pump(session, Leg::Client, Leg::Upstream, &meters.bytes_up, None);
     let down = relay::pump(
@@ -252,7 +282,7 @@ async fn relay_both(
         Leg::Upstream,
         Leg::Client,
         &meters.bytes_down,
-        replies,
+        observe,
     );
     tokio::pin!(up, down);
     // The first direction to end forwards its FIN (half-close: the other

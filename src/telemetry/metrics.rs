@@ -36,6 +36,8 @@ pub const CHECK_DURATION: &str = "pulsegate_check_duration_seconds";
 pub const BACKEND_STATE: &str = "pulsegate_backend_state";
 pub const BACKEND_ROLE: &str = "pulsegate_backend_role";
 pub const WRONG_ROLE_REPLIES: &str = "pulsegate_backend_wrong_role_replies_total";
+pub const PG_CANCELS: &str = "pulsegate_postgres_cancel_requests_total";
+pub const PG_KEYS_UNREADABLE: &str = "pulsegate_postgres_cancel_keys_unreadable_total";
 pub const BACKEND_ACTIVE: &str = "pulsegate_backend_active_connections";
 pub const POOL_IDLE: &str = "pulsegate_pool_idle_connections";
 pub const PROBES_SENT: &str = "pulsegate_probes_sent_total";
@@ -153,6 +155,14 @@ fn describe() {
         WRONG_ROLE_REPLIES,
         "Read-only replies from the backend seen on its way to a client, with role = primary; each asks for a check at once."
     );
+    describe_counter!(
+        PG_CANCELS,
+        "PostgreSQL cancel requests (postgres listeners), by route: session_server (the server that runs the query) or unknown_key (routed as usual)."
+    );
+    describe_counter!(
+        PG_KEYS_UNREADABLE,
+        "PostgreSQL sessions whose cancel key could not be read (TLS or GSS encryption): their cancels are routed as usual."
+    );
     describe_gauge!(BACKEND_ACTIVE, "Sessions open to the backend.");
     describe_gauge!(
         POOL_IDLE,
@@ -217,6 +227,9 @@ pub struct ListenerMeters {
     corroboration: [Histogram; 2],
     /// answered, unanswered, unknown.
     connects: [Counter; 3],
+    /// Cancel requests: to the session's server, unknown key.
+    pg_cancels: [Counter; 2],
+    pg_keys_unreadable: Counter,
 }
 
 impl ListenerMeters {
@@ -261,6 +274,9 @@ impl ListenerMeters {
             connects: ["answered", "unanswered", "unknown"].map(|result| {
                 counter!(CORROBORATION_CONNECTS, "listener" => l.clone(), "result" => result)
             }),
+            pg_cancels: ["session_server", "unknown_key"]
+                .map(|route| counter!(PG_CANCELS, "listener" => l.clone(), "route" => route)),
+            pg_keys_unreadable: counter!(PG_KEYS_UNREADABLE, "listener" => l.clone()),
         };
         for c in meters.refused.iter().chain(&meters.evictions) {
             c.increment(0);
@@ -278,6 +294,16 @@ impl ListenerMeters {
         meters.bytes_up.increment(0);
         meters.bytes_down.increment(0);
         meters
+    }
+
+    /// A PostgreSQL cancel request, sent to its session's server or not.
+    pub fn cancel_request(&self, to_session_server: bool) {
+        self.pg_cancels[usize::from(!to_session_server)].increment(1);
+    }
+
+    /// A PostgreSQL session whose cancel key is encrypted.
+    pub fn cancel_key_unreadable(&self) {
+        self.pg_keys_unreadable.increment(1);
     }
 
     pub fn refused(&self, why: Refusal) {
