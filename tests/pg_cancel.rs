@@ -25,6 +25,23 @@ const SESSIONS: usize = 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancels_through_round_robin_reach_the_server_running_the_query() {
+    let check = format!(
+        "[listener.check]\nkind = \"postgres\"\ninterval = \"1s\"\ntimeout = \"3s\"\n\
+         user = \"{USER}\"\npassword = \"{PASSWORD}\"\ndatabase = \"postgres\"\n"
+    );
+    cancels_reach_their_server(&check).await;
+}
+
+/// The same without a postgres check: `protocol = "postgres"` says what
+/// the backends speak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_are_routed_on_a_listener_that_says_it_speaks_postgres() {
+    cancels_reach_their_server("protocol = \"postgres\"\n").await;
+}
+
+/// The scenario, with `listener_settings` added to the listener (before its
+/// `[listener.routing]` table).
+async fn cancels_reach_their_server(listener_settings: &str) {
     let login = Login::Password {
         user: USER,
         password: PASSWORD,
@@ -36,11 +53,7 @@ async fn cancels_through_round_robin_reach_the_server_running_the_query() {
     let settings = ["max_connections=40", "shared_buffers=16MB"];
     let server_a = a.start_on_host(&settings).expect("start postgres a");
     let server_b = b.start_on_host(&settings).expect("start postgres b");
-    let check = format!(
-        "[listener.check]\nkind = \"postgres\"\ninterval = \"1s\"\ntimeout = \"3s\"\n\
-         user = \"{USER}\"\npassword = \"{PASSWORD}\"\ndatabase = \"postgres\"\n\
-         [listener.routing]\nbalance = \"round_robin\"\n"
-    );
+    let check = format!("{listener_settings}[listener.routing]\nbalance = \"round_robin\"\n");
     let proxy = in_process_proxy(&listener_toml(
         "pg",
         &[server_a.addr(), server_b.addr()],

@@ -71,6 +71,18 @@ pub struct AdminConfig {
     pub request_timeout: Duration,
 }
 
+/// What a listener's backends speak, as far as pulsegate looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Bytes: relayed, never read.
+    #[default]
+    Tcp,
+    /// PostgreSQL: cancel requests go to the server that runs the session
+    /// they cancel.
+    Postgres,
+}
+
 /// What `/readyz` needs from a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -121,6 +133,10 @@ pub struct ListenerConfig {
     /// What `/readyz` needs from this listener.
     #[serde(default)]
     pub readiness: Readiness,
+    /// What the backends speak, when pulsegate should know it without a
+    /// check of that kind (a `postgres` check implies `postgres`).
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// `[listener.pool]`: pre-connected spare upstream connections per backend,
@@ -498,6 +514,7 @@ impl Listener {
             routing: s.routing,
             pool: s.pool,
             readiness: s.readiness,
+            protocol: s.protocol,
         }
     }
 }
@@ -519,6 +536,7 @@ pub struct ListenerSettings {
     pub routing: Routing,
     pub pool: PoolConfig,
     pub readiness: Readiness,
+    pub protocol: Protocol,
 }
 
 impl ListenerSettings {
@@ -541,6 +559,7 @@ impl ListenerSettings {
             routing,
             pool,
             readiness,
+            protocol,
         } = raw.clone();
         ListenerSettings {
             connect_timeout,
@@ -555,6 +574,7 @@ impl ListenerSettings {
             routing,
             pool,
             readiness,
+            protocol,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! PostgreSQL cancel requests reach the server that runs the query.
 //!
-//! On a listener whose check is `postgres`, each session's BackendKeyData
+//! On a listener whose check is `postgres` (or with `protocol =
+//! "postgres"`), each session's BackendKeyData
 //! is read as it passes ([`crate::pgwire::KeyWatch`]) and the (process id,
 //! secret key) → server address kept while the session lives. A new
 //! connection whose first packet is a CancelRequest for a known key is
@@ -16,7 +17,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::ListenerContext;
-use crate::config::CheckKind;
+use crate::config::{CheckKind, Protocol};
 use crate::pgwire::{self, CancelKey, KeyWatch};
 use crate::upstream::{self, ConnectTarget, Upstream};
 
@@ -47,13 +48,15 @@ impl CancelKeys {
     }
 }
 
-/// Whether the listener's backends speak PostgreSQL (its check says so).
+/// Whether the listener's backends speak PostgreSQL (`protocol`, or its
+/// check, says so).
 pub fn is_postgres(ctx: &ListenerContext) -> bool {
-    ctx.config
-        .settings
-        .check
-        .as_ref()
-        .is_some_and(|c| c.kind == CheckKind::Postgres)
+    let settings = &ctx.config.settings;
+    settings.protocol == Protocol::Postgres
+        || settings
+            .check
+            .as_ref()
+            .is_some_and(|c| c.kind == CheckKind::Postgres)
 }
 
 /// The first bytes a client sent (up to 16, enough for a CancelRequest),
