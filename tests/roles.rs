@@ -191,11 +191,7 @@ async fn a_readonly_reply_has_the_roles_checked_at_once() {
     .await;
     let started = Instant::now();
     tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while served_port(proxy).as_deref() != Some(&a.port.to_string()) {
-            assert!(Instant::now() < deadline, "never routed to the master a");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_served_by(proxy, a.port, Duration::from_secs(3));
         let mut session = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
         session
             .set_read_timeout(Some(Duration::from_secs(3)))
@@ -221,11 +217,7 @@ async fn a_readonly_reply_has_the_roles_checked_at_once() {
         let reply = set("w");
         let answered = Instant::now();
         assert!(reply.starts_with("-READONLY "), "{reply:?}");
-        let deadline = answered + Duration::from_secs(3);
-        while served_port(proxy).as_deref() != Some(&b.port.to_string()) {
-            assert!(Instant::now() < deadline, "never followed the new master b");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_served_by(proxy, b.port, Duration::from_secs(3));
         let followed = answered.elapsed();
         eprintln!(
             "new connections reach the new master {:.2} s after the first -READONLY reply (check interval 4 s)",
