@@ -10,18 +10,19 @@ mod support;
 
 use std::fs;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use pulsegate::config::{parse_status_ranges, CheckConfig};
 use pulsegate::health::check::{check, CheckOutcome, CheckStatus, Role};
+use pulsegate::lab::servers::mariadb::MariaDb;
 use pulsegate::lab::servers::postgres::Login;
 use pulsegate::lab::servers::redis::Redis;
-use pulsegate::lab::servers::{is_root, HostServer};
+use pulsegate::lab::servers::HostServer;
+use support::or_skip;
 use support::servers::{PgCluster, RedisServer};
-use support::{or_skip, require};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -338,75 +339,19 @@ async fn postgres_standby_reports_the_replica_role() {
 
 // ------------------------------------------------------------------ mysql
 
-const MARIADBD: &str = "/usr/sbin/mariadbd";
-const MARIADB_INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
-
-/// mariadbd with its data in `dir/data` and its temporary files in `dir/tmp`.
-fn mariadbd(dir: &Path, port: u16, extra: &[&str]) -> Command {
-    let data = dir.join("data");
-    let mut command = Command::new(MARIADBD);
-    command.arg("--no-defaults");
-    command.arg(format!("--datadir={}", data.display()));
-    command.arg(format!("--socket={}", data.join("mysqld.sock").display()));
-    command.arg(format!("--pid-file={}", data.join("mysqld.pid").display()));
-    command.arg(format!("--port={port}"));
-    command.arg(format!("--tmpdir={}", dir.join("tmp").display()));
-    command.args([
-        "--bind-address=127.0.0.1",
-        "--skip-log-bin",
-        "--skip-name-resolve",
-    ]);
-    command.arg("--innodb-buffer-pool-size=16M");
-    if is_root() {
-        command.arg("--user=root");
-    }
-    command.args(extra);
-    command
-}
-
-fn mariadb_installed() -> Option<()> {
-    require(
-        Path::new(MARIADBD).exists() && Path::new(MARIADB_INSTALL_DB).exists(),
-        "MariaDB is not installed (apt-get install mariadb-server)",
-    )
-}
-
 /// A MariaDB server of the test, and its temporary directory.
-struct MariaDb {
+struct MariaDbServer {
     server: HostServer,
     _dir: TempDir,
 }
 
-/// mariadb-install-db into a temp dir, then mariadbd with `init_sql` run
-/// at start (one statement per line).
-fn start_mariadb(init_sql: &str) -> MariaDb {
+/// A MariaDB server running `init_sql` at start (one statement per line),
+/// or `None` (skipped) when MariaDB is not installed.
+fn start_mariadb(init_sql: &str) -> Option<MariaDbServer> {
     let dir = temp_dir();
-    let path = dir.path().to_path_buf();
-    let data = path.join("data");
-    // Its own tmpdir: a starting server removes the temporary tables that
-    // another one, bootstrapping beside it, is using in a shared /tmp.
-    fs::create_dir(path.join("tmp")).expect("tmp dir");
-    let mut install = Command::new(MARIADB_INSTALL_DB);
-    install.arg("--no-defaults");
-    install.arg(format!("--datadir={}", data.display()));
-    install.arg(format!("--tmpdir={}", path.join("tmp").display()));
-    install.args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
-    if is_root() {
-        install.arg("--user=root");
-    }
-    let installed = install.output().expect("run mariadb-install-db");
-    assert!(
-        installed.status.success(),
-        "mariadb-install-db: {installed:?}"
-    );
-    let init = path.join("init.sql");
-    fs::write(&init, init_sql).expect("write init.sql");
-    let init_arg = format!("--init-file={}", init.display());
-    let server = HostServer::start("mariadb", &path, |addr| {
-        mariadbd(&path, addr.port(), &[&init_arg])
-    })
-    .expect("start mariadbd");
-    MariaDb { server, _dir: dir }
+    let mariadb = or_skip(MariaDb::install(dir.path(), init_sql))?;
+    let server = mariadb.start_on_host().expect("start mariadbd");
+    Some(MariaDbServer { server, _dir: dir })
 }
 
 fn mysql_user(user: &str) -> CheckConfig {
@@ -421,13 +366,12 @@ fn aborted_connections(server: &HostServer) -> usize {
 
 #[tokio::test]
 async fn mysql_greeting_and_login_against_mariadb() {
-    let Some(()) = mariadb_installed() else {
-        return;
-    };
-    let mariadb = start_mariadb(
+    let Some(mariadb) = start_mariadb(
         "CREATE USER 'pulsegate_check'@'127.0.0.1';\n\
          CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY 'app-pw';\n",
-    );
+    ) else {
+        return;
+    };
     let server = &mariadb.server;
     let greeting = wait_for(
         &config("mysql"),
@@ -471,14 +415,13 @@ async fn mysql_greeting_and_login_against_mariadb() {
 
 #[tokio::test]
 async fn mysql_refusal_of_mariadb_is_down_with_its_error() {
-    let Some(()) = mariadb_installed() else {
-        return;
-    };
     // Only a user at another host: 127.0.0.1 gets ERR 1130 instead of a greeting.
-    let mariadb = start_mariadb(
+    let Some(mariadb) = start_mariadb(
         "DELETE FROM mysql.global_priv;\nDELETE FROM mysql.proxies_priv;\n\
          FLUSH PRIVILEGES;\nCREATE USER 'app'@'192.0.2.1';\n",
-    );
+    ) else {
+        return;
+    };
     let server = &mariadb.server;
     let deadline = Instant::now() + START_TIMEOUT;
     let outcome = loop {

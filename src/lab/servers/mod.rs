@@ -1,13 +1,14 @@
-//! Real servers for the tests and the benches: redis-server ([`redis`])
-//! and PostgreSQL clusters ([`postgres`]) with their files in a directory
-//! of their own, never the system services. Each is a [`Command`] to run
-//! inside a [`Lab`](super::Lab) (`Lab::spawn_as`, `Lab::wait_ready`) or on
-//! this host's loopback as a [`HostServer`].
+//! Real servers for the tests and the benches: redis-server ([`redis`]),
+//! PostgreSQL clusters ([`postgres`]) and MariaDB ([`mariadb`]) with their
+//! files in a directory of their own, never the system services. Each is a
+//! [`Command`] to run inside a [`Lab`](super::Lab) (`Lab::spawn_as`,
+//! `Lab::wait_ready`) or on this host's loopback as a [`HostServer`].
 //!
 //! A program that is not installed is [`ServerError::Missing`], whose text
 //! names the Debian package to install.
 
 mod host;
+pub mod mariadb;
 pub mod postgres;
 pub mod redis;
 
