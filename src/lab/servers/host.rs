@@ -22,8 +22,9 @@ const PORT_TRIES: usize = 3;
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// A server process on a 127.0.0.1 port. Dropping it continues it (if it
-/// was stopped), sends SIGINT (PostgreSQL's fast shutdown; redis-server
-/// and MariaDB stop on it too) and waits a moment, then SIGKILLs it and
+/// was stopped), sends its stop signal (SIGINT: PostgreSQL's fast
+/// shutdown, and redis-server stops on it too; see
+/// [`HostServer::stop_with`]) and waits a moment, then SIGKILLs it and
 /// every process it forked.
 pub struct HostServer {
     name: String,
@@ -32,6 +33,7 @@ pub struct HostServer {
     child: Mutex<Child>,
     addr: SocketAddr,
     log: PathBuf,
+    stop_signal: Signal,
 }
 
 impl HostServer {
@@ -65,6 +67,7 @@ impl HostServer {
                 child: Mutex::new(child),
                 addr,
                 log: log.clone(),
+                stop_signal: Signal::SIGINT,
             };
             if server.wait_listening()? {
                 return Ok(server);
@@ -97,6 +100,13 @@ impl HostServer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Stops it with `signal` on drop instead of SIGINT (MariaDB ignores
+    /// SIGINT and shuts down on SIGTERM).
+    pub fn stop_with(mut self, signal: Signal) -> Self {
+        self.stop_signal = signal;
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -166,15 +176,16 @@ impl Drop for HostServer {
         if !self.exited() {
             let pid = Pid::from_raw(self.pid as i32);
             let _ = kill(pid, Signal::SIGCONT);
-            let _ = kill(pid, Signal::SIGINT);
+            let _ = kill(pid, self.stop_signal);
             let deadline = Instant::now() + STOP_GRACE;
             while !self.exited() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if !self.exited() {
                 eprintln!(
-                    "{} did not stop on SIGINT within {STOP_GRACE:?}; killing it:\n{}",
+                    "{} did not stop on {} within {STOP_GRACE:?}; killing it:\n{}",
                     self.name,
+                    self.stop_signal,
                     self.log()
                 );
                 kill_group(self.pid, Signal::SIGKILL);
