@@ -342,6 +342,7 @@ async fn postgres_standby_reports_the_replica_role() {
 /// A MariaDB server of the test, and its temporary directory.
 struct MariaDbServer {
     server: HostServer,
+    mariadb: MariaDb,
     _dir: TempDir,
 }
 
@@ -351,7 +352,11 @@ fn start_mariadb(init_sql: &str) -> Option<MariaDbServer> {
     let dir = temp_dir();
     let mariadb = or_skip(MariaDb::install(dir.path(), init_sql))?;
     let server = mariadb.start_on_host().expect("start mariadbd");
-    Some(MariaDbServer { server, _dir: dir })
+    Some(MariaDbServer {
+        server,
+        mariadb,
+        _dir: dir,
+    })
 }
 
 fn mysql_user(user: &str) -> CheckConfig {
@@ -403,14 +408,57 @@ async fn mysql_greeting_and_login_against_mariadb() {
         assert_status(&refused, CheckStatus::Down);
         assert!(refused.detail.contains("error 1045"), "{refused:?}");
     }
-    let mut with_password = mysql_user("app");
-    with_password.password = Some("app-pw".into());
-    let unsupported = check(&with_password, server.addr()).await;
-    assert_status(&unsupported, CheckStatus::Down);
+}
+
+#[tokio::test]
+async fn mysql_login_with_a_password_reports_the_role_from_read_only() {
+    let Some(db) = start_mariadb(
+        "CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY 'app-pw';\n\
+         CREATE USER 'ops'@'127.0.0.1' IDENTIFIED VIA mysql_native_password USING PASSWORD('s3cret');\n",
+    ) else {
+        return;
+    };
+    let server = &db.server;
+    let mut app = mysql_user("app");
+    app.password = Some("app-pw".into());
+    let primary = wait_for(&app, server.addr(), CheckStatus::Up, START_TIMEOUT).await;
+    assert_status(&primary, CheckStatus::Up);
+    assert_eq!(primary.role, Some(Role::Primary), "{primary:?}");
+    assert!(primary.detail.contains("read_only=0"), "{primary:?}");
+
+    let mut wrong = mysql_user("ops");
+    wrong.password = Some("not-it".into());
+    let refused = check(&wrong, server.addr()).await;
+    assert_status(&refused, CheckStatus::Down);
+    assert!(refused.detail.contains("error 1045"), "{refused:?}");
     assert!(
-        unsupported.detail.contains("without a password"),
-        "{unsupported:?}"
+        refused.detail.contains("using password: YES"),
+        "{refused:?}"
     );
+
+    // Fenced: a primary made read-only takes no writes, so it is no primary.
+    db.mariadb
+        .sql("SET GLOBAL read_only = 1")
+        .expect("set read_only");
+    let fenced = check(&app, server.addr()).await;
+    assert_status(&fenced, CheckStatus::Up);
+    assert_eq!(fenced.role, Some(Role::Replica), "{fenced:?}");
+    assert!(fenced.detail.contains("read_only=1"), "{fenced:?}");
+    db.mariadb
+        .sql("SET GLOBAL read_only = 0")
+        .expect("clear read_only");
+    let again = check(&app, server.addr()).await;
+    assert_eq!(again.role, Some(Role::Primary), "{again:?}");
+
+    // A password from a file, as a deployment keeps it.
+    let dir = temp_dir();
+    let file = dir.path().join("pw");
+    fs::write(&file, "s3cret\n").expect("write password file");
+    let mut from_file = mysql_user("ops");
+    from_file.password_file = Some(file);
+    let outcome = check(&from_file, server.addr()).await;
+    assert_status(&outcome, CheckStatus::Up);
+    assert_eq!(outcome.role, Some(Role::Primary), "{outcome:?}");
 }
 
 #[tokio::test]

@@ -633,3 +633,125 @@ async fn a_busy_session_of_a_demoted_server_ends_at_its_next_request() {
     .unwrap();
     stop.cancel();
 }
+
+// ---------------------------------------------------------------- mariadb
+
+/// A MariaDB server reporting `version` in its greeting (so a client can
+/// tell which one it reached), with the check user `pulsegate_check`
+/// (password `check-pw`), read-only from the start when `read_only`.
+struct MariaDbServer {
+    server: pulsegate::lab::servers::HostServer,
+    mariadb: pulsegate::lab::servers::mariadb::MariaDb,
+    _dir: tempfile::TempDir,
+}
+
+fn start_mariadb(version: &str, read_only: bool) -> Option<MariaDbServer> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut init =
+        "CREATE USER IF NOT EXISTS 'pulsegate_check'@'127.0.0.1' IDENTIFIED BY 'check-pw';\n"
+            .to_string();
+    if read_only {
+        init.push_str("SET GLOBAL read_only = 1;\n");
+    }
+    let mut mariadb = or_skip(pulsegate::lab::servers::mariadb::MariaDb::install(
+        dir.path(),
+        &init,
+    ))?;
+    mariadb.args.push(format!("--version={version}"));
+    let server = mariadb.start_on_host().expect("start mariadbd");
+    Some(MariaDbServer {
+        server,
+        mariadb,
+        _dir: dir,
+    })
+}
+
+/// The server version in the greeting a new connection through the proxy
+/// gets, if any within 300 ms.
+fn greeting_version(proxy: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", proxy)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(300))).ok()?;
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).ok()?;
+    // Header (4), protocol 10, then the version up to its NUL.
+    let version = buf.get(5..n)?;
+    let end = version.iter().position(|&b| b == 0)?;
+    Some(String::from_utf8_lossy(&version[..end]).into_owned())
+}
+
+/// MariaDB's role is `@@global.read_only`, read by the mysql check logged
+/// in with a password. When the primary is fenced (`read_only=1`) and the
+/// replica opened (`read_only=0`), new connections reach the new primary
+/// within one check interval, and an idle session on the fenced server is
+/// reset at once (`on_down = "evict"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_read_only_moves_new_connections_and_evicts_sessions() {
+    let Some(a) = start_mariadb("10.11-server-a", false) else {
+        return;
+    };
+    let Some(b) = start_mariadb("10.11-server-b", true) else {
+        return;
+    };
+    let interval = Duration::from_millis(500);
+    let check = format!(
+        "[listener.check]\nkind = \"mysql\"\ninterval = \"{}ms\"\ntimeout = \"400ms\"\n\
+         user = \"pulsegate_check\"\npassword = \"check-pw\"\n\
+         [listener.routing]\nrole = \"primary\"\non_down = \"evict\"\n",
+        interval.as_millis()
+    );
+    let backends = [a.server.addr(), b.server.addr()];
+    let InProcessProxy { addr, shutdown, .. } =
+        in_process_proxy(&listener_toml("mariadb", &backends, &check)).await;
+    let proxy = addr.port();
+    let served = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        while greeting_version(proxy).as_deref() != Some("10.11-server-a") {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never served by the primary"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // An idle session on the primary: it has read the greeting.
+        let mut idle = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+        let mut buf = [0u8; 256];
+        assert!(idle.read(&mut buf).unwrap() > 0);
+        idle
+    })
+    .await
+    .unwrap();
+
+    a.mariadb.sql("SET GLOBAL read_only = 1").expect("fence a");
+    b.mariadb.sql("SET GLOBAL read_only = 0").expect("open b");
+    let flipped = Instant::now();
+    let (followed, idle_end) = tokio::task::spawn_blocking(move || {
+        while greeting_version(proxy).as_deref() != Some("10.11-server-b") {
+            assert!(
+                flipped.elapsed() < Duration::from_secs(5),
+                "never followed the new primary"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let followed = flipped.elapsed();
+        let mut idle = served;
+        idle.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 64];
+        (followed, idle.read(&mut buf))
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "mariadb read_only flip: new connections on the new primary after {:.3} s; idle session: {idle_end:?}",
+        followed.as_secs_f64()
+    );
+    assert!(
+        followed < interval + Duration::from_millis(500),
+        "followed after {followed:?} (check interval {interval:?})"
+    );
+    assert!(
+        matches!(&idle_end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the idle session on the fenced server was not reset: {idle_end:?}"
+    );
+    shutdown.cancel();
+    drop((a, b));
+}

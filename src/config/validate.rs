@@ -147,11 +147,24 @@ impl Checker<'_> {
     fn health(&mut self, l: &ListenerConfig) {
         let role_needs = match (&l.check, l.routing.role) {
             (_, RoleWanted::Any) => None,
-            // Without a user the postgres check only sends an SSLRequest.
-            (Some(c), _) if c.kind == CheckKind::Postgres && c.user.is_none() => Some(
-                "a `postgres` check without `user` does not log in, so it reports no role".into(),
-            ),
-            (Some(c), _) if matches!(c.kind, CheckKind::Postgres | CheckKind::Redis) => None,
+            // Without a user the postgres check only sends an SSLRequest,
+            // and the mysql check only reads the greeting.
+            (Some(c), _)
+                if matches!(c.kind, CheckKind::Postgres | CheckKind::Mysql) && c.user.is_none() =>
+            {
+                Some(format!(
+                    "a `{}` check without `user` does not log in, so it reports no role",
+                    format!("{:?}", c.kind).to_lowercase()
+                ))
+            }
+            (Some(c), _)
+                if matches!(
+                    c.kind,
+                    CheckKind::Postgres | CheckKind::Mysql | CheckKind::Redis
+                ) =>
+            {
+                None
+            }
             (Some(c), _) => Some(format!("a `{:?}` check reports no role", c.kind).to_lowercase()),
             (None, _) => Some("there is no [listener.check] to learn roles from".to_string()),
         };
@@ -159,8 +172,8 @@ impl Checker<'_> {
             self.problem(
                 "routing.role",
                 why,
-                "add [listener.check] with kind = \"postgres\" (and a `user`) or \"redis\", or set \
-                 role = \"any\"",
+                "add [listener.check] with kind = \"postgres\" or \"mysql\" (each with a `user`) \
+                 or \"redis\", or set role = \"any\"",
             );
         }
         let Some(check) = &l.check else { return };
@@ -187,13 +200,6 @@ impl Checker<'_> {
                 "check.password",
                 "password, password_env and password_file are exclusive",
                 "keep only one of them (password_file or password_env keep it out of the config)",
-            );
-        }
-        if check.kind == CheckKind::Mysql && sources.iter().any(|&s| s) {
-            self.problem(
-                "check.password",
-                "the mysql check logs in without a password (as HAProxy's mysql-check does); password login is not supported",
-                "create a passwordless user that may only connect from pulsegate's host and set only `user`",
             );
         }
         if check.kind == CheckKind::Http {

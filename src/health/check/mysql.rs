@@ -2,17 +2,22 @@
 //! handshake means the server accepts connections; an ERR packet ("Too many
 //! connections", "Host … is blocked") means it refuses us.
 //!
-//! With a `user` (one without a password, as HAProxy's `mysql-check user`),
-//! the check also logs in and says `COM_QUIT`. That matters: a server counts
-//! every connection closed before authenticating against the client host,
-//! and after `max_connect_errors` of them in a row (100 by default) it blocks
-//! the host — pulsegate's host, for every client it proxies. Only a
-//! successful login resets the count; a refused one does not add to it.
+//! With a `user` the check also logs in (with the password, if one is
+//! configured: `mysql_native_password`, or `caching_sha2_password`'s fast
+//! path), asks `SELECT @@global.read_only` for the role (`1`: a replica, or
+//! a primary fenced read-only; `0`: a primary) and says `COM_QUIT`. The
+//! login matters beyond the role: a server counts every connection closed
+//! before authenticating against the client host, and after
+//! `max_connect_errors` of them in a row (100 by default) it blocks the host
+//! — pulsegate's host, for every client it proxies. Only a successful login
+//! resets the count; a refused one does not add to it.
 
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{excerpt, password, read_more, CheckError, Finding};
+use super::{excerpt, password, read_more, CheckError, Finding, Role};
 use crate::config::CheckConfig;
 
 /// The largest packet we accept; real greetings are ~100 bytes.
@@ -26,6 +31,12 @@ const SWITCH_MARKER: u8 = 0xfe;
 const ERR_MARKER: u8 = 0xff;
 /// caching_sha2_password's AuthMoreData "fast authentication succeeded".
 const FAST_AUTH_OK: u8 = 0x03;
+/// caching_sha2_password's AuthMoreData "full authentication needed": the
+/// password in the clear over TLS, or RSA-encrypted.
+const FULL_AUTH_NEEDED: u8 = 0x04;
+/// EOF packets (a result set's end of columns, end of rows) start with
+/// 0xFE and are shorter than 9 bytes.
+const EOF_MARKER: u8 = 0xfe;
 
 /// Client capabilities: PROTOCOL_41, SECURE_CONNECTION, PLUGIN_AUTH.
 const CAPABILITIES: u32 = 0x0200 | 0x8000 | 0x0008_0000;
@@ -33,7 +44,12 @@ const CONNECT_WITH_DB: u32 = 0x0008;
 /// utf8mb4_general_ci.
 const CHARSET: u8 = 45;
 const NATIVE_PASSWORD: &str = "mysql_native_password";
+const CACHING_SHA2_PASSWORD: &str = "caching_sha2_password";
 const COM_QUIT: u8 = 0x01;
+const COM_QUERY: u8 = 0x03;
+/// The role query: `1` on a replica (and on a primary fenced with
+/// `read_only=1`), `0` on a primary that takes writes.
+pub(crate) const ROLE_QUERY: &str = "SELECT @@global.read_only";
 
 /// An ERR packet's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,9 +73,20 @@ impl std::fmt::Display for ErrPacket {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Greeting {
     /// A protocol-10 handshake: the server would let us log in.
-    Handshake { server_version: String },
+    Handshake(Handshake),
     /// An ERR packet: the server refuses the connection.
     Error(ErrPacket),
+}
+
+/// What a protocol-10 handshake offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Handshake {
+    pub server_version: String,
+    /// The nonce a password is scrambled with (20 bytes from any server
+    /// since 4.1; empty if the greeting was cut short).
+    pub scramble: Vec<u8>,
+    /// The server's default authentication plugin, if it names one.
+    pub plugin: Option<String>,
 }
 
 /// The server's answer to a login (HandshakeResponse or auth data).
@@ -67,9 +94,10 @@ pub(crate) enum Greeting {
 pub(crate) enum AuthReply {
     Ok,
     Error(ErrPacket),
-    /// AuthSwitchRequest: answer for this plugin instead.
+    /// AuthSwitchRequest: answer for this plugin, with this nonce, instead.
     Switch {
         plugin: String,
+        scramble: Vec<u8>,
     },
     /// AuthMoreData: a plugin's own exchange.
     More(Vec<u8>),
@@ -146,12 +174,43 @@ pub(crate) fn parse_greeting(buf: &[u8]) -> Result<Option<Greeting>, PacketError
     }
 }
 
-/// After the protocol byte: the server version up to its NUL.
+/// After the protocol byte: the server version up to its NUL, then
+/// (leniently: a field cut short is left empty) the connection id, the
+/// scramble's first 8 bytes, capabilities, and past the reserved bytes the
+/// scramble's rest and the plugin name.
 fn parse_handshake(rest: &[u8]) -> Result<Greeting, PacketError> {
     let version = nul_terminated(rest).ok_or(PacketError::NoVersion)?;
-    Ok(Greeting::Handshake {
+    let after_version = &rest[version.len() + 1..];
+    let (scramble, plugin) = scramble_and_plugin(after_version);
+    Ok(Greeting::Handshake(Handshake {
         server_version: String::from_utf8_lossy(version).into_owned(),
-    })
+        scramble,
+        plugin,
+    }))
+}
+
+/// Connection id (4), scramble part 1 (8), filler (1), capabilities low
+/// (2), charset (1), status (2), capabilities high (2), scramble length
+/// (1), reserved (10), scramble part 2 (max(13, length - 8), NUL last),
+/// plugin name (NUL-terminated or to the end).
+fn scramble_and_plugin(bytes: &[u8]) -> (Vec<u8>, Option<String>) {
+    let Some(part1) = bytes.get(4..12) else {
+        return (Vec::new(), None);
+    };
+    let mut scramble = part1.to_vec();
+    let Some(&announced) = bytes.get(20) else {
+        return (scramble, None);
+    };
+    let part2_len = usize::from(announced).saturating_sub(8).max(13);
+    let Some(part2) = bytes.get(31..31 + part2_len) else {
+        return (scramble, None);
+    };
+    // The last byte of part 2 is a NUL, not nonce.
+    scramble.extend_from_slice(&part2[..part2_len - 1]);
+    let tail = &bytes[31 + part2_len..];
+    let name = nul_terminated(tail).unwrap_or(tail);
+    let plugin = (!name.is_empty()).then(|| String::from_utf8_lossy(name).into_owned());
+    (scramble, plugin)
 }
 
 fn nul_terminated(bytes: &[u8]) -> Option<&[u8]> {
@@ -184,9 +243,16 @@ pub(crate) fn parse_auth_reply(payload: &[u8]) -> Result<AuthReply, PacketError>
         None => Err(PacketError::Empty),
         Some((&OK_MARKER, _)) => Ok(AuthReply::Ok),
         Some((&ERR_MARKER, rest)) => parse_err(rest).map(AuthReply::Error),
-        Some((&SWITCH_MARKER, rest)) => Ok(AuthReply::Switch {
-            plugin: String::from_utf8_lossy(nul_terminated(rest).unwrap_or(rest)).into_owned(),
-        }),
+        Some((&SWITCH_MARKER, rest)) => {
+            let name = nul_terminated(rest).unwrap_or(rest);
+            let data = rest.get(name.len() + 1..).unwrap_or_default();
+            // The nonce, without the NUL most servers end it with.
+            let scramble = data.strip_suffix(&[0]).unwrap_or(data).to_vec();
+            Ok(AuthReply::Switch {
+                plugin: String::from_utf8_lossy(name).into_owned(),
+                scramble,
+            })
+        }
         Some((&MORE_DATA_MARKER, rest)) => Ok(AuthReply::More(rest.to_vec())),
         Some(_) => Err(PacketError::NotMysql(excerpt(payload))),
     }
@@ -203,20 +269,134 @@ pub(crate) fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// HandshakeResponse41 for `user` with an empty password.
-pub(crate) fn handshake_response(user: &str, database: Option<&str>) -> Vec<u8> {
+/// HandshakeResponse41 for `user`, answering for `plugin` with `auth`
+/// (the scrambled password; empty: no password).
+pub(crate) fn handshake_response(
+    user: &str,
+    database: Option<&str>,
+    plugin: &str,
+    auth: &[u8],
+) -> Vec<u8> {
     let capabilities = CAPABILITIES | database.map_or(0, |_| CONNECT_WITH_DB);
     let mut out = capabilities.to_le_bytes().to_vec();
     out.extend_from_slice(&(16u32 << 20).to_le_bytes()); // max packet: 16 MiB
     out.push(CHARSET);
     out.extend_from_slice(&[0; 23]);
     push_nul_terminated(&mut out, user);
-    out.push(0); // auth response length: no password
+    // Scrambles are 20 or 32 bytes: the length always fits its one byte.
+    out.push(auth.len() as u8);
+    out.extend_from_slice(auth);
     if let Some(database) = database {
         push_nul_terminated(&mut out, database);
     }
-    push_nul_terminated(&mut out, NATIVE_PASSWORD);
+    push_nul_terminated(&mut out, plugin);
     out
+}
+
+/// A plugin the check cannot log in with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the server wants authentication plugin `{0}`, which the check does not speak; \
+     give the check user mysql_native_password or caching_sha2_password"
+)]
+pub(crate) struct UnsupportedPlugin(pub String);
+
+/// What `plugin` sends for `password` with the server's `scramble`.
+pub(crate) fn auth_response(
+    plugin: &str,
+    password: &str,
+    scramble: &[u8],
+) -> Result<Vec<u8>, UnsupportedPlugin> {
+    match plugin {
+        NATIVE_PASSWORD if password.is_empty() => Ok(Vec::new()),
+        NATIVE_PASSWORD => Ok(native_scramble(password.as_bytes(), scramble)),
+        // caching_sha2_password says "no password" with one NUL.
+        CACHING_SHA2_PASSWORD if password.is_empty() => Ok(vec![0]),
+        CACHING_SHA2_PASSWORD => Ok(sha2_scramble(password.as_bytes(), scramble)),
+        other => Err(UnsupportedPlugin(other.to_string())),
+    }
+}
+
+/// mysql_native_password: SHA1(password) XOR SHA1(scramble ‖ SHA1(SHA1(password))).
+fn native_scramble(password: &[u8], scramble: &[u8]) -> Vec<u8> {
+    let once = Sha1::digest(password);
+    let twice = Sha1::digest(once);
+    let mask = Sha1::new()
+        .chain_update(scramble)
+        .chain_update(twice)
+        .finalize();
+    once.iter().zip(mask).map(|(a, b)| a ^ b).collect()
+}
+
+/// caching_sha2_password's fast path: SHA256(password) XOR
+/// SHA256(SHA256(SHA256(password)) ‖ scramble).
+fn sha2_scramble(password: &[u8], scramble: &[u8]) -> Vec<u8> {
+    let once = Sha256::digest(password);
+    let twice = Sha256::digest(once);
+    let mask = Sha256::new()
+        .chain_update(twice)
+        .chain_update(scramble)
+        .finalize();
+    once.iter().zip(mask).map(|(a, b)| a ^ b).collect()
+}
+
+/// Where reading the role query's result set stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResultStage {
+    ColumnCount,
+    Columns,
+    Row,
+}
+
+/// The role from the packets answering [`ROLE_QUERY`], fed one payload at
+/// a time: `Ok(None)` while more are needed. A text result set is a
+/// column count, column definitions, an EOF, the row, an EOF (the check
+/// does not ask for CLIENT_DEPRECATE_EOF).
+#[derive(Debug)]
+pub(crate) struct ReadOnlyReply {
+    stage: ResultStage,
+}
+
+impl ReadOnlyReply {
+    pub(crate) fn new() -> Self {
+        ReadOnlyReply {
+            stage: ResultStage::ColumnCount,
+        }
+    }
+
+    pub(crate) fn feed(&mut self, payload: &[u8]) -> Result<Option<Role>, String> {
+        match (self.stage, payload.first()) {
+            (_, None) => Err("an empty packet in the answer".into()),
+            (_, Some(&ERR_MARKER)) => {
+                let e = parse_err(&payload[1..]).map_err(|e| e.to_string())?;
+                Err(format!("refused with {e}"))
+            }
+            (ResultStage::ColumnCount, Some(&1)) => {
+                self.stage = ResultStage::Columns;
+                Ok(None)
+            }
+            (ResultStage::ColumnCount, Some(_)) => {
+                Err(format!("answered `{}`, not one column", excerpt(payload)))
+            }
+            (ResultStage::Columns, Some(&EOF_MARKER)) if payload.len() < 9 => {
+                self.stage = ResultStage::Row;
+                Ok(None)
+            }
+            (ResultStage::Columns, Some(_)) => Ok(None),
+            (ResultStage::Row, Some(&EOF_MARKER)) if payload.len() < 9 => {
+                Err("the result has no row".into())
+            }
+            // The row: one length-encoded string (NULL is 0xFB).
+            (ResultStage::Row, Some(&len)) => match (len, payload.get(1..)) {
+                (1, Some(b"0")) => Ok(Some(Role::Primary)),
+                (1, Some(b"1")) => Ok(Some(Role::Replica)),
+                _ => Err(format!(
+                    "read_only is `{}`, not 0 or 1",
+                    excerpt(&payload[1..])
+                )),
+            },
+        }
+    }
 }
 
 fn push_nul_terminated(out: &mut Vec<u8>, text: &str) {
@@ -224,25 +404,13 @@ fn push_nul_terminated(out: &mut Vec<u8>, text: &str) {
     out.push(0);
 }
 
-/// The empty password as `plugin` sends it: caching_sha2_password sends
-/// one NUL, mysql_native_password (and most others) nothing.
-fn empty_password_for(plugin: &str) -> &'static [u8] {
-    if plugin == "caching_sha2_password" {
-        &[0]
-    } else {
-        &[]
-    }
-}
-
 /// Reads the first packet and judges it; logs in when a user is set.
 pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Finding, CheckError> {
     let user = config.user.as_deref();
-    if user.is_some() && password(config).map_err(CheckError::Password)?.is_some() {
-        return Ok(Finding::down(
-            "the mysql check logs in only as a user without a password; \
-             remove the password or the user",
-        ));
-    }
+    let password = match user {
+        Some(_) => password(config).map_err(CheckError::Password)?,
+        None => None,
+    };
     let mut conn = Conn::new(stream);
     let (seq, greeting) = match conn.greeting().await? {
         Ok(pair) => pair,
@@ -250,13 +418,17 @@ pub(super) async fn check(config: &CheckConfig, stream: TcpStream) -> Result<Fin
     };
     match (greeting, user) {
         (Greeting::Error(e), _) => Ok(Finding::down(format!("refused with {e}"))),
-        (Greeting::Handshake { server_version }, None) => Ok(Finding::up(
+        (Greeting::Handshake(handshake), None) => Ok(Finding::up(
             None,
-            format!("handshake from {server_version}"),
+            format!("handshake from {}", handshake.server_version),
         )),
-        (Greeting::Handshake { server_version }, Some(user)) => {
-            let database = config.database.as_deref();
-            conn.login(seq, user, database, &server_version).await
+        (Greeting::Handshake(handshake), Some(user)) => {
+            let login = Login {
+                user,
+                password: password.as_deref().unwrap_or_default(),
+                database: config.database.as_deref(),
+            };
+            conn.login(seq, &login, &handshake).await
         }
     }
 }
@@ -309,46 +481,64 @@ impl Conn {
         self.stream.write_all(&bytes).await.map_err(CheckError::Io)
     }
 
-    /// Logs in with an empty password (following at most one plugin
-    /// switch), then quits.
+    /// Logs in (following at most one plugin switch), asks the role, then
+    /// quits.
     async fn login(
         &mut self,
         greeting_seq: u8,
-        user: &str,
-        database: Option<&str>,
-        server_version: &str,
+        login: &Login<'_>,
+        handshake: &Handshake,
     ) -> Result<Finding, CheckError> {
-        let response = handshake_response(user, database);
+        let user = login.user;
+        let version = &handshake.server_version;
+        // Answer for the server's default plugin when we speak it (saves
+        // the switch round trip), else for mysql_native_password.
+        let plugin = match handshake.plugin.as_deref() {
+            Some(p @ (NATIVE_PASSWORD | CACHING_SHA2_PASSWORD)) => p,
+            _ => NATIVE_PASSWORD,
+        };
+        if !login.password.is_empty() && handshake.scramble.len() < 20 {
+            return Ok(Finding::down(format!(
+                "login as {user}: the greeting carries no 20-byte scramble to answer with"
+            )));
+        }
+        let auth = auth_response(plugin, login.password, &handshake.scramble).unwrap_or_default();
+        let response = handshake_response(user, login.database, plugin, &auth);
         self.send(greeting_seq.wrapping_add(1), &response).await?;
         let mut switched = false;
         for _ in 0..4 {
-            let (seq, payload) = match self.next().await? {
-                Ok(pair) => pair,
+            let (seq, reply) = match self.next().await? {
+                Ok((seq, payload)) => (seq, parse_auth_reply(&payload)),
                 Err(e) => return Ok(Finding::down(format!("login: {e}"))),
             };
-            let reply = match parse_auth_reply(&payload) {
+            let reply = match reply {
                 Ok(reply) => reply,
                 Err(e) => return Ok(Finding::down(format!("login: {e}"))),
             };
             match reply {
-                AuthReply::Ok => {
-                    // Best effort: the server logs no aborted connection.
-                    let _ = self.send(0, &[COM_QUIT]).await;
-                    let detail = format!("logged in as {user} to {server_version}");
-                    return Ok(Finding::up(None, detail));
-                }
+                AuthReply::Ok => return self.role(user, version).await,
                 AuthReply::Error(e) => {
                     return Ok(Finding::down(format!("login as {user} refused with {e}")))
                 }
-                AuthReply::Switch { plugin } if !switched => {
+                AuthReply::Switch { plugin, scramble } if !switched => {
                     switched = true;
-                    let answer = empty_password_for(&plugin);
-                    self.send(seq.wrapping_add(1), answer).await?;
+                    let answer = match auth_response(&plugin, login.password, &scramble) {
+                        Ok(answer) => answer,
+                        Err(e) => return Ok(Finding::down(format!("login as {user}: {e}"))),
+                    };
+                    self.send(seq.wrapping_add(1), &answer).await?;
                 }
                 AuthReply::More(data) if data == [FAST_AUTH_OK] => {}
+                AuthReply::More(data) if data == [FULL_AUTH_NEEDED] => {
+                    return Ok(Finding::down(format!(
+                        "login as {user}: caching_sha2_password wants the full exchange \
+                         (TLS or RSA), which the check does not do; log in as this user once \
+                         with a client over TLS to fill the server's cache, or give it \
+                         mysql_native_password"
+                    )));
+                }
                 other => {
-                    let detail =
-                        format!("login as {user}: the server wants a password ({other:?})");
+                    let detail = format!("login as {user}: unexpected answer {other:?}");
                     return Ok(Finding::down(detail));
                 }
             }
@@ -357,6 +547,45 @@ impl Conn {
             "login as {user}: no answer after 4 packets"
         )))
     }
+
+    /// After a login: [`ROLE_QUERY`], then `COM_QUIT`.
+    async fn role(&mut self, user: &str, version: &str) -> Result<Finding, CheckError> {
+        let mut query = vec![COM_QUERY];
+        query.extend_from_slice(ROLE_QUERY.as_bytes());
+        self.send(0, &query).await?;
+        let mut reply = ReadOnlyReply::new();
+        // A handful of packets; more means something else answered.
+        for _ in 0..8 {
+            let payload = match self.next().await? {
+                Ok((_, payload)) => payload,
+                Err(e) => return Ok(Finding::down(format!("role query: {e}"))),
+            };
+            match reply.feed(&payload) {
+                Ok(None) => continue,
+                Ok(Some(role)) => {
+                    // Best effort: the server logs no aborted connection.
+                    let _ = self.send(0, &[COM_QUIT]).await;
+                    let detail = format!(
+                        "logged in as {user} to {version}; read_only={}",
+                        u8::from(role == Role::Replica)
+                    );
+                    return Ok(Finding::up(Some(role), detail));
+                }
+                Err(e) => return Ok(Finding::down(format!("role query ({ROLE_QUERY}): {e}"))),
+            }
+        }
+        Ok(Finding::down(format!(
+            "role query ({ROLE_QUERY}): no row after 8 packets"
+        )))
+    }
+}
+
+/// Who the check logs in as.
+struct Login<'a> {
+    user: &'a str,
+    /// Empty: no password.
+    password: &'a str,
+    database: Option<&'a str>,
 }
 
 #[cfg(test)]

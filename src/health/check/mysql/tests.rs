@@ -42,10 +42,99 @@ fn mariadb_handshake_is_up() {
     assert_eq!(MARIADB_GREETING.len(), 4 + 100);
     assert_eq!(
         parse_greeting(MARIADB_GREETING),
-        Ok(Some(Greeting::Handshake {
-            server_version: "5.5.5-10.11.19-MariaDB-0+deb12u1".into()
-        }))
+        Ok(Some(Greeting::Handshake(Handshake {
+            server_version: "5.5.5-10.11.19-MariaDB-0+deb12u1".into(),
+            scramble: b"IiWX22D=G.N~R[SpYLS:".to_vec(),
+            plugin: Some("mysql_native_password".into()),
+        })))
     );
+}
+
+#[test]
+fn a_greeting_cut_short_still_names_the_server() {
+    // Everything after the version is optional to the parser: the check
+    // without a password needs only the version.
+    let mut payload = vec![PROTOCOL_10];
+    payload.extend_from_slice(b"8.0.36\0\x01\x00\x00\x00abcdefgh");
+    let Ok(Some(Greeting::Handshake(handshake))) = parse_greeting(&packet(0, &payload)) else {
+        panic!("not a handshake");
+    };
+    assert_eq!(handshake.scramble, b"abcdefgh");
+    assert_eq!(handshake.plugin, None);
+}
+
+/// Known answers, computed apart with Python's hashlib for this password
+/// and the captured greeting's scramble.
+#[test]
+fn password_scrambles_match_the_servers_formulas() {
+    let scramble = b"IiWX22D=G.N~R[SpYLS:";
+    let hex = |bytes: Vec<u8>| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let native = auth_response("mysql_native_password", "app-pw", scramble).unwrap();
+    assert_eq!(hex(native), "46cabbf0e5ee26caf539e6b554726848f6afa822");
+    let sha2 = auth_response("caching_sha2_password", "app-pw", scramble).unwrap();
+    assert_eq!(
+        hex(sha2),
+        "2071c8e6e98bd3fc568e76a79a9087729292b4c9db78e9380f19f834a0bff906"
+    );
+    assert_eq!(
+        auth_response("mysql_native_password", "", scramble),
+        Ok(vec![])
+    );
+    assert_eq!(
+        auth_response("caching_sha2_password", "", scramble),
+        Ok(vec![0])
+    );
+    let ed25519 = auth_response("client_ed25519", "pw", scramble).unwrap_err();
+    assert!(
+        ed25519.to_string().contains("`client_ed25519`"),
+        "{ed25519}"
+    );
+}
+
+/// A text result set answering `SELECT @@global.read_only`, one payload
+/// per packet: column count, column definition, EOF, row, EOF (the
+/// real-server side is in tests/checks.rs).
+fn read_only_answer(value: &[u8]) -> Vec<Vec<u8>> {
+    let mut row = vec![value.len() as u8];
+    row.extend_from_slice(value);
+    vec![
+        vec![1],
+        b"\x03def\x00\x00\x00\x12@@global.read_only\x00\x0c?\x00\x01\x00\x00\x00\x08\x80\x00\x00\x00\x00"
+            .to_vec(),
+        b"\xfe\x00\x00\x02\x00".to_vec(),
+        row,
+        b"\xfe\x00\x00\x02\x00".to_vec(),
+    ]
+}
+
+fn role_of(packets: Vec<Vec<u8>>) -> Result<Option<Role>, String> {
+    let mut reply = ReadOnlyReply::new();
+    for payload in packets {
+        if let Some(role) = reply.feed(&payload)? {
+            return Ok(Some(role));
+        }
+    }
+    Ok(None)
+}
+
+#[test]
+fn read_only_gives_the_role() {
+    assert_eq!(role_of(read_only_answer(b"0")), Ok(Some(Role::Primary)));
+    assert_eq!(role_of(read_only_answer(b"1")), Ok(Some(Role::Replica)));
+    let odd = role_of(read_only_answer(b"ON")).unwrap_err();
+    assert!(odd.contains("`ON`"), "{odd}");
+    let refused = role_of(vec![err_packet(1227, Some("42000"), "denied")[4..].to_vec()]);
+    assert!(refused.unwrap_err().contains("error 1227"));
+    let no_row = role_of(vec![
+        vec![1],
+        b"\x03def".to_vec(),
+        b"\xfe\x00\x00\x02\x00".to_vec(),
+        b"\xfe\x00\x00\x02\x00".to_vec(),
+    ]);
+    assert!(no_row.unwrap_err().contains("no row"));
+    assert!(role_of(vec![vec![2]])
+        .unwrap_err()
+        .contains("not one column"));
 }
 
 #[test]
@@ -134,7 +223,8 @@ fn auth_replies() {
     assert_eq!(
         parse_auth_reply(b"\xfecaching_sha2_password\x00nonce-nonce-nonce-nonc\x00"),
         Ok(AuthReply::Switch {
-            plugin: "caching_sha2_password".into()
+            plugin: "caching_sha2_password".into(),
+            scramble: b"nonce-nonce-nonce-nonc".to_vec()
         })
     );
     assert_eq!(
@@ -146,14 +236,19 @@ fn auth_replies() {
 
 #[test]
 fn handshake_response_layout() {
-    let response = handshake_response("check", Some("app"));
+    let response = handshake_response("check", Some("app"), "mysql_native_password", &[]);
     let caps = u32::from_le_bytes(response[..4].try_into().unwrap());
     assert_eq!(caps, CAPABILITIES | CONNECT_WITH_DB);
     assert_eq!(response[8], CHARSET);
     assert!(response[9..32].iter().all(|&b| b == 0));
     assert_eq!(&response[32..], b"check\0\0app\0mysql_native_password\0");
-    let without_db = handshake_response("check", None);
+    let without_db = handshake_response("check", None, "mysql_native_password", &[]);
     assert_eq!(&without_db[32..], b"check\0\0mysql_native_password\0");
+    let with_password = handshake_response("check", None, "caching_sha2_password", &[7; 32]);
+    assert_eq!(with_password[32..38], *b"check\0");
+    assert_eq!(with_password[38], 32);
+    assert_eq!(with_password[39..71], [7; 32]);
+    assert_eq!(&with_password[71..], b"caching_sha2_password\0");
 }
 
 proptest! {
@@ -165,6 +260,12 @@ proptest! {
             let _ = parse_auth_reply(packet.payload);
         }
         let _ = parse_auth_reply(&bytes);
+        let mut reply = ReadOnlyReply::new();
+        for chunk in bytes.chunks(7) {
+            if reply.feed(chunk).is_err() {
+                break;
+            }
+        }
     }
 
     #[test]
@@ -176,9 +277,10 @@ proptest! {
         payload.extend_from_slice(version.as_bytes());
         payload.push(0);
         payload.extend_from_slice(&tail);
-        prop_assert_eq!(
-            parse_greeting(&packet(0, &payload)),
-            Ok(Some(Greeting::Handshake { server_version: version }))
+        let parsed = parse_greeting(&packet(0, &payload));
+        prop_assert!(
+            matches!(&parsed, Ok(Some(Greeting::Handshake(h))) if h.server_version == version),
+            "{:?}", parsed
         );
     }
 
