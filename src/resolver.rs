@@ -2,7 +2,10 @@
 //! `resolve_interval` and at once when it turns suspect. A changed address
 //! set takes effect for new connections at once (managed databases fail
 //! over by moving a name, and a cached address is how a proxy stays on the
-//! old writer).
+//! old writer) — unless the listener routes to a role: then a new address
+//! is checked at once and used only when the check confirms its role, and
+//! a name flickering back to an old address changes nothing (see
+//! [`crate::backend::book`]).
 //!
 //! Sessions are another matter: a name that rotates its answers (a reader
 //! endpoint, a multivalue record, a lookup that briefly lost its AAAA) must
@@ -61,14 +64,30 @@ impl Resolver {
         let timeout = self.interval.max(Duration::from_secs(1));
         match upstream::resolve(self.backends.addr(self.backend), timeout).await {
             Ok(addrs) => {
-                let before = self.backends.addresses(self.backend);
-                let gone = self.backends.set_addresses(self.backend, addrs);
-                let now = self.backends.addresses(self.backend);
-                if now != before {
+                let before = self.backends.resolved(self.backend);
+                let lookup = self.backends.lookup(self.backend, addrs);
+                let now = self.backends.resolved(self.backend);
+                if !lookup.fresh.is_empty() {
+                    tracing::warn!(listener = %self.listener, backend = %label,
+                        before = ?before, after = ?now, new = ?lookup.fresh,
+                        serving = ?self.backends.addresses(self.backend),
+                        "backend name resolves to new addresses: checking their role before using them");
+                    self.backends.check_now(self.backend);
+                } else if now != before && !self.backends.gated(self.backend) {
                     tracing::warn!(listener = %self.listener, backend = %label,
                         before = ?before, after = ?now, "backend name resolves to new addresses");
+                } else if now != before {
+                    tracing::info!(listener = %self.listener, backend = %label,
+                        before = ?before, after = ?now,
+                        serving = ?self.backends.addresses(self.backend),
+                        "backend name returns known addresses again: serving addresses unchanged unless a check says a role changed");
                 }
-                let removed = count_missing(missing, &gone, &now);
+                let gone = lookup.gone;
+                let mut removed = count_missing(missing, &gone, &now);
+                // An address that still serves (gated: verified in the role,
+                // nothing verified has replaced it) is not removed.
+                let serving = self.backends.addresses(self.backend);
+                removed.retain(|a| !serving.contains(a));
                 if !removed.is_empty() {
                     tracing::warn!(listener = %self.listener, backend = %label, addresses = ?removed,
                         lookups = REMOVAL_LOOKUPS,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::BackendSet;
+use crate::backend::{BackendId, BackendSet};
 use crate::config::{Listener, OnEvict};
 use crate::evict::{self, EvictReason, Leg, SessionLabels, Verdict};
 use crate::health::hint::{ReadOnlySign, ReplyWatch};
@@ -200,6 +200,25 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
     // holds a weak one.
 }
 
+/// A spare of `backend` from the pool, connected to an address the backend
+/// still serves from; spares to other addresses (the name moved, or the
+/// address was found in another role) are closed.
+fn serving_spare(
+    ctx: &ListenerContext,
+    pool: &Pool,
+    backend: BackendId,
+) -> Option<(TcpStream, SocketAddr)> {
+    let serving = ctx.backends.addresses(backend);
+    while let Some(stream) = pool.take(backend) {
+        match stream.peer_addr() {
+            Ok(peer) if serving.contains(&peer) => return Some((stream, peer)),
+            peer => tracing::debug!(listener = %ctx.name, backend = %ctx.backends.label(backend),
+                peer = ?peer.ok(), "closing a spare to an address the backend no longer serves from"),
+        }
+    }
+    None
+}
+
 /// Routes a new client and gets its upstream connection: a spare from the
 /// warm pool, or a connect to the backends in routing order. When there is
 /// none, the client is set to be reset (on drop) and the reason logged.
@@ -218,17 +237,15 @@ async fn acquire_upstream(
             return None;
         }
     };
-    if let Some((pool, stream)) = ctx
+    let spare = ctx
         .pool
         .as_ref()
-        .and_then(|pool| Some((pool, pool.take(order[0])?)))
-    {
+        .and_then(|pool| Some((pool, serving_spare(ctx, pool, order[0])?)));
+    if let Some((pool, (stream, peer))) = spare {
         let meters = ctx.backends.meters(order[0]);
         meters.pool_idle.set(pool.idle(order[0]) as f64);
         return Some(upstream::Upstream {
-            peer: stream
-                .peer_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            peer,
             stream,
             backend: order[0],
             pooled: true,
@@ -236,6 +253,11 @@ async fn acquire_upstream(
     }
     let candidates = order
         .iter()
+        // A gated backend with no verified address yet has nothing to try:
+        // looking its name up here would skip the role check.
+        .filter(|&&id| {
+            ctx.backends.may_resolve_at_connect(id) || !ctx.backends.addresses(id).is_empty()
+        })
         .map(|&id| upstream::ConnectTarget {
             id,
             backend: ctx.backends.addr(id),

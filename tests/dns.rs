@@ -229,3 +229,291 @@ fn a_dead_session_has_its_backends_name_looked_up_at_once() {
     let log = proxy.stderr();
     assert!(log.contains("a session to it was found dead"), "{log}");
 }
+
+// ------------------------------------------------ a name that flickers
+
+const NAME: &str = "db.pulsegate.test";
+const PRIMARY: &str = "127.0.0.2:6379";
+const REPLICA: &str = "127.0.0.3:6379";
+
+/// What writes got back.
+#[derive(Debug, Default, Clone, Copy)]
+struct Writes {
+    ok: usize,
+    read_only: usize,
+    /// Connections refused, reset or silent.
+    failed: usize,
+}
+
+impl std::ops::AddAssign for Writes {
+    fn add_assign(&mut self, other: Writes) {
+        self.ok += other.ok;
+        self.read_only += other.read_only;
+        self.failed += other.failed;
+    }
+}
+
+/// The address the lab's hosts file gives `NAME` now: what a client that
+/// resolves the name for each new connection (most drivers do) would use.
+fn resolve_in(lab: &Lab) -> Option<SocketAddr> {
+    let hosts = std::fs::read_to_string(lab.hosts_file()).ok()?;
+    hosts
+        .lines()
+        .find(|line| line.split_whitespace().nth(1) == Some(NAME))
+        .and_then(|line| line.split_whitespace().next())
+        .and_then(|ip| format!("{ip}:6379").parse().ok())
+}
+
+fn point_name_at(lab: &Lab, addr: &str) {
+    let ip = addr.split(':').next().unwrap();
+    lab.set_hosts(&format!("127.0.0.1 localhost\n{ip} {NAME}\n"))
+        .unwrap();
+}
+
+/// Sends `SET`s on connections of `per_connection` writes each, to
+/// whatever `target()` names at each new connection, until `until`.
+fn write_until(
+    lab: &Lab,
+    target: impl Fn() -> Option<SocketAddr>,
+    per_connection: usize,
+    until: Instant,
+) -> Writes {
+    let mut writes = Writes::default();
+    while Instant::now() < until {
+        let Some(addr) = target() else {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        };
+        let stream = lab
+            .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+            .expect("enter the lab");
+        let Ok(mut s) = stream else {
+            writes.failed += 1;
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        for _ in 0..per_connection {
+            let reply = s
+                .write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
+                .and_then(|_| {
+                    let mut buf = [0u8; 256];
+                    let n = s.read(&mut buf)?;
+                    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+                });
+            match reply.as_deref() {
+                Ok("+OK\r\n") => writes.ok += 1,
+                Ok(r) if r.starts_with("-READONLY") => writes.read_only += 1,
+                _ => {
+                    writes.failed += 1;
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    writes
+}
+
+/// A redis master on 127.0.0.2 and its replica on 127.0.0.3 in `lab`,
+/// `NAME` pointing at the master, and pulsegate in front of the name,
+/// routing to the primary, checking and looking the name up every 500 ms.
+fn primary_and_replica_behind_a_name(lab: &Lab) -> Option<(Vec<LabProcess>, LabProcess)> {
+    let program = or_skip(pulsegate::lab::servers::redis::Redis::find())?;
+    let mut servers = Vec::new();
+    for (label, addr, replica_of) in [
+        ("redis-primary", PRIMARY, None),
+        ("redis-replica", REPLICA, Some(PRIMARY)),
+    ] {
+        let redis = pulsegate::lab::servers::redis::Redis {
+            program: program.clone(),
+            dir: lab.dir().to_path_buf(),
+            replica_of: replica_of.map(|a| a.parse().unwrap()),
+            args: Vec::new(),
+        };
+        let addr: SocketAddr = addr.parse().unwrap();
+        let process = lab
+            .spawn_as(label, redis.command(addr))
+            .expect("start redis-server");
+        lab.wait_ready(&process, addr, Duration::from_secs(10))
+            .expect("redis-server listens");
+        servers.push(process);
+    }
+    point_name_at(lab, PRIMARY);
+    let toml = format!(
+        "[[listener]]\nname = \"flicker\"\nbind = \"{}\"\nbackends = [\"{NAME}:6379\"]\n\
+         resolve_interval = \"500ms\"\n\
+         [listener.check]\nkind = \"redis\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\n\
+         [listener.routing]\nrole = \"primary\"\n",
+        proxy_addr()
+    );
+    let proxy = lab
+        .start_pulsegate_with(&exe(), proxy_addr(), &toml)
+        .expect("start pulsegate");
+    let ready = Instant::now() + Duration::from_secs(10);
+    // One write, once the check has verified the primary.
+    let once = || Instant::now() + Duration::from_millis(1);
+    while write_until(lab, || Some(proxy_addr()), 1, once()).ok == 0 {
+        assert!(
+            Instant::now() < ready,
+            "no write through pulsegate: {}",
+            proxy.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some((servers, proxy))
+}
+
+/// The name flips between the primary and its replica every 2 s for 30 s
+/// (a managed database's DNS after a failover, or a misconfigured
+/// record), under load. Through pulsegate no write is answered read-only
+/// and no session is cut; clients that resolve the name themselves write
+/// to the replica half the time.
+#[test]
+fn a_flickering_name_never_sends_a_write_to_the_replica() {
+    let Some(lab) = lab_or_skip("dns-flicker") else {
+        return;
+    };
+    let Some((_servers, proxy)) = primary_and_replica_behind_a_name(&lab) else {
+        return;
+    };
+    let start = Instant::now();
+    let until = start + Duration::from_secs(30);
+    let (through, direct) = std::thread::scope(|scope| {
+        let flipper = scope.spawn(|| {
+            let mut flips = 0;
+            while Instant::now() < until {
+                std::thread::sleep(Duration::from_secs(2));
+                flips += 1;
+                point_name_at(&lab, if flips % 2 == 1 { REPLICA } else { PRIMARY });
+            }
+            flips
+        });
+        let through: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| write_until(&lab, || Some(proxy_addr()), 20, until)))
+            .collect();
+        let direct: Vec<_> = (0..2)
+            .map(|_| scope.spawn(|| write_until(&lab, || resolve_in(&lab), 20, until)))
+            .collect();
+        let sum = |handles: Vec<std::thread::ScopedJoinHandle<'_, Writes>>| {
+            let mut total = Writes::default();
+            for h in handles {
+                total += h.join().unwrap();
+            }
+            total
+        };
+        let (t, d) = (sum(through), sum(direct));
+        assert!(flipper.join().unwrap() >= 14, "the name flipped too rarely");
+        (t, d)
+    });
+    eprintln!("30 s of a flickering name: through pulsegate {through:?}; direct {direct:?}");
+    assert!(
+        direct.read_only > 0,
+        "the flicker never reached a client: {direct:?}"
+    );
+    assert!(through.ok > 1000, "too little load: {through:?}");
+    assert_eq!(
+        through.read_only,
+        0,
+        "writes answered read-only through pulsegate: {through:?}\n{}",
+        proxy.stderr()
+    );
+    assert_eq!(
+        through.failed,
+        0,
+        "sessions cut or refused through pulsegate: {through:?}\n{}",
+        proxy.stderr()
+    );
+}
+
+/// Sends one redis command (RESP array of `args`) to `addr` in the lab;
+/// the first line of the reply.
+fn redis_command(lab: &Lab, addr: &str, args: &[&str]) -> String {
+    let mut command = format!("*{}\r\n", args.len());
+    for arg in args {
+        command.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    let mut s = connect(lab, addr.parse().unwrap());
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(command.as_bytes()).unwrap();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).trim_end().to_string()
+}
+
+/// The name flickers; then the roles really flip (the primary demoted,
+/// the replica promoted) while it still does. New connections through
+/// pulsegate write to the new primary within one check interval (500 ms
+/// here, plus the check's own time), whatever the name says at that
+/// moment.
+#[test]
+fn a_real_failover_behind_a_flickering_name_is_followed_within_one_check_interval() {
+    let Some(lab) = lab_or_skip("dns-failover") else {
+        return;
+    };
+    let Some((_servers, proxy)) = primary_and_replica_behind_a_name(&lab) else {
+        return;
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let followed = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut flips = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(500));
+                flips += 1;
+                point_name_at(&lab, if flips % 2 == 1 { REPLICA } else { PRIMARY });
+            }
+        });
+        std::thread::sleep(Duration::from_secs(4));
+        // Fenced first, then promoted: from here a write that succeeds went
+        // to the new primary.
+        let (ip, port) = ("127.0.0.3", "6379");
+        assert_eq!(
+            redis_command(&lab, PRIMARY, &["REPLICAOF", ip, port]),
+            "+OK"
+        );
+        assert_eq!(
+            redis_command(&lab, REPLICA, &["REPLICAOF", "NO", "ONE"]),
+            "+OK"
+        );
+        let flipped = Instant::now();
+        let once = || Instant::now() + Duration::from_millis(1);
+        loop {
+            let writes = write_until(&lab, || Some(proxy_addr()), 1, once());
+            if writes.ok == 1 {
+                break;
+            }
+            assert!(
+                flipped.elapsed() < Duration::from_secs(5),
+                "never followed the new primary: {}",
+                proxy.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let followed = flipped.elapsed();
+        // And it stays there while the name goes on flickering.
+        let after = write_until(
+            &lab,
+            || Some(proxy_addr()),
+            20,
+            Instant::now() + Duration::from_secs(3),
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            (after.read_only, after.failed),
+            (0, 0),
+            "{after:?}: {}",
+            proxy.stderr()
+        );
+        followed
+    });
+    eprintln!(
+        "new connections write to the new primary {:.3} s after the roles flipped",
+        followed.as_secs_f64()
+    );
+    assert!(
+        followed < Duration::from_millis(1000),
+        "check interval 500ms: followed after {followed:?}: {}",
+        proxy.stderr()
+    );
+}

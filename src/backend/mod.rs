@@ -3,6 +3,7 @@
 //! new connection tries is [`crate::routing`]'s decision, made from what
 //! this module records.
 
+pub mod book;
 pub mod meters;
 pub mod state;
 
@@ -11,15 +12,17 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use self::book::{AddressBook, Lookup, Seen};
 use self::meters::BackendMeters;
 use self::state::{Change, CheckOutcome, Role, State, Tracker};
-use crate::config::{BackendAddr, Listener};
+use crate::config::{BackendAddr, Listener, RoleWanted};
 
 /// One backend.
 pub struct Backend {
     pub addr: BackendAddr,
-    /// Its addresses as last resolved (fixed for IP backends).
-    addrs: Mutex<Vec<SocketAddr>>,
+    /// Its addresses: as last resolved, and those new connections go to
+    /// (fixed for IP backends; see [`book`]).
+    book: Mutex<AddressBook>,
     /// Wakes the resolver of a DNS backend at once (it turned suspect).
     resolve_now: tokio::sync::Notify,
     /// Wakes its check loop at once (a client was answered "read-only").
@@ -32,6 +35,14 @@ pub struct Backend {
     /// did is the network's loss, not the backend's death.
     heard_at_ms: AtomicU64,
     meters: BackendMeters,
+}
+
+impl Backend {
+    fn book(&self) -> std::sync::MutexGuard<'_, AddressBook> {
+        // The book is consistent after every method: a panic elsewhere
+        // while it was locked leaves nothing half-done.
+        self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// A backend's place in its listener's list, valid for one config
@@ -82,6 +93,11 @@ impl BackendSet {
     /// still lists (their rise and fall are updated).
     pub fn renewed(listener: &Listener, previous: Option<&BackendSet>) -> Self {
         let checked = listener.settings.check.is_some();
+        let gate = |addr: &BackendAddr| match (addr, listener.settings.routing.role, checked) {
+            (BackendAddr::Dns { .. }, RoleWanted::Primary, true) => Some(Role::Primary),
+            (BackendAddr::Dns { .. }, RoleWanted::Replica, true) => Some(Role::Replica),
+            _ => None,
+        };
         let (rise, fall) = listener
             .settings
             .check
@@ -104,12 +120,15 @@ impl BackendSet {
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .set_thresholds(rise, fall, checked);
+                        if let BackendAddr::Dns { .. } = addr {
+                            kept.book().set_gate(gate(addr));
+                        }
                     }
                     kept.unwrap_or_else(|| {
                         Arc::new(Backend {
-                            addrs: Mutex::new(match addr {
-                                BackendAddr::Ip(ip) => vec![*ip],
-                                BackendAddr::Dns { .. } => Vec::new(),
+                            book: Mutex::new(match addr {
+                                BackendAddr::Ip(ip) => AddressBook::fixed(vec![*ip]),
+                                BackendAddr::Dns { .. } => AddressBook::named(gate(addr)),
                             }),
                             resolve_now: tokio::sync::Notify::new(),
                             check_now: tokio::sync::Notify::new(),
@@ -180,26 +199,57 @@ impl BackendSet {
         &self.backends[backend.0].addr
     }
 
-    /// The backend's addresses as last resolved (empty: never resolved).
+    /// The addresses new connections to the backend go to: as last
+    /// resolved, or (gated, see [`book`]) those verified in the wanted
+    /// role. Empty: never resolved, or nothing verified yet.
     pub fn addresses(&self, backend: BackendId) -> Vec<SocketAddr> {
-        self.backends[backend.0]
-            .addrs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.book_of(backend).serving().to_vec()
     }
 
-    /// Stores a new address set; returns the addresses that left it.
-    pub fn set_addresses(&self, backend: BackendId, mut new: Vec<SocketAddr>) -> Vec<SocketAddr> {
-        new.sort();
-        new.dedup();
-        let mut addrs = self.backends[backend.0]
-            .addrs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let gone = addrs.iter().filter(|a| !new.contains(a)).copied().collect();
-        *addrs = new;
-        gone
+    /// The latest lookup's answer (an IP backend: its address).
+    pub fn resolved(&self, backend: BackendId) -> Vec<SocketAddr> {
+        self.book_of(backend).answer().to_vec()
+    }
+
+    /// Addresses of the answer that do not serve yet (gated backends).
+    pub fn held_back(&self, backend: BackendId) -> Vec<SocketAddr> {
+        self.book_of(backend).held_back()
+    }
+
+    /// Whether new addresses wait for a check to confirm their role.
+    pub fn gated(&self, backend: BackendId) -> bool {
+        self.book_of(backend).gated()
+    }
+
+    /// Whether a connection without known addresses may look the name up
+    /// itself (not when a check must verify addresses first).
+    pub fn may_resolve_at_connect(&self, backend: BackendId) -> bool {
+        !self.gated(backend)
+    }
+
+    /// Records a lookup's answer (see [`AddressBook::lookup`]).
+    pub fn lookup(&self, backend: BackendId, answer: Vec<SocketAddr>) -> Lookup {
+        self.book_of(backend).lookup(answer)
+    }
+
+    /// The addresses a check round should look at (see
+    /// [`AddressBook::to_check`]).
+    pub fn to_check(&self, backend: BackendId) -> Vec<SocketAddr> {
+        self.book_of(backend).to_check()
+    }
+
+    /// Records what a check round found at each address; returns those
+    /// that stopped serving for being down or in another role.
+    pub fn addresses_checked(
+        &self,
+        backend: BackendId,
+        seen: &[(SocketAddr, Seen)],
+    ) -> Vec<SocketAddr> {
+        self.book_of(backend).checked(seen)
+    }
+
+    fn book_of(&self, backend: BackendId) -> std::sync::MutexGuard<'_, AddressBook> {
+        self.backends[backend.0].book()
     }
 
     /// Asks the resolver of `backend` to look its name up now.
@@ -215,13 +265,21 @@ impl BackendSet {
     /// A client of `backend` was answered "read-only" (see
     /// [`crate::health::hint`]): counted, and its check asked to run now.
     pub fn wrong_role_reply(&self, backend: BackendId) {
-        let backend = &self.backends[backend.0];
-        backend.meters.wrong_role_replies.increment(1);
-        backend.check_now.notify_one();
+        self.backends[backend.0]
+            .meters
+            .wrong_role_replies
+            .increment(1);
+        self.check_now(backend);
     }
 
-    /// Resolves when [`BackendSet::wrong_role_reply`] was called for
-    /// `backend` (at once if it was since the last wait).
+    /// Asks the check of `backend` to run now (no more than once per
+    /// quarter interval: see `health::monitor`).
+    pub fn check_now(&self, backend: BackendId) {
+        self.backends[backend.0].check_now.notify_one();
+    }
+
+    /// Resolves when [`BackendSet::check_now`] was called for `backend`
+    /// (at once if it was since the last wait).
     pub async fn check_requested(&self, backend: BackendId) {
         self.backends[backend.0].check_now.notified().await;
     }

@@ -2,8 +2,16 @@
 //! address, run the check on a fresh connection, feed the outcome to the
 //! backend's state machine, and act on what changed.
 //!
-//! A client answered "read-only" by the backend (see [`super::hint`]) has
-//! it checked at once, no more than once per quarter interval.
+//! A client answered "read-only" by the backend (see [`super::hint`]), or
+//! a lookup that returns a new address, has it checked at once, no more
+//! than once per quarter interval.
+//!
+//! A DNS backend of a listener that routes to a role has every address its
+//! name returned lately checked, and each check result feeds its address
+//! book ([`crate::backend::book`]): new connections go only to addresses
+//! verified in the wanted role. The backend's own state follows the check
+//! of the address it serves from; an address that stops serving for being
+//! in another role has its sessions evicted as `on_down` says.
 //!
 //! A check whose connect got no answer while sessions to the same backend
 //! were answered is the network losing a packet, not the backend going
@@ -21,6 +29,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::check;
+use crate::backend::book::Seen;
 use crate::backend::state::{Change, CheckOutcome, CheckStatus, Role, State};
 use crate::backend::{BackendId, BackendSet};
 use crate::config::{BackendAddr, CheckConfig, OnDown, Routing};
@@ -52,9 +61,9 @@ impl Monitor {
             // not after it ended: a slow check (a login on a loaded or far
             // server) must not stretch the time to notice a change.
             let next = started + self.next_delay();
-            let outcome = tokio::select! {
+            let (outcome, dropped) = tokio::select! {
                 _ = stop.cancelled() => return,
-                outcome = self.check_once() => outcome,
+                round = self.check_round() => round,
             };
             let local = outcome.status == CheckStatus::Unknown;
             let outcome = self.corroborate(outcome, started_ms);
@@ -66,7 +75,10 @@ impl Monitor {
             let status = outcome.status;
             let detail = outcome.detail.clone();
             let change = self.backends.record(self.backend, outcome);
-            self.react(change, status, &detail);
+            let evicted_all = self.react(change, status, &detail);
+            if !dropped.is_empty() && !evicted_all {
+                self.addresses_dropped(dropped);
+            }
             let hinted = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep_until(next) => false,
@@ -82,7 +94,7 @@ impl Monitor {
                     _ = tokio::time::sleep_until(earliest) => {}
                 }
                 tracing::debug!(listener = %self.listener, backend = %self.backends.label(self.backend),
-                    "a client was answered read-only; checking the backend's role now");
+                    "checking the backend now (a client was answered read-only, or its name returned a new address)");
             }
         }
     }
@@ -97,6 +109,48 @@ impl Monitor {
         (self.check.interval + offset).saturating_sub(self.check.jitter)
     }
 
+    /// One round of checks: the outcome that feeds the backend's state,
+    /// and (gated backends) the addresses that stopped serving for being in
+    /// another role.
+    async fn check_round(&self) -> (CheckOutcome, Vec<SocketAddr>) {
+        if !self.backends.gated(self.backend) {
+            return (self.check_once().await, Vec::new());
+        }
+        let mut addrs = self.backends.to_check(self.backend);
+        if addrs.is_empty() {
+            // Not resolved yet: look the name up here, as the resolver would.
+            match resolve_all(self.backends.addr(self.backend)).await {
+                Ok(answer) => {
+                    self.backends.lookup(self.backend, answer);
+                    addrs = self.backends.to_check(self.backend);
+                }
+                Err(e) => return (cannot_resolve(&e), Vec::new()),
+            }
+        }
+        let outcomes = check_all(&self.check, &addrs).await;
+        let seen: Vec<(SocketAddr, Seen)> = addrs
+            .iter()
+            .zip(&outcomes)
+            .map(|(&addr, outcome)| (addr, seen(outcome)))
+            .collect();
+        let dropped = self.backends.addresses_checked(self.backend, &seen);
+        // The backend's state follows the address it now serves from; with
+        // none, the first address checked (which then is not usable).
+        let serving = self.backends.addresses(self.backend);
+        let pick = serving
+            .first()
+            .and_then(|s| addrs.iter().position(|a| a == s))
+            .unwrap_or(0);
+        let mut outcome = outcomes
+            .into_iter()
+            .nth(pick)
+            .unwrap_or_else(|| cannot_resolve(&std::io::Error::other("the name has no addresses")));
+        if addrs.len() > 1 {
+            outcome.detail = format!("{}: {}", addrs[pick], outcome.detail);
+        }
+        (outcome, dropped)
+    }
+
     async fn check_once(&self) -> CheckOutcome {
         let known = self.backends.addresses(self.backend).first().copied();
         let addr = match known {
@@ -105,12 +159,20 @@ impl Monitor {
         };
         match addr {
             Ok(addr) => check::check(&self.check, addr).await,
-            Err(e) => CheckOutcome {
-                status: CheckStatus::Down,
-                role: None,
-                latency: Duration::ZERO,
-                detail: format!("cannot resolve: {e}"),
-            },
+            Err(e) => cannot_resolve(&e),
+        }
+    }
+
+    /// Sessions to addresses that stopped serving for being in another
+    /// role are on the wrong server: evicted as `on_down` says.
+    fn addresses_dropped(&self, dropped: Vec<SocketAddr>) {
+        let label = self.backends.label(self.backend);
+        tracing::warn!(listener = %self.listener, backend = %label, addresses = ?dropped,
+            serving = ?self.backends.addresses(self.backend),
+            "addresses of the backend found in another role: no longer used");
+        if self.routing.on_down == OnDown::Evict {
+            self.watcher
+                .evict_addresses(self.backend, dropped, self.routing.down_grace);
         }
     }
 
@@ -129,7 +191,9 @@ impl Monitor {
         outcome
     }
 
-    fn react(&self, change: Change, status: CheckStatus, detail: &str) {
+    /// Logs and acts on what a check changed; true when every session of
+    /// the backend was told to leave.
+    fn react(&self, change: Change, status: CheckStatus, detail: &str) -> bool {
         let label = self.backends.label(self.backend);
         let role = self.backends.role(self.backend);
         let role_name = role.map_or("unknown", Role::as_str);
@@ -156,7 +220,7 @@ impl Monitor {
         let lost_role = change.role_changed && !routing::wants(&self.routing, role);
         let went_down = change.state_changed() && change.to == State::Down;
         if self.routing.on_down != OnDown::Evict {
-            return;
+            return false;
         }
         if went_down && change.no_answer_only {
             // Maybe the host is gone, maybe only the network loses packets:
@@ -164,9 +228,76 @@ impl Monitor {
             tracing::warn!(listener = %self.listener, backend = %label,
                 "backend down on unanswered connects alone: probing its sessions, evicting only those that do not answer");
             self.watcher.probe_backend(self.backend);
+            false
         } else if went_down || (lost_role && change.to != State::Down) {
             self.watcher
                 .evict_backend(self.backend, self.routing.down_grace);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Runs the check on every address at once; outcomes in the same order.
+async fn check_all(config: &CheckConfig, addrs: &[SocketAddr]) -> Vec<CheckOutcome> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, &addr) in addrs.iter().enumerate() {
+        let config = config.clone();
+        set.spawn(async move { (i, check::check(&config, addr).await) });
+    }
+    let mut outcomes: Vec<Option<CheckOutcome>> = vec![None; addrs.len()];
+    while let Some(joined) = set.join_next().await {
+        if let Ok((i, outcome)) = joined {
+            outcomes[i] = Some(outcome);
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| CheckOutcome {
+                status: CheckStatus::Unknown,
+                role: None,
+                latency: Duration::ZERO,
+                detail: "the check task failed".into(),
+            })
+        })
+        .collect()
+}
+
+/// What the address book learns from one check outcome.
+fn seen(outcome: &CheckOutcome) -> Seen {
+    match outcome.status {
+        CheckStatus::Up => Seen::Up(outcome.role),
+        CheckStatus::Unknown => Seen::Nothing,
+        CheckStatus::Down | CheckStatus::NoAnswer | CheckStatus::NotReady => Seen::NotUsable,
+    }
+}
+
+fn cannot_resolve(e: &std::io::Error) -> CheckOutcome {
+    CheckOutcome {
+        status: CheckStatus::Down,
+        role: None,
+        latency: Duration::ZERO,
+        detail: format!("cannot resolve: {e}"),
+    }
+}
+
+/// Every address a DNS name resolves to today.
+async fn resolve_all(addr: &BackendAddr) -> std::io::Result<Vec<SocketAddr>> {
+    match addr {
+        BackendAddr::Ip(ip) => Ok(vec![*ip]),
+        BackendAddr::Dns { host, port } => {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
+                .await?
+                .collect();
+            if addrs.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no addresses",
+                ));
+            }
+            Ok(addrs)
         }
     }
 }

@@ -53,10 +53,12 @@ enum Order {
     /// Probe every session of this backend now.
     ProbeBackend(BackendId),
     /// The backend is down: evict its idle sessions now and its busy ones
-    /// after `grace`.
+    /// after `grace` (`only`: just the sessions connected to these
+    /// addresses of it).
     EvictBackend {
         backend: BackendId,
         grace: Duration,
+        only: Option<Vec<SocketAddr>>,
     },
     /// The backend's name no longer resolves to these addresses: probe the
     /// sessions connected to them now; those that do not answer are evicted
@@ -90,7 +92,22 @@ impl WatcherHandle {
     /// Evicts the sessions of a down backend: idle ones now, busy ones
     /// (data in flight, or a request waiting for its answer) after `grace`.
     pub fn evict_backend(&self, backend: BackendId, grace: Duration) {
-        let _ = self.tx.send(Order::EvictBackend { backend, grace });
+        let _ = self.tx.send(Order::EvictBackend {
+            backend,
+            grace,
+            only: None,
+        });
+    }
+
+    /// Evicts, like [`WatcherHandle::evict_backend`], only the sessions of
+    /// `backend` connected to `addrs` (addresses of a DNS backend found in
+    /// another role).
+    pub fn evict_addresses(&self, backend: BackendId, addrs: Vec<SocketAddr>, grace: Duration) {
+        let _ = self.tx.send(Order::EvictBackend {
+            backend,
+            grace,
+            only: Some(addrs),
+        });
     }
 
     /// Hands every session over to the sweeper of the new generation (see
@@ -275,7 +292,11 @@ impl Sweeper {
             Order::Adopt(entry) => self.add(*entry),
             Order::HandOver { to, remap, grace } => self.hand_over(to, remap, grace),
             Order::ProbeBackend(backend) => self.probe_backend(backend, None),
-            Order::EvictBackend { backend, grace } => self.evict_backend(backend, grace),
+            Order::EvictBackend {
+                backend,
+                grace,
+                only,
+            } => self.evict_backend(backend, grace, only.as_deref()),
             Order::ProbeAddresses { backend, gone } => self.probe_backend(backend, Some(&gone)),
             Order::Connected(report) => self.connected(report),
         }

@@ -63,8 +63,13 @@ pub struct ListenerStatus {
 pub struct BackendStatus {
     /// As written in the config.
     pub backend: String,
-    /// What it resolves to now.
+    /// Where new connections go: what its name resolves to now, or (a DNS
+    /// backend routed by role) the addresses a check verified in the role.
     pub addresses: Vec<SocketAddr>,
+    /// A DNS backend routed by role: addresses its name returns that are
+    /// not used (not yet checked, or checked in another role).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held_back: Vec<SocketAddr>,
     pub state: State,
     /// `unknown` until a check that learns roles has answered.
     #[serde(serialize_with = "role_or_unknown")]

@@ -37,6 +37,7 @@ impl ListenerView for FakeListener {
             backends: vec![BackendStatus {
                 backend: "db:5432".to_string(),
                 addresses: vec![SocketAddr::from(([10, 0, 0, 1], 5432))],
+                held_back: vec![SocketAddr::from(([10, 0, 0, 2], 5432))],
                 state: State::Suspect,
                 role: None,
                 active_sessions: 2,
@@ -192,6 +193,7 @@ fn status_keeps_its_field_names_and_the_metrics_vocabulary() {
             "active_sessions",
             "addresses",
             "backend",
+            "held_back",
             "last_check",
             "pool_idle",
             "role",

@@ -27,6 +27,7 @@ impl ListenerView for ListenerContext {
                 .map(|i| BackendStatus {
                     backend: backends.label(i).to_string(),
                     addresses: backends.addresses(i),
+                    held_back: backends.held_back(i),
                     state: backends.state(i),
                     role: backends.role(i),
                     active_sessions: backends.active(i),

@@ -80,14 +80,24 @@ impl Sweeper {
         }
     }
 
-    /// Evicts the sessions of a down backend: idle ones now, busy ones at
-    /// their client's next request after the answer in flight, or after
-    /// `grace` (see [`Watched::leave`]).
-    pub(super) fn evict_backend(&mut self, backend: BackendId, grace: Duration) {
+    /// Evicts the sessions of a down backend (`only`: those connected to
+    /// these addresses of it): idle ones now, busy ones at their client's
+    /// next request after the answer in flight, or after `grace` (see
+    /// [`Watched::leave`]).
+    pub(super) fn evict_backend(
+        &mut self,
+        backend: BackendId,
+        grace: Duration,
+        only: Option<&[SocketAddr]>,
+    ) {
         let now = now_ms();
         let reason = EvictReason::BackendDown;
         let (mut now_count, mut later) = (0, 0);
         for (entry, session) in self.sessions_of(backend) {
+            let peer = entry.peers[leg_index(Leg::Upstream)];
+            if only.is_some_and(|only| peer.is_none_or(|p| !only.contains(&p))) {
+                continue;
+            }
             if busy(&session) {
                 session.leave(reason);
                 entry.evict_at = Some((now + grace.as_millis() as u64, reason));
@@ -101,7 +111,7 @@ impl Sweeper {
             return;
         }
         tracing::warn!(backend = %self.backends.label(backend), reason = reason.as_str(),
-            idle_evicted = now_count, busy_leaving = later,
+            addresses = ?only, idle_evicted = now_count, busy_leaving = later,
             grace = %humantime::format_duration(grace),
             "evicting sessions of a backend (busy ones at their next request or after the grace)");
     }
