@@ -647,8 +647,14 @@ struct MariaDbServer {
 
 fn start_mariadb(version: &str, read_only: bool) -> Option<MariaDbServer> {
     let dir = tempfile::tempdir().expect("temp dir");
+    // An application user whose grants stop at its database: SUPER (or
+    // READ_ONLY ADMIN) would let it write through read_only.
     let mut init =
-        "CREATE USER IF NOT EXISTS 'pulsegate_check'@'127.0.0.1' IDENTIFIED BY 'check-pw';\n"
+        "CREATE USER IF NOT EXISTS 'pulsegate_check'@'127.0.0.1' IDENTIFIED BY 'check-pw';\n\
+                    CREATE DATABASE IF NOT EXISTS app;\n\
+                    CREATE TABLE IF NOT EXISTS app.t (v INT);\n\
+                    CREATE USER IF NOT EXISTS 'app'@'127.0.0.1' IDENTIFIED BY 'app-pw';\n\
+                    GRANT ALL ON app.* TO 'app'@'127.0.0.1';\n"
             .to_string();
     if read_only {
         init.push_str("SET GLOBAL read_only = 1;\n");
@@ -679,6 +685,32 @@ fn greeting_version(proxy: u16) -> Option<String> {
     Some(String::from_utf8_lossy(&version[..end]).into_owned())
 }
 
+/// pulsegate in this process in front of `backends` with a mysql check
+/// logged in as `pulsegate_check` every `interval`, routing to the
+/// primary; its port and shutdown.
+async fn mariadb_proxy(backends: [SocketAddr; 2], interval: Duration) -> (u16, CancellationToken) {
+    let check = format!(
+        "[listener.check]\nkind = \"mysql\"\ninterval = \"{}ms\"\ntimeout = \"400ms\"\n\
+         jitter = \"0s\"\nuser = \"pulsegate_check\"\npassword = \"check-pw\"\n\
+         [listener.routing]\nrole = \"primary\"\non_down = \"evict\"\n",
+        interval.as_millis()
+    );
+    let InProcessProxy { addr, shutdown, .. } =
+        in_process_proxy(&listener_toml("mariadb", &backends, &check)).await;
+    (addr.port(), shutdown)
+}
+
+/// Waits until new connections through the proxy reach the MariaDB that
+/// reports `version`; how long that took.
+fn wait_greeted_by(proxy: u16, version: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    while greeting_version(proxy).as_deref() != Some(version) {
+        assert!(started.elapsed() < within, "never served by {version}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
+
 /// MariaDB's role is `@@global.read_only`, read by the mysql check logged
 /// in with a password. When the primary is fenced (`read_only=1`) and the
 /// replica opened (`read_only=0`), new connections reach the new primary
@@ -693,25 +725,9 @@ async fn mariadb_read_only_moves_new_connections_and_evicts_sessions() {
         return;
     };
     let interval = Duration::from_millis(500);
-    let check = format!(
-        "[listener.check]\nkind = \"mysql\"\ninterval = \"{}ms\"\ntimeout = \"400ms\"\n\
-         user = \"pulsegate_check\"\npassword = \"check-pw\"\n\
-         [listener.routing]\nrole = \"primary\"\non_down = \"evict\"\n",
-        interval.as_millis()
-    );
-    let backends = [a.server.addr(), b.server.addr()];
-    let InProcessProxy { addr, shutdown, .. } =
-        in_process_proxy(&listener_toml("mariadb", &backends, &check)).await;
-    let proxy = addr.port();
+    let (proxy, shutdown) = mariadb_proxy([a.server.addr(), b.server.addr()], interval).await;
     let served = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        while greeting_version(proxy).as_deref() != Some("10.11-server-a") {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "never served by the primary"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_greeted_by(proxy, "10.11-server-a", Duration::from_secs(10));
         // An idle session on the primary: it has read the greeting.
         let mut idle = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
         let mut buf = [0u8; 256];
@@ -725,13 +741,7 @@ async fn mariadb_read_only_moves_new_connections_and_evicts_sessions() {
     b.mariadb.sql("SET GLOBAL read_only = 0").expect("open b");
     let flipped = Instant::now();
     let (followed, idle_end) = tokio::task::spawn_blocking(move || {
-        while greeting_version(proxy).as_deref() != Some("10.11-server-b") {
-            assert!(
-                flipped.elapsed() < Duration::from_secs(5),
-                "never followed the new primary"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_greeted_by(proxy, "10.11-server-b", Duration::from_secs(5));
         let followed = flipped.elapsed();
         let mut idle = served;
         idle.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
@@ -754,4 +764,68 @@ async fn mariadb_read_only_moves_new_connections_and_evicts_sessions() {
     );
     shutdown.cancel();
     drop((a, b));
+}
+
+/// `INSERT INTO app.t` as the application user, with the mariadb client,
+/// through the proxy.
+fn mariadb_insert(client: &std::path::Path, proxy: u16) -> std::process::Output {
+    let mut command = Command::new(client);
+    command.args(["--no-defaults", "--protocol=tcp", "--host=127.0.0.1"]);
+    command.arg(format!("--port={proxy}"));
+    command.args(["--user=app", "--password=app-pw", "--connect-timeout=3"]);
+    command.args(["--execute", "INSERT INTO app.t VALUES (1)"]);
+    support::servers::run_bounded(command, Duration::from_secs(10))
+}
+
+/// With a check interval of 4 s, a write answered error 1290 ("running
+/// with the --read-only option") on its way through pulsegate has the
+/// fenced server checked at once, and the opened one right after: new
+/// connections reach the new primary well within 1.5 s of that reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_read_only_error_has_the_roles_checked_at_once() {
+    let Some(client) = or_skip(find_program("mariadb", "mariadb-client")) else {
+        return;
+    };
+    let Some(a) = start_mariadb("10.11-server-a", false) else {
+        return;
+    };
+    let Some(b) = start_mariadb("10.11-server-b", true) else {
+        return;
+    };
+    let (proxy, shutdown) =
+        mariadb_proxy([a.server.addr(), b.server.addr()], Duration::from_secs(4)).await;
+    let (elapsed, reply) = tokio::task::spawn_blocking(move || {
+        wait_greeted_by(proxy, "10.11-server-a", Duration::from_secs(10));
+        let written = mariadb_insert(&client, proxy);
+        assert!(written.status.success(), "{written:?}");
+        // Past the quarter interval since the first check (hints are acted
+        // on no sooner), and well before the next scheduled one at 4 s.
+        std::thread::sleep(Duration::from_millis(1200));
+        a.mariadb.sql("SET GLOBAL read_only = 1").expect("fence a");
+        b.mariadb.sql("SET GLOBAL read_only = 0").expect("open b");
+        let refused = mariadb_insert(&client, proxy);
+        let replied = Instant::now();
+        wait_greeted_by(proxy, "10.11-server-b", Duration::from_secs(6));
+        let elapsed = replied.elapsed();
+        drop((a, b));
+        (
+            elapsed,
+            String::from_utf8_lossy(&refused.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "mariadb read-only reply: new connections on the new primary {:.3} s after it",
+        elapsed.as_secs_f64()
+    );
+    assert!(
+        reply.contains("1290"),
+        "the write was not refused read-only: {reply}"
+    );
+    assert!(
+        elapsed < Duration::from_millis(1500),
+        "followed {elapsed:?} after the read-only reply; the interval is 4 s"
+    );
+    shutdown.cancel();
 }

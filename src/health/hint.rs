@@ -4,8 +4,9 @@
 //! interval after the server was demoted or fenced; meanwhile every write
 //! on its sessions is answered "read-only". That answer passes through the
 //! relay on its way to the client, so the relay looks for it in what the
-//! backend sends (PostgreSQL's SQLSTATE `25006`, Redis's `-READONLY`) and
-//! asks the backend's check to run at once.
+//! backend sends (PostgreSQL's SQLSTATE `25006`, Redis's `-READONLY`,
+//! MySQL's and MariaDB's error 1290) and asks the backend's check to run at
+//! once.
 //!
 //! A hint never evicts anything and never changes a backend's role: only
 //! the check's answer does. Bytes that merely look like the error (a row
@@ -27,6 +28,12 @@ use crate::config::{CheckConfig, CheckKind, RoleWanted};
 const POSTGRES_READ_ONLY: &[u8] = b"C25006\0";
 /// Redis's error for a write to a replica.
 const REDIS_READ_ONLY: &[u8] = b"-READONLY ";
+/// The start of a MySQL/MariaDB ERR packet's payload for error 1290
+/// (`ER_OPTION_PREVENTS_STATEMENT`, little-endian `0a 05`) with SQLSTATE
+/// `HY000`: what a write gets from a server running with `read_only` (or
+/// MySQL's `super_read_only`). The same code names other options that
+/// forbid a statement; a false hint costs one extra check.
+const MYSQL_READ_ONLY: &[u8] = b"\xff\x0a\x05#HY000";
 
 /// The read-only reply of one protocol.
 pub struct ReadOnlySign {
@@ -43,7 +50,8 @@ impl ReadOnlySign {
         let marker = match check?.kind {
             CheckKind::Postgres => POSTGRES_READ_ONLY,
             CheckKind::Redis => REDIS_READ_ONLY,
-            CheckKind::Tcp | CheckKind::Mysql | CheckKind::Http => return None,
+            CheckKind::Mysql => MYSQL_READ_ONLY,
+            CheckKind::Tcp | CheckKind::Http => return None,
         };
         Some(ReadOnlySign {
             finder: Finder::new(marker),
@@ -124,12 +132,28 @@ mod tests {
     }
 
     #[test]
+    fn mysql_read_only_error_is_seen() {
+        let sign = ReadOnlySign::for_listener(Some(&check(CheckKind::Mysql)), RoleWanted::Primary)
+            .unwrap();
+        // An ERR packet as MariaDB 10.11 sends it for an INSERT under
+        // read_only=1 (header: length 0x5f, sequence 1).
+        let message = b"The MariaDB server is running with the --read-only option so it cannot execute this statement";
+        let mut packet = vec![9 + message.len() as u8, 0, 0, 1];
+        packet.extend_from_slice(b"\xff\x0a\x05#HY000");
+        packet.extend_from_slice(message);
+        assert!(sign.seen_in(&packet));
+        // Another error (duplicate key, 1062 = 0x0426), and a row's text.
+        assert!(!sign.seen_in(b"\x1d\0\0\x01\xff\x26\x04#23000Duplicate entry"));
+        assert!(!sign.seen_in(b"\x07\0\0\x04\x06HY0001290"));
+    }
+
+    #[test]
     fn only_listeners_that_route_to_primaries_by_a_role_check_watch() {
         let redis = check(CheckKind::Redis);
         assert!(ReadOnlySign::for_listener(Some(&redis), RoleWanted::Any).is_none());
         assert!(ReadOnlySign::for_listener(Some(&redis), RoleWanted::Replica).is_none());
         assert!(ReadOnlySign::for_listener(None, RoleWanted::Primary).is_none());
-        for kind in [CheckKind::Tcp, CheckKind::Mysql, CheckKind::Http] {
+        for kind in [CheckKind::Tcp, CheckKind::Http] {
             assert!(ReadOnlySign::for_listener(Some(&check(kind)), RoleWanted::Primary).is_none());
         }
     }
