@@ -167,6 +167,7 @@ fn shipped_examples_pass_check_with_defaults_and_bounds() {
         ("config/pulsegate.toml", "app", "4s 750ms", "3s 750ms"),
         ("config/postgres.toml", "postgres", "4s 750ms", "3s 750ms"),
         ("config/redis.toml", "redis", "3s 750ms", "2s 750ms"),
+        ("config/mysql.toml", "mysql", "4s 750ms", "3s 750ms"),
     ] {
         let (code, stdout, stderr) = check(&root.join(file));
         assert_eq!(code, 0, "{file}: {stderr}");
