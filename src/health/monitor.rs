@@ -32,9 +32,10 @@ use super::check;
 use crate::backend::book::Seen;
 use crate::backend::state::{Change, CheckOutcome, CheckStatus, Role, State};
 use crate::backend::{BackendId, BackendSet};
-use crate::config::{BackendAddr, CheckConfig, OnDown, Routing};
+use crate::config::{CheckConfig, OnDown, Routing};
 use crate::liveness::{now_ms, WatcherHandle};
 use crate::routing;
+use crate::upstream;
 
 /// Everything a backend's check loop needs.
 pub struct Monitor {
@@ -119,7 +120,7 @@ impl Monitor {
         let mut addrs = self.backends.to_check(self.backend);
         if addrs.is_empty() {
             // Not resolved yet: look the name up here, as the resolver would.
-            match resolve_all(self.backends.addr(self.backend)).await {
+            match upstream::resolve(self.backends.addr(self.backend), self.check.timeout).await {
                 Ok(answer) => {
                     self.backends.lookup(self.backend, answer);
                     addrs = self.backends.to_check(self.backend);
@@ -155,7 +156,14 @@ impl Monitor {
         let known = self.backends.addresses(self.backend).first().copied();
         let addr = match known {
             Some(addr) => Ok(addr),
-            None => resolve(self.backends.addr(self.backend)).await,
+            // The first address the name resolves to today.
+            None => upstream::resolve(self.backends.addr(self.backend), self.check.timeout)
+                .await
+                .and_then(|addrs| {
+                    addrs.first().copied().ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses")
+                    })
+                }),
         };
         match addr {
             Ok(addr) => check::check(&self.check, addr).await,
@@ -280,35 +288,5 @@ fn cannot_resolve(e: &std::io::Error) -> CheckOutcome {
         role: None,
         latency: Duration::ZERO,
         detail: format!("cannot resolve: {e}"),
-    }
-}
-
-/// Every address a DNS name resolves to today.
-async fn resolve_all(addr: &BackendAddr) -> std::io::Result<Vec<SocketAddr>> {
-    match addr {
-        BackendAddr::Ip(ip) => Ok(vec![*ip]),
-        BackendAddr::Dns { host, port } => {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
-                .await?
-                .collect();
-            if addrs.is_empty() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no addresses",
-                ));
-            }
-            Ok(addrs)
-        }
-    }
-}
-
-/// The address to check: the first one a DNS name resolves to today.
-async fn resolve(addr: &BackendAddr) -> std::io::Result<SocketAddr> {
-    match addr {
-        BackendAddr::Ip(ip) => Ok(*ip),
-        BackendAddr::Dns { host, port } => tokio::net::lookup_host((host.as_str(), *port))
-            .await?
-            .next()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses")),
     }
 }
