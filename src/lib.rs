@@ -21,7 +21,9 @@
 //! - [`resolver`] — DNS following for backends named by host name.
 //! - [`upstream`] — connect to the first backend that accepts; [`pool`]
 //!   keeps probed spare connections ready per backend.
-//! - [`pgwire`] — the PostgreSQL messages that route cancel requests.
+//! - [`pgwire`] — the PostgreSQL messages that route cancel requests;
+//!   [`proxy_header`] — the PROXY protocol header (v1, v2) that carries
+//!   the client's address from a load balancer and to the backends.
 //! - [`relay`] — exact byte copy both ways with half-close: small reads
 //!   copied, bulk spliced.
 //! - [`liveness`] — the watcher: on-demand probes, the death rule, and
@@ -57,6 +59,7 @@ pub mod pgwire;
 pub mod pool;
 pub mod preflight;
 pub mod proxy;
+pub mod proxy_header;
 pub mod registry;
 pub mod relay;
 pub mod resolver;

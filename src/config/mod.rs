@@ -83,6 +83,16 @@ pub enum Protocol {
     Postgres,
 }
 
+/// A PROXY protocol version to write on upstream connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The text header: `PROXY TCP4 src dst sport dport\r\n`.
+    V1,
+    /// The binary header.
+    V2,
+}
+
 /// What `/readyz` needs from a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -137,6 +147,17 @@ pub struct ListenerConfig {
     /// check of that kind (a `postgres` check implies `postgres`).
     #[serde(default)]
     pub protocol: Protocol,
+    /// Every client connection starts with a PROXY protocol header (v1 or
+    /// v2) from a load balancer; its source becomes the client's address.
+    #[serde(default)]
+    pub accept_proxy: bool,
+    /// With `accept_proxy`: how long a client may take to send its header.
+    #[serde(default = "defaults::proxy_header_timeout", with = "humantime_serde")]
+    pub proxy_header_timeout: Duration,
+    /// Write a PROXY protocol header of this version on each upstream
+    /// connection (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 /// `[listener.pool]`: pre-connected spare upstream connections per backend,
@@ -464,6 +485,9 @@ pub mod defaults {
     pub fn down_grace() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn proxy_header_timeout() -> Duration {
+        Duration::from_secs(3)
+    }
     pub fn admin_bind() -> String {
         "127.0.0.1:9900".to_string()
     }
@@ -515,6 +539,9 @@ impl Listener {
             pool: s.pool,
             readiness: s.readiness,
             protocol: s.protocol,
+            accept_proxy: s.accept_proxy,
+            proxy_header_timeout: s.proxy_header_timeout,
+            send_proxy: s.send_proxy,
         }
     }
 }
@@ -537,6 +564,9 @@ pub struct ListenerSettings {
     pub pool: PoolConfig,
     pub readiness: Readiness,
     pub protocol: Protocol,
+    pub accept_proxy: bool,
+    pub proxy_header_timeout: Duration,
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 impl ListenerSettings {
@@ -560,6 +590,9 @@ impl ListenerSettings {
             pool,
             readiness,
             protocol,
+            accept_proxy,
+            proxy_header_timeout,
+            send_proxy,
         } = raw.clone();
         ListenerSettings {
             connect_timeout,
@@ -575,6 +608,9 @@ impl ListenerSettings {
             pool,
             readiness,
             protocol,
+            accept_proxy,
+            proxy_header_timeout,
+            send_proxy,
         }
     }
 }

@@ -68,6 +68,10 @@ fn invalid(origin: &str, problems: Vec<Problem>) -> ConfigError {
     }
 }
 
+/// A load balancer writes its PROXY header with the connection: a client
+/// that takes longer only holds a session slot.
+const MAX_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+
 struct Checker<'a> {
     problems: &'a mut Vec<Problem>,
     prefix: String,
@@ -394,6 +398,17 @@ fn check_listener<'a>(
             "keep a few spares per backend, e.g. 4",
         );
     }
+    if l.proxy_header_timeout.is_zero() || l.proxy_header_timeout > MAX_PROXY_HEADER_TIMEOUT {
+        c.problem(
+            "proxy_header_timeout",
+            format!(
+                "{} is not above 0 and at most {}",
+                humantime::format_duration(l.proxy_header_timeout),
+                humantime::format_duration(MAX_PROXY_HEADER_TIMEOUT)
+            ),
+            "a load balancer sends its header at once; use e.g. \"3s\"",
+        );
+    }
     if l.resolve_interval.is_zero() {
         c.problem("resolve_interval", "is zero", "use e.g. \"5s\"");
     }
@@ -439,11 +454,45 @@ mod tests {
         let config = crate::config::parse(
             "[[listener]]\nname = \"a\"\nbind = \"[::1]:6432\"\n\
              backends = [\"127.0.0.1:5432\", \"db.example:5433\"]\n\
+             accept_proxy = true\nproxy_header_timeout = \"1s\"\nsend_proxy = \"v2\"\n\
              [listener.routing]\nrole = \"primary\"\n[listener.check]\nkind = \"redis\"\n",
             "test",
         )
         .expect("valid");
         assert_eq!(config.listeners[0].written(), config.raw.listeners[0]);
+        let settings = &config.listeners[0].settings;
+        assert!(settings.accept_proxy);
+        assert_eq!(settings.send_proxy, Some(crate::config::ProxyVersion::V2));
+    }
+
+    #[test]
+    fn proxy_protocol_keys_are_checked() {
+        let listener = |more: &str| {
+            format!(
+                "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:3307\"\n\
+                 backends = [\"127.0.0.1:3306\"]\n{more}\n"
+            )
+        };
+        let defaults = crate::config::parse(&listener(""), "test").expect("valid");
+        let settings = &defaults.listeners[0].settings;
+        assert!(!settings.accept_proxy);
+        assert_eq!(settings.send_proxy, None);
+        assert_eq!(settings.proxy_header_timeout, Duration::from_secs(3));
+        let refused = |more: &str| {
+            crate::config::parse(&listener(more), "test")
+                .expect_err(more)
+                .to_string()
+        };
+        let version = refused("send_proxy = \"v3\"");
+        assert!(version.contains("send_proxy"), "{version}");
+        assert!(
+            version.contains("v3") && version.contains("`v1`") && version.contains("`v2`"),
+            "{version}"
+        );
+        for timeout in ["0s", "61s"] {
+            let e = refused(&format!("proxy_header_timeout = \"{timeout}\""));
+            assert!(e.contains("proxy_header_timeout"), "{e}");
+        }
     }
 
     #[test]
