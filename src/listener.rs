@@ -322,6 +322,7 @@ fn start_monitors(ctx: &Arc<ListenerContext>, stop: &CancellationToken, tasks: &
             backends: ctx.backends.clone(),
             backend,
             check: check.clone(),
+            send_proxy: ctx.config.settings.send_proxy,
             routing: ctx.config.settings.routing,
             watcher: ctx.watcher.clone(),
             recheck: recheck.clone(),

@@ -29,6 +29,7 @@ mod watcher;
 pub use leg::{Action, Assessment, DebtKind, Evidence, LegState, Rule};
 pub use watcher::{spawn_watcher, Suspect, Suspicions, WatcherHandle};
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -49,6 +50,9 @@ pub fn now_ms() -> u64 {
 pub struct Watched {
     pub client: TcpStream,
     pub upstream: TcpStream,
+    /// The client's address as the session knows it: the socket's peer, or
+    /// the source of the PROXY header it sent (`accept_proxy`).
+    pub client_addr: SocketAddr,
     /// Per leg (index [`leg_index`]): when the relay first wrote to it since
     /// the watcher last saw it owe nothing. 0 = nothing written since.
     pending_since: [AtomicU64; 2],
@@ -94,11 +98,17 @@ pub fn leg_index(leg: Leg) -> usize {
 }
 
 impl Watched {
-    pub fn new(client: TcpStream, upstream: TcpStream, backend: BackendId) -> Self {
+    pub fn new(
+        client: TcpStream,
+        client_addr: SocketAddr,
+        upstream: TcpStream,
+        backend: BackendId,
+    ) -> Self {
         let now = now_ms();
         Watched {
             client,
             upstream,
+            client_addr,
             pending_since: [AtomicU64::new(0), AtomicU64::new(0)],
             writes: [AtomicU64::new(0), AtomicU64::new(0)],
             last_activity: AtomicU64::new(now),
@@ -249,8 +259,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
-        let (upstream, _) = listener.accept().await.unwrap();
-        Watched::new(client, upstream, BackendId::from_index(0))
+        let (upstream, peer) = listener.accept().await.unwrap();
+        Watched::new(client, peer, upstream, BackendId::from_index(0))
     }
 
     #[tokio::test]

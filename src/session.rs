@@ -3,6 +3,7 @@
 //! generation shows in `/status` is rendered in `session/status.rs`.
 
 mod cancel;
+mod proxy_protocol;
 mod status;
 
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use crate::routing::Router;
 use crate::sockopt;
 use crate::telemetry::metrics::{ListenerMeters, Refusal};
 use crate::upstream;
+use proxy_protocol::ClientEnds;
 
 /// What every session of one config generation of a listener shares. A
 /// reload makes a new one; sessions keep the one they started with.
@@ -117,17 +119,22 @@ impl Drop for SessionGuard {
 }
 
 /// Runs one session to its end. Never panics on network input; every way
-/// it ends is logged.
-pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerContext>) {
+/// it ends is logged. `peer` is the client socket's peer; with
+/// `accept_proxy`, the PROXY header's source replaces it.
+pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
     let started = Instant::now();
     let cfg = &ctx.config;
     if ctx.client_options_preset {
         // Inherited from the listening socket.
     } else if let Err(e) = sockopt::apply(&client, &cfg.settings.client) {
-        tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
+        tracing::warn!(listener = %ctx.name, client = %peer, error = %e,
             "cannot set client socket options; closing");
         return;
     }
+    let Some(ends) = proxy_protocol::client_ends(&ctx, &mut client, peer).await else {
+        return;
+    };
+    let client_addr = ends.client;
     let postgres = cancel::is_postgres(&ctx);
     let first = if postgres {
         cancel::first_bytes(&client).await
@@ -135,13 +142,13 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
         Vec::new()
     };
     let cancel_route = if postgres {
-        cancel::to_session_server(&ctx, &first).await
+        cancel::to_session_server(&ctx, &first, ends).await
     } else {
         None
     };
     let upstream = match cancel_route {
         Some(upstream) => upstream,
-        None => match acquire_upstream(&ctx, &client, client_addr).await {
+        None => match acquire_upstream(&ctx, &client, ends).await {
             Some(upstream) => upstream,
             None => return,
         },
@@ -155,7 +162,12 @@ pub async fn run(client: TcpStream, client_addr: SocketAddr, ctx: Arc<ListenerCo
     tracing::debug!(listener = %ctx.name, client = %client_addr, backend = %labels.backend,
         upstream = %upstream.peer, pooled = upstream.pooled, "session started");
     let _counted = ctx.backends.opened(upstream.backend);
-    let session = Arc::new(Watched::new(client, upstream.stream, upstream.backend));
+    let session = Arc::new(Watched::new(
+        client,
+        client_addr,
+        upstream.stream,
+        upstream.backend,
+    ));
     ctx.watcher.watch(&session);
     let meters = &ctx.shared.meters;
     let replies = ctx.read_only_sign.as_ref().map(|sign| ReplyWatch {
@@ -220,13 +232,15 @@ fn serving_spare(
 }
 
 /// Routes a new client and gets its upstream connection: a spare from the
-/// warm pool, or a connect to the backends in routing order. When there is
-/// none, the client is set to be reset (on drop) and the reason logged.
+/// warm pool, or a connect to the backends in routing order, with the
+/// `send_proxy` header written. When there is none, the client is set to
+/// be reset (on drop) and the reason logged.
 async fn acquire_upstream(
     ctx: &ListenerContext,
     client: &TcpStream,
-    client_addr: SocketAddr,
+    ends: ClientEnds,
 ) -> Option<upstream::Upstream> {
+    let client_addr = ends.client;
     let order = match ctx.router.route(&ctx.backends) {
         Ok(order) => order,
         Err(e) => {
@@ -237,19 +251,8 @@ async fn acquire_upstream(
             return None;
         }
     };
-    let spare = ctx
-        .pool
-        .as_ref()
-        .and_then(|pool| Some((pool, serving_spare(ctx, pool, order[0])?)));
-    if let Some((pool, (stream, peer))) = spare {
-        let meters = ctx.backends.meters(order[0]);
-        meters.pool_idle.set(pool.idle(order[0]) as f64);
-        return Some(upstream::Upstream {
-            peer,
-            stream,
-            backend: order[0],
-            pooled: true,
-        });
+    if let Some(spare) = take_spare(ctx, order[0], ends).await {
+        return Some(spare);
     }
     let candidates = order
         .iter()
@@ -270,16 +273,53 @@ async fn acquire_upstream(
         result = upstream::connect(candidates, &settings.upstream, settings.connect_timeout) => result,
         _ = ctx.shared.drain_deadline.cancelled() => return None,
     };
-    match connected {
-        Ok(upstream) => Some(upstream),
+    let mut upstream = match connected {
+        Ok(upstream) => upstream,
         Err(e) => {
             tracing::warn!(listener = %ctx.name, client = %client_addr, error = %e,
                 "closing client: no backend available");
             ctx.shared.meters.refused(Refusal::ConnectFailed);
             let _ = sockopt::set_reset_on_close(client);
-            None
+            return None;
         }
+    };
+    if let Err(e) = proxy_protocol::send_header(ctx, &mut upstream.stream, ends).await {
+        tracing::warn!(listener = %ctx.name, client = %client_addr, upstream = %upstream.peer,
+            error = %e, "closing client: cannot write the PROXY header to the backend");
+        ctx.shared.meters.refused(Refusal::ConnectFailed);
+        let _ = sockopt::set_reset_on_close(client);
+        return None;
     }
+    Some(upstream)
+}
+
+/// A spare of `backend` from the warm pool, its `send_proxy` header
+/// written now (spares are connected before anyone knows whose they will
+/// be). A spare the header cannot be written to is closed, and the client
+/// gets a fresh connect instead, as for a dead spare.
+async fn take_spare(
+    ctx: &ListenerContext,
+    backend: BackendId,
+    ends: ClientEnds,
+) -> Option<upstream::Upstream> {
+    let pool = ctx.pool.as_ref()?;
+    let (mut stream, peer) = serving_spare(ctx, pool, backend)?;
+    ctx.backends
+        .meters(backend)
+        .pool_idle
+        .set(pool.idle(backend) as f64);
+    if let Err(e) = proxy_protocol::send_header(ctx, &mut stream, ends).await {
+        tracing::warn!(listener = %ctx.name, client = %ends.client, upstream = %peer, error = %e,
+            "cannot write the PROXY header to a pooled spare; connecting afresh");
+        let _ = sockopt::set_reset_on_close(&stream);
+        return None;
+    }
+    Some(upstream::Upstream {
+        peer,
+        stream,
+        backend,
+        pooled: true,
+    })
 }
 
 /// Relays both directions until both have ended; the first socket error

@@ -32,7 +32,7 @@ use super::check;
 use crate::backend::book::Seen;
 use crate::backend::state::{Change, CheckOutcome, CheckStatus, Role, State};
 use crate::backend::{BackendId, BackendSet};
-use crate::config::{CheckConfig, OnDown, Routing};
+use crate::config::{CheckConfig, OnDown, ProxyVersion, Routing};
 use crate::liveness::{now_ms, WatcherHandle};
 use crate::routing;
 use crate::upstream;
@@ -43,6 +43,8 @@ pub struct Monitor {
     pub backends: Arc<BackendSet>,
     pub backend: BackendId,
     pub check: CheckConfig,
+    /// The listener's `send_proxy`: checks then send a LOCAL header.
+    pub send_proxy: Option<ProxyVersion>,
     pub routing: Routing,
     pub watcher: WatcherHandle,
     /// Shared by the listener's monitors: a backend whose role changed
@@ -128,7 +130,7 @@ impl Monitor {
                 Err(e) => return (cannot_resolve(&e), Vec::new()),
             }
         }
-        let outcomes = check_all(&self.check, &addrs).await;
+        let outcomes = check_all(&self.check, &addrs, self.send_proxy).await;
         let seen: Vec<(SocketAddr, Seen)> = addrs
             .iter()
             .zip(&outcomes)
@@ -166,7 +168,7 @@ impl Monitor {
                 }),
         };
         match addr {
-            Ok(addr) => check::check(&self.check, addr).await,
+            Ok(addr) => check::check_sending_header(&self.check, addr, self.send_proxy).await,
             Err(e) => cannot_resolve(&e),
         }
     }
@@ -248,11 +250,18 @@ impl Monitor {
 }
 
 /// Runs the check on every address at once; outcomes in the same order.
-async fn check_all(config: &CheckConfig, addrs: &[SocketAddr]) -> Vec<CheckOutcome> {
+async fn check_all(
+    config: &CheckConfig,
+    addrs: &[SocketAddr],
+    send_proxy: Option<ProxyVersion>,
+) -> Vec<CheckOutcome> {
     let mut set = tokio::task::JoinSet::new();
     for (i, &addr) in addrs.iter().enumerate() {
         let config = config.clone();
-        set.spawn(async move { (i, check::check(&config, addr).await) });
+        set.spawn(async move {
+            let outcome = check::check_sending_header(&config, addr, send_proxy).await;
+            (i, outcome)
+        });
     }
     let mut outcomes: Vec<Option<CheckOutcome>> = vec![None; addrs.len()];
     while let Some(joined) = set.join_next().await {

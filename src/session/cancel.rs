@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use super::proxy_protocol::{send_header, ClientEnds};
 use super::ListenerContext;
 use crate::config::{CheckKind, Protocol};
 use crate::pgwire::{self, CancelKey, KeyWatch};
@@ -70,9 +71,13 @@ pub async fn first_bytes(client: &TcpStream) -> Vec<u8> {
 }
 
 /// A connection to the server whose session `first` cancels, when `first`
-/// is a CancelRequest for a key of this listener; `None` to route it as
-/// usual.
-pub async fn to_session_server(ctx: &ListenerContext, first: &[u8]) -> Option<Upstream> {
+/// is a CancelRequest for a key of this listener, with the `send_proxy`
+/// header for `ends` written; `None` to route it as usual.
+pub async fn to_session_server(
+    ctx: &ListenerContext,
+    first: &[u8],
+    ends: ClientEnds,
+) -> Option<Upstream> {
     let key = pgwire::cancel_request(first)?;
     let Some(server) = ctx.shared.cancel_keys.get(key) else {
         ctx.shared.meters.cancel_request(false);
@@ -92,7 +97,13 @@ pub async fn to_session_server(ctx: &ListenerContext, first: &[u8]) -> Option<Up
     };
     let settings = &ctx.config.settings;
     match upstream::connect(vec![target], &settings.upstream, settings.connect_timeout).await {
-        Ok(upstream) => {
+        Ok(mut upstream) => {
+            if let Err(e) = send_header(ctx, &mut upstream.stream, ends).await {
+                tracing::warn!(listener = %ctx.name, pid = key.pid, server = %server, error = %e,
+                    "cannot write the PROXY header to the server of the session to cancel; \
+                     routing the request as usual");
+                return None;
+            }
             ctx.shared.meters.cancel_request(true);
             tracing::debug!(listener = %ctx.name, pid = key.pid, server = %server,
                 "cancel request sent to the server its session runs on");

@@ -38,6 +38,7 @@ pub const BACKEND_ROLE: &str = "pulsegate_backend_role";
 pub const WRONG_ROLE_REPLIES: &str = "pulsegate_backend_wrong_role_replies_total";
 pub const PG_CANCELS: &str = "pulsegate_postgres_cancel_requests_total";
 pub const PG_KEYS_UNREADABLE: &str = "pulsegate_postgres_cancel_keys_unreadable_total";
+pub const PROXY_HEADER_REJECTED: &str = "pulsegate_proxy_header_rejected_total";
 pub const BACKEND_ACTIVE: &str = "pulsegate_backend_active_connections";
 pub const POOL_IDLE: &str = "pulsegate_pool_idle_connections";
 pub const PROBES_SENT: &str = "pulsegate_probes_sent_total";
@@ -67,6 +68,37 @@ pub enum Refusal {
     MaxConnections,
     NoBackend,
     ConnectFailed,
+}
+
+/// Why a client's PROXY protocol header (`accept_proxy`) was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderRejection {
+    /// The connection did not start like a PROXY header at all.
+    Missing,
+    /// It started like one but broke the grammar or a limit.
+    Invalid,
+    /// No complete header within `proxy_header_timeout`.
+    Timeout,
+    /// The client closed (or the socket failed) before a complete header.
+    Closed,
+}
+
+impl HeaderRejection {
+    pub const ALL: [HeaderRejection; 4] = [
+        HeaderRejection::Missing,
+        HeaderRejection::Invalid,
+        HeaderRejection::Timeout,
+        HeaderRejection::Closed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeaderRejection::Missing => "missing",
+            HeaderRejection::Invalid => "invalid",
+            HeaderRejection::Timeout => "timeout",
+            HeaderRejection::Closed => "closed",
+        }
+    }
 }
 
 /// Installs the Prometheus recorder (once per process) and returns the
@@ -163,6 +195,10 @@ fn describe() {
         PG_KEYS_UNREADABLE,
         "PostgreSQL sessions whose cancel key could not be read (TLS or GSS encryption): their cancels are routed as usual."
     );
+    describe_counter!(
+        PROXY_HEADER_REJECTED,
+        "Clients of an accept_proxy listener closed without an upstream connect because their PROXY header was missing, invalid, late (timeout) or cut short (closed)."
+    );
     describe_gauge!(BACKEND_ACTIVE, "Sessions open to the backend.");
     describe_gauge!(
         POOL_IDLE,
@@ -230,6 +266,8 @@ pub struct ListenerMeters {
     /// Cancel requests: to the session's server, unknown key.
     pg_cancels: [Counter; 2],
     pg_keys_unreadable: Counter,
+    /// By [`HeaderRejection::ALL`].
+    proxy_header_rejected: [Counter; 4],
 }
 
 impl ListenerMeters {
@@ -277,6 +315,9 @@ impl ListenerMeters {
             pg_cancels: ["session_server", "unknown_key"]
                 .map(|route| counter!(PG_CANCELS, "listener" => l.clone(), "route" => route)),
             pg_keys_unreadable: counter!(PG_KEYS_UNREADABLE, "listener" => l.clone()),
+            proxy_header_rejected: HeaderRejection::ALL.map(|r| {
+                counter!(PROXY_HEADER_REJECTED, "listener" => l.clone(), "reason" => r.as_str())
+            }),
         };
         for c in meters.refused.iter().chain(&meters.evictions) {
             c.increment(0);
@@ -299,6 +340,15 @@ impl ListenerMeters {
     /// A PostgreSQL cancel request, sent to its session's server or not.
     pub fn cancel_request(&self, to_session_server: bool) {
         self.pg_cancels[usize::from(!to_session_server)].increment(1);
+    }
+
+    /// A client closed for want of a valid PROXY header.
+    pub fn proxy_header_rejected(&self, why: HeaderRejection) {
+        let i = HeaderRejection::ALL
+            .iter()
+            .position(|&r| r == why)
+            .unwrap_or(0);
+        self.proxy_header_rejected[i].increment(1);
     }
 
     /// A PostgreSQL session whose cancel key is encrypted.

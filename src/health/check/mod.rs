@@ -29,17 +29,29 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::{CheckConfig, CheckKind};
+use crate::config::{CheckConfig, CheckKind, ProxyVersion};
 use crate::telemetry::one_line;
 use crate::upstream::ConnectFailure;
 
 /// Runs one check of `addr` under `config.timeout`.
 pub async fn check(config: &CheckConfig, addr: SocketAddr) -> CheckOutcome {
+    check_sending_header(config, addr, None).await
+}
+
+/// [`check`] for a listener with `send_proxy`, whose backends may then
+/// require a PROXY header: the check's connection starts with a v2 LOCAL
+/// or a v1 `PROXY UNKNOWN` header, so the backend keeps the check's own
+/// address (as HAProxy's `check-send-proxy` does).
+pub async fn check_sending_header(
+    config: &CheckConfig,
+    addr: SocketAddr,
+    send_proxy: Option<ProxyVersion>,
+) -> CheckOutcome {
     let started = Instant::now();
-    let finding = connect_and_run(config, addr).await;
+    let finding = connect_and_run(config, addr, send_proxy).await;
     CheckOutcome {
         status: finding.status,
         role: finding.role,
@@ -48,17 +60,27 @@ pub async fn check(config: &CheckConfig, addr: SocketAddr) -> CheckOutcome {
     }
 }
 
-async fn connect_and_run(config: &CheckConfig, addr: SocketAddr) -> Finding {
+async fn connect_and_run(
+    config: &CheckConfig,
+    addr: SocketAddr,
+    send_proxy: Option<ProxyVersion>,
+) -> Finding {
     let started = tokio::time::Instant::now();
     let deadline = started + config.timeout;
     let timeout = humantime::format_duration(config.timeout);
-    let stream = match tokio::time::timeout_at(deadline, connect(addr, config.timeout)).await {
+    let mut stream = match tokio::time::timeout_at(deadline, connect(addr, config.timeout)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return connect_failure(&e),
         Err(_) => {
             return Finding::no_answer(format!("connect: no answer within timeout ({timeout})"))
         }
     };
+    if let Some(version) = send_proxy {
+        let header = crate::proxy_header::encode(version, None);
+        if let Err(e) = stream.write_all(&header).await {
+            return Finding::down(format!("cannot write the PROXY header: {e}"));
+        }
+    }
     let answer_by = answer_deadline(deadline, started.elapsed());
     let waited = if answer_by > deadline {
         format!(

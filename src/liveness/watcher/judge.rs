@@ -297,7 +297,7 @@ impl Sweeper {
         self.suspicions.set(
             s.id,
             Suspect {
-                client: s.session.client.peer_addr().ok(),
+                client: Some(s.session.client_addr),
                 backend,
                 leg: s.leg,
                 reason: s.evidence.reason(),
