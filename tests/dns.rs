@@ -317,8 +317,12 @@ fn write_until(
 
 /// A redis master on 127.0.0.2 and its replica on 127.0.0.3 in `lab`,
 /// `NAME` pointing at the master, and pulsegate in front of the name,
-/// routing to the primary, checking and looking the name up every 500 ms.
-fn primary_and_replica_behind_a_name(lab: &Lab) -> Option<(Vec<LabProcess>, LabProcess)> {
+/// routing to the primary, checking every `interval` and looking the name
+/// up every 500 ms.
+fn primary_and_replica_behind_a_name(
+    lab: &Lab,
+    interval: Duration,
+) -> Option<(Vec<LabProcess>, LabProcess)> {
     let program = or_skip(pulsegate::lab::servers::redis::Redis::find())?;
     let mut servers = Vec::new();
     for (label, addr, replica_of) in [
@@ -343,9 +347,10 @@ fn primary_and_replica_behind_a_name(lab: &Lab) -> Option<(Vec<LabProcess>, LabP
     let toml = format!(
         "[[listener]]\nname = \"flicker\"\nbind = \"{}\"\nbackends = [\"{NAME}:6379\"]\n\
          resolve_interval = \"500ms\"\n\
-         [listener.check]\nkind = \"redis\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\n\
-         [listener.routing]\nrole = \"primary\"\n",
-        proxy_addr()
+         [listener.check]\nkind = \"redis\"\ninterval = \"{}ms\"\ntimeout = \"400ms\"\n\
+         jitter = \"0s\"\n[listener.routing]\nrole = \"primary\"\n",
+        proxy_addr(),
+        interval.as_millis()
     );
     let proxy = lab
         .start_pulsegate_with(&exe(), proxy_addr(), &toml)
@@ -374,7 +379,9 @@ fn a_flickering_name_never_sends_a_write_to_the_replica() {
     let Some(lab) = lab_or_skip("dns-flicker") else {
         return;
     };
-    let Some((_servers, proxy)) = primary_and_replica_behind_a_name(&lab) else {
+    let Some((_servers, proxy)) =
+        primary_and_replica_behind_a_name(&lab, Duration::from_millis(500))
+    else {
         return;
     };
     let start = Instant::now();
@@ -451,7 +458,9 @@ fn a_real_failover_behind_a_flickering_name_is_followed_within_one_check_interva
     let Some(lab) = lab_or_skip("dns-failover") else {
         return;
     };
-    let Some((_servers, proxy)) = primary_and_replica_behind_a_name(&lab) else {
+    let Some((_servers, proxy)) =
+        primary_and_replica_behind_a_name(&lab, Duration::from_millis(500))
+    else {
         return;
     };
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -514,6 +523,68 @@ fn a_real_failover_behind_a_flickering_name_is_followed_within_one_check_interva
     assert!(
         followed < Duration::from_millis(1000),
         "check interval 500ms: followed after {followed:?}: {}",
+        proxy.stderr()
+    );
+}
+
+/// The name returns both servers; the primary is fenced (made a replica)
+/// and the replica promoted only once pulsegate has seen that no address
+/// is primary. With a check interval of 2 s, the backend is then checked
+/// every quarter interval: new connections write to the new primary
+/// within about 0.5 s of the promotion, not up to 2 s.
+#[test]
+fn a_late_promotion_is_seen_within_a_quarter_interval() {
+    let Some(lab) = lab_or_skip("dns-promote") else {
+        return;
+    };
+    let Some((_servers, proxy)) = primary_and_replica_behind_a_name(&lab, Duration::from_secs(2))
+    else {
+        return;
+    };
+    let both = format!(
+        "127.0.0.1 localhost\n{} {NAME}\n{} {NAME}\n",
+        PRIMARY.split(':').next().unwrap(),
+        REPLICA.split(':').next().unwrap()
+    );
+    lab.set_hosts(&both).unwrap();
+    // Both addresses in the answer (a lookup every 500 ms) and checked.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        redis_command(&lab, PRIMARY, &["REPLICAOF", "127.0.0.3", "6379"]),
+        "+OK"
+    );
+    let fenced = Instant::now();
+    const LOST: &str = "no address of the backend is verified in the wanted role";
+    while !proxy.stderr().contains(LOST) {
+        assert!(
+            fenced.elapsed() < Duration::from_secs(5),
+            "the fenced primary was never seen: {}",
+            proxy.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        redis_command(&lab, REPLICA, &["REPLICAOF", "NO", "ONE"]),
+        "+OK"
+    );
+    let promoted = Instant::now();
+    let once = || Instant::now() + Duration::from_millis(1);
+    while write_until(&lab, || Some(proxy_addr()), 1, once()).ok == 0 {
+        assert!(
+            promoted.elapsed() < Duration::from_secs(5),
+            "never followed the promotion: {}",
+            proxy.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let followed = promoted.elapsed();
+    eprintln!(
+        "new connections write to the promoted server {:.3} s after the promotion (interval 2 s)",
+        followed.as_secs_f64()
+    );
+    assert!(
+        followed < Duration::from_millis(1000),
+        "followed {followed:?} after the promotion; quarter interval 500 ms: {}",
         proxy.stderr()
     );
 }

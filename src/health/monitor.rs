@@ -11,7 +11,11 @@
 //! book ([`crate::backend::book`]): new connections go only to addresses
 //! verified in the wanted role. The backend's own state follows the check
 //! of the address it serves from; an address that stops serving for being
-//! in another role has its sessions evicted as `on_down` says.
+//! in another role has its sessions evicted as `on_down` says. When its
+//! last verified address stops serving (a failover under way: the old
+//! primary fenced, the new one not yet promoted), it is checked every
+//! quarter interval for [`QUICK_ROUNDS`] intervals, so the promotion is
+//! seen a quarter interval after it, not up to a whole one.
 //!
 //! A check whose connect got no answer while sessions to the same backend
 //! were answered is the network losing a packet, not the backend going
@@ -37,6 +41,10 @@ use crate::liveness::{now_ms, WatcherHandle};
 use crate::routing;
 use crate::upstream;
 
+/// Intervals during which a gated backend that lost its last verified
+/// address is checked every quarter interval.
+pub const QUICK_ROUNDS: u32 = 10;
+
 /// Everything a backend's check loop needs.
 pub struct Monitor {
     pub listener: Arc<str>,
@@ -57,17 +65,27 @@ impl Monitor {
     /// Checks at once, then every interval, until `stop` is cancelled.
     pub async fn run(self, stop: CancellationToken) {
         let mut last_status = None;
+        // Since when a gated backend has had no verified address, after
+        // having one: quick rounds until then + QUICK_ROUNDS intervals.
+        let mut lost_at: Option<tokio::time::Instant> = None;
         loop {
             let started_ms = now_ms();
             let started = tokio::time::Instant::now();
             // The next check starts one interval after this one started,
             // not after it ended: a slow check (a login on a loaded or far
             // server) must not stretch the time to notice a change.
-            let next = started + self.next_delay();
+            let mut next = started + self.next_delay();
+            let served_before = !self.backends.addresses(self.backend).is_empty();
             let (outcome, dropped) = tokio::select! {
                 _ = stop.cancelled() => return,
                 round = self.check_round() => round,
             };
+            if self.backends.gated(self.backend) {
+                lost_at = self.quick_rounds(lost_at, served_before, started);
+                if lost_at.is_some() {
+                    next = started + self.check.interval / 4;
+                }
+            }
             let local = outcome.status == CheckStatus::Unknown;
             let outcome = self.corroborate(outcome, started_ms);
             if local && last_status != Some(CheckStatus::Unknown) {
@@ -100,6 +118,29 @@ impl Monitor {
                     "checking the backend now (a client was answered read-only, or its name returned a new address)");
             }
         }
+    }
+
+    /// Whether a gated backend is in its quick rounds (see
+    /// [`QUICK_ROUNDS`]): since when it has had no verified address.
+    fn quick_rounds(
+        &self,
+        lost_at: Option<tokio::time::Instant>,
+        served_before: bool,
+        started: tokio::time::Instant,
+    ) -> Option<tokio::time::Instant> {
+        if !self.backends.addresses(self.backend).is_empty() {
+            return None;
+        }
+        let since = match lost_at {
+            Some(since) => since,
+            None if served_before => {
+                tracing::warn!(listener = %self.listener, backend = %self.backends.label(self.backend),
+                    "no address of the backend is verified in the wanted role: checking every quarter interval for a while");
+                started
+            }
+            None => return None,
+        };
+        (started.duration_since(since) < self.check.interval * QUICK_ROUNDS).then_some(since)
     }
 
     fn next_delay(&self) -> Duration {
