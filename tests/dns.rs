@@ -235,6 +235,15 @@ fn a_dead_session_has_its_backends_name_looked_up_at_once() {
 const NAME: &str = "db.pulsegate.test";
 const PRIMARY: &str = "127.0.0.2:6379";
 const REPLICA: &str = "127.0.0.3:6379";
+/// pulsegate's admin server inside the lab.
+const ADMIN: &str = "127.0.0.1:9900";
+
+/// A GET to pulsegate's admin server inside the lab.
+fn admin_get(lab: &Lab, path: &str) -> support::admin::HttpReply {
+    lab.enter(|| support::admin::request(ADMIN.parse().unwrap(), "GET", path, None, b""))
+        .expect("enter the lab")
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
 
 /// What writes got back.
 #[derive(Debug, Default, Clone, Copy)]
@@ -348,7 +357,8 @@ fn primary_and_replica_behind_a_name(
         "[[listener]]\nname = \"flicker\"\nbind = \"{}\"\nbackends = [\"{NAME}:6379\"]\n\
          resolve_interval = \"500ms\"\n\
          [listener.check]\nkind = \"redis\"\ninterval = \"{}ms\"\ntimeout = \"400ms\"\n\
-         jitter = \"0s\"\n[listener.routing]\nrole = \"primary\"\n",
+         jitter = \"0s\"\n[listener.routing]\nrole = \"primary\"\n\
+         [admin]\nbind = \"{ADMIN}\"\n",
         proxy_addr(),
         interval.as_millis()
     );
@@ -547,8 +557,27 @@ fn a_late_promotion_is_seen_within_a_quarter_interval() {
         REPLICA.split(':').next().unwrap()
     );
     lab.set_hosts(&both).unwrap();
-    // Both addresses in the answer (a lookup every 500 ms) and checked.
+    // Both addresses in the answer (a lookup every 500 ms) and checked:
+    // the replica is held back, in /status and in the metrics.
     std::thread::sleep(Duration::from_millis(2500));
+    let status = admin_get(&lab, "/status").json();
+    let backend = &status["listeners"][0]["backends"][0];
+    assert_eq!(
+        backend["addresses"],
+        serde_json::json!([PRIMARY]),
+        "{backend}"
+    );
+    assert_eq!(
+        backend["held_back"],
+        serde_json::json!([REPLICA]),
+        "{backend}"
+    );
+    let metrics = admin_get(&lab, "/metrics").body;
+    let addresses = |used: &str| {
+        support::admin::sample(&metrics, "pulsegate_backend_addresses", &[("use", used)])
+    };
+    assert_eq!(addresses("serving"), Some(1.0), "{metrics}");
+    assert_eq!(addresses("held_back"), Some(1.0), "{metrics}");
     assert_eq!(
         redis_command(&lab, PRIMARY, &["REPLICAOF", "127.0.0.3", "6379"]),
         "+OK"

@@ -7,8 +7,9 @@ use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 use super::state::{CheckStatus, Role, State};
 use crate::telemetry::metrics::{
-    BACKEND_ACTIVE, BACKEND_ROLE, BACKEND_STATE, CHECKS, CHECK_DURATION, CONNECT_DURATION,
-    CONNECT_FAILURES, LINK_LOSS, POOL_IDLE, VERDICT_EXCHANGES, WRONG_ROLE_REPLIES,
+    BACKEND_ACTIVE, BACKEND_ADDRESSES, BACKEND_ROLE, BACKEND_STATE, CHECKS, CHECK_DURATION,
+    CONNECT_DURATION, CONNECT_FAILURES, LINK_LOSS, POOL_IDLE, VERDICT_EXCHANGES,
+    WRONG_ROLE_REPLIES,
 };
 
 /// The handles of one backend of one listener.
@@ -24,6 +25,8 @@ pub struct BackendMeters {
     pub wrong_role_replies: Counter,
     link_loss: Gauge,
     verdict_exchanges: Gauge,
+    /// Addresses serving and held back (see [`super::book`]).
+    addresses: [Gauge; 2],
 }
 
 const STATES: [State; 3] = [State::Up, State::Suspect, State::Down];
@@ -49,6 +52,9 @@ impl BackendMeters {
             wrong_role_replies: counter!(WRONG_ROLE_REPLIES, "listener" => l.clone(), "backend" => b.clone()),
             link_loss: gauge!(LINK_LOSS, "listener" => l.clone(), "backend" => b.clone()),
             verdict_exchanges: gauge!(VERDICT_EXCHANGES, "listener" => l.clone(), "backend" => b.clone()),
+            addresses: ["serving", "held_back"].map(|u| {
+                gauge!(BACKEND_ADDRESSES, "listener" => l.clone(), "backend" => b.clone(), "use" => u)
+            }),
         };
         meters.connect_failures.increment(0);
         meters.wrong_role_replies.increment(0);
@@ -57,8 +63,16 @@ impl BackendMeters {
         }
         meters.active.set(0.0);
         meters.pool_idle.set(0.0);
+        meters.set_addresses(0, 0);
         meters.set_state(State::Up, None);
         meters
+    }
+
+    /// How many of the backend's addresses serve, and how many its name
+    /// returns that no check has verified in the wanted role.
+    pub fn set_addresses(&self, serving: usize, held_back: usize) {
+        self.addresses[0].set(serving as f64);
+        self.addresses[1].set(held_back as f64);
     }
 
     pub fn check(&self, status: CheckStatus, latency: Duration) {
@@ -96,5 +110,6 @@ impl BackendMeters {
         }
         self.active.set(0.0);
         self.pool_idle.set(0.0);
+        self.set_addresses(0, 0);
     }
 }

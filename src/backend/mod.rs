@@ -107,7 +107,7 @@ impl BackendSet {
                 crate::config::defaults::rise(),
                 crate::config::defaults::fall(),
             ));
-        BackendSet {
+        let set = BackendSet {
             backends: listener
                 .backends
                 .iter()
@@ -142,7 +142,12 @@ impl BackendSet {
                     })
                 })
                 .collect(),
+        };
+        for id in set.ids() {
+            let book = set.book_of(id);
+            set.meter_addresses(id, &book);
         }
+        set
     }
 
     pub fn len(&self) -> usize {
@@ -229,7 +234,10 @@ impl BackendSet {
 
     /// Records a lookup's answer (see [`AddressBook::lookup`]).
     pub fn lookup(&self, backend: BackendId, answer: Vec<SocketAddr>) -> Lookup {
-        self.book_of(backend).lookup(answer)
+        let mut book = self.book_of(backend);
+        let lookup = book.lookup(answer);
+        self.meter_addresses(backend, &book);
+        lookup
     }
 
     /// The addresses a check round should look at (see
@@ -245,7 +253,16 @@ impl BackendSet {
         backend: BackendId,
         seen: &[(SocketAddr, Seen)],
     ) -> Vec<SocketAddr> {
-        self.book_of(backend).checked(seen)
+        let mut book = self.book_of(backend);
+        let dropped = book.checked(seen);
+        self.meter_addresses(backend, &book);
+        dropped
+    }
+
+    fn meter_addresses(&self, backend: BackendId, book: &AddressBook) {
+        self.backends[backend.0]
+            .meters
+            .set_addresses(book.serving().len(), book.held_back().len());
     }
 
     fn book_of(&self, backend: BackendId) -> std::sync::MutexGuard<'_, AddressBook> {

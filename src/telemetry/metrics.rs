@@ -41,6 +41,7 @@ pub const PG_KEYS_UNREADABLE: &str = "pulsegate_postgres_cancel_keys_unreadable_
 pub const PROXY_HEADER_REJECTED: &str = "pulsegate_proxy_header_rejected_total";
 pub const BACKEND_ACTIVE: &str = "pulsegate_backend_active_connections";
 pub const POOL_IDLE: &str = "pulsegate_pool_idle_connections";
+pub const BACKEND_ADDRESSES: &str = "pulsegate_backend_addresses";
 pub const PROBES_SENT: &str = "pulsegate_probes_sent_total";
 pub const PROBES_UNANSWERED: &str = "pulsegate_probes_unanswered_total";
 pub const SUSPICIONS: &str = "pulsegate_suspicions_total";
@@ -185,7 +186,7 @@ fn describe() {
     );
     describe_counter!(
         WRONG_ROLE_REPLIES,
-        "Read-only replies from the backend seen on its way to a client, with role = primary; each asks for a check at once."
+        "Read-only replies from the backend (PostgreSQL 25006, Redis -READONLY, MySQL/MariaDB error 1290) seen on their way to a client, with role = primary; each asks for a check at once."
     );
     describe_counter!(
         PG_CANCELS,
@@ -203,6 +204,10 @@ fn describe() {
     describe_gauge!(
         POOL_IDLE,
         "Idle spare connections in the warm pool for the backend."
+    );
+    describe_gauge!(
+        BACKEND_ADDRESSES,
+        "The backend's addresses by use: serving (new connections go there) or held_back (its DNS name returns them, but no check has verified them in the wanted role)."
     );
     describe_counter!(
         PROBES_SENT,
