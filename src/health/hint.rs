@@ -136,7 +136,7 @@ mod tests {
         let sign = ReadOnlySign::for_listener(Some(&check(CheckKind::Mysql)), RoleWanted::Primary)
             .unwrap();
         // An ERR packet as MariaDB 10.11 sends it for an INSERT under
-        // read_only=1 (header: length 0x5f, sequence 1).
+        // read_only=1 (header: payload length, sequence 1).
         let message = b"The MariaDB server is running with the --read-only option so it cannot execute this statement";
         let mut packet = vec![9 + message.len() as u8, 0, 0, 1];
         packet.extend_from_slice(b"\xff\x0a\x05#HY000");
