@@ -256,16 +256,19 @@ async fn acquire_upstream(
     }
     let candidates = order
         .iter()
-        // A gated backend with no verified address yet has nothing to try:
-        // looking its name up here would skip the role check.
-        .filter(|&&id| {
-            ctx.backends.may_resolve_at_connect(id) || !ctx.backends.addresses(id).is_empty()
-        })
-        .map(|&id| upstream::ConnectTarget {
-            id,
-            backend: ctx.backends.addr(id),
-            addrs: ctx.backends.addresses(id),
-            meters: Some(ctx.backends.meters(id)),
+        .filter_map(|&id| {
+            let addrs = ctx.backends.addresses(id);
+            // A gated backend with no verified address yet has nothing to
+            // try: looking its name up here would skip the role check.
+            if addrs.is_empty() && !ctx.backends.may_resolve_at_connect(id) {
+                return None;
+            }
+            Some(upstream::ConnectTarget {
+                id,
+                backend: ctx.backends.addr(id),
+                addrs,
+                meters: Some(ctx.backends.meters(id)),
+            })
         })
         .collect();
     let settings = &ctx.config.settings;

@@ -201,6 +201,7 @@ fn status_keeps_its_field_names_and_the_metrics_vocabulary() {
         ]
     );
     assert_eq!(backend["addresses"], json!(["10.0.0.1:5432"]));
+    assert_eq!(backend["held_back"], json!(["10.0.0.2:5432"]));
     assert_eq!(backend["state"], "suspect");
     assert_eq!(backend["role"], "unknown");
     assert_eq!(

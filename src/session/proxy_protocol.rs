@@ -23,7 +23,8 @@ pub struct ClientEnds {
     /// The client: the socket's peer, or a PROXY header's source.
     pub client: SocketAddr,
     /// What the client connected to: this socket's local address, or a
-    /// PROXY header's destination.
+    /// PROXY header's destination (the listener's bound address when the
+    /// listener neither reads nor writes headers: nothing uses it then).
     pub destination: SocketAddr,
 }
 
@@ -36,11 +37,18 @@ pub async fn client_ends(
     client: &mut TcpStream,
     peer: SocketAddr,
 ) -> Option<ClientEnds> {
+    let settings = &ctx.config.settings;
+    // Only a header needs the address the client connected to: spare the
+    // getsockname on every other connection.
+    let destination = if settings.accept_proxy || settings.send_proxy.is_some() {
+        client.local_addr().unwrap_or(ctx.bound)
+    } else {
+        ctx.bound
+    };
     let own = ClientEnds {
         client: peer,
-        destination: client.local_addr().unwrap_or(ctx.bound),
+        destination,
     };
-    let settings = &ctx.config.settings;
     if !settings.accept_proxy {
         return Some(own);
     }
