@@ -237,6 +237,14 @@ fn apply(
     shared: &Arc<ListenerShared>,
     tasks: &TaskTracker,
 ) -> Generation {
+    if config.settings.backlog != current.ctx.config.settings.backlog {
+        match sockopt::set_backlog(tcp, config.settings.backlog) {
+            Ok(()) => warn_if_backlog_capped(&config),
+            Err(e) => tracing::warn!(listener = %shared.name, error = %e,
+                backlog = config.settings.backlog, "cannot change the accept queue's backlog; \
+                 the old one stays until a restart"),
+        }
+    }
     let next = Generation::start(config, tcp, shared, Some(&current), tasks);
     tracing::info!(listener = %shared.name,
         backends = ?next.ctx.config.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
@@ -264,6 +272,19 @@ async fn drain(ctx: &ListenerContext, sessions: &TaskTracker) {
             "drain_timeout passed; closing remaining sessions");
         ctx.shared.drain_deadline.cancel();
         sessions.wait().await;
+    }
+}
+
+/// The kernel silently caps every backlog at `net.core.somaxconn` (128 on
+/// kernels before 5.4): say so, since the queue is then smaller than the
+/// config reads.
+pub(crate) fn warn_if_backlog_capped(l: &Listener) {
+    let backlog = l.settings.backlog;
+    if let Some(cap) = sockopt::somaxconn().filter(|&cap| cap < backlog) {
+        tracing::warn!(listener = %l.name, backlog, somaxconn = cap,
+            "the kernel caps this listener's accept queue at net.core.somaxconn; \
+             a reconnect burst above it loses SYNs (1 s retransmission each); \
+             raise it with `sysctl -w net.core.somaxconn={backlog}`");
     }
 }
 

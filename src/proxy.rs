@@ -22,6 +22,7 @@ use crate::admin::{Control, Readiness};
 use crate::config::{self, Listener, ValidConfig};
 use crate::listener::{self, ListenerTask, Update};
 use crate::registry::{status::Status, Registry};
+use crate::sockopt;
 use crate::telemetry::metrics;
 
 /// How long a reload waits for a listener to take its new config.
@@ -47,13 +48,14 @@ async fn bind_each<'a>(
 ) -> Result<Vec<(Listener, TcpListener)>, BindError> {
     let mut bound = Vec::new();
     for l in listeners {
-        let tcp = TcpListener::bind(l.bind)
-            .await
+        let tcp = sockopt::listen(l.bind, l.settings.backlog)
+            .and_then(TcpListener::from_std)
             .map_err(|source| BindError {
                 name: l.name.clone(),
                 bind: l.bind,
                 source,
             })?;
+        listener::warn_if_backlog_capped(l);
         bound.push((l.clone(), tcp));
     }
     Ok(bound)

@@ -130,8 +130,54 @@ struct RawTcpInfo {
 }
 
 /// Reads TCP_INFO for a connected TCP socket.
-#[allow(unsafe_code)]
 pub fn tcp_info(socket: &impl AsFd) -> io::Result<TcpInfo> {
+    let raw = raw_tcp_info(socket)?;
+    Ok(TcpInfo {
+        state: raw.state,
+        retransmits: raw.retransmits,
+        probes: raw.probes,
+        backoff: raw.backoff,
+        unacked: raw.unacked,
+        last_data_sent_ms: raw.last_data_sent,
+        last_data_recv_ms: raw.last_data_recv,
+        last_ack_recv_ms: raw.last_ack_recv,
+        rtt_us: raw.rtt,
+        rto_us: raw.rto,
+        total_retrans: raw.total_retrans,
+        segs_in: raw.segs_in,
+        bytes_acked: raw.bytes_acked,
+        // Older kernels stop before these fields (< 4.6, < 4.6); len tells,
+        // and the fields it did not reach stay 0.
+        notsent_bytes: raw.notsent_bytes,
+        data_segs_in: raw.data_segs_in,
+        data_segs_out: raw.data_segs_out,
+    })
+}
+
+/// A listening socket's accept queue, from its TCP_INFO (for a socket in
+/// LISTEN state the kernel reports the queue where a connection's
+/// `unacked` and `sacked` would be).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptQueue {
+    /// Handshakes completed and not yet accepted.
+    pub queued: u32,
+    /// The limit in force: the backlog given to `listen(2)`, capped by
+    /// `net.core.somaxconn`.
+    pub limit: u32,
+}
+
+/// Reads the accept queue of a listening TCP socket.
+pub fn accept_queue(listener: &impl AsFd) -> io::Result<AcceptQueue> {
+    let raw = raw_tcp_info(listener)?;
+    Ok(AcceptQueue {
+        queued: raw.unacked,
+        limit: raw.sacked,
+    })
+}
+
+/// getsockopt(TCP_INFO): the one `unsafe` call.
+#[allow(unsafe_code)]
+fn raw_tcp_info(socket: &impl AsFd) -> io::Result<RawTcpInfo> {
     use std::os::fd::AsRawFd;
 
     let fd = socket.as_fd().as_raw_fd();
@@ -154,26 +200,42 @@ pub fn tcp_info(socket: &impl AsFd) -> io::Result<TcpInfo> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(TcpInfo {
-        state: raw.state,
-        retransmits: raw.retransmits,
-        probes: raw.probes,
-        backoff: raw.backoff,
-        unacked: raw.unacked,
-        last_data_sent_ms: raw.last_data_sent,
-        last_data_recv_ms: raw.last_data_recv,
-        last_ack_recv_ms: raw.last_ack_recv,
-        rtt_us: raw.rtt,
-        rto_us: raw.rto,
-        total_retrans: raw.total_retrans,
-        segs_in: raw.segs_in,
-        bytes_acked: raw.bytes_acked,
-        // Older kernels stop before these fields (< 4.6, < 4.6); len tells,
-        // and the fields it did not reach stay 0.
-        notsent_bytes: raw.notsent_bytes,
-        data_segs_in: raw.data_segs_in,
-        data_segs_out: raw.data_segs_out,
-    })
+    Ok(raw)
+}
+
+/// A listening socket on `addr` with room for `backlog` completed
+/// handshakes (SO_REUSEADDR, as tokio's own `bind` sets it).
+pub fn listen(addr: std::net::SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog_arg(backlog))?;
+    Ok(socket.into())
+}
+
+/// Changes a listening socket's backlog in place: Linux applies a second
+/// `listen(2)` to the queue of a socket already listening.
+pub fn set_backlog(listener: &impl AsFd, backlog: u32) -> io::Result<()> {
+    SockRef::from(listener).listen(backlog_arg(backlog))
+}
+
+fn backlog_arg(backlog: u32) -> i32 {
+    i32::try_from(backlog).unwrap_or(i32::MAX)
+}
+
+/// `net.core.somaxconn`: the kernel's cap on every listen backlog (None if
+/// it cannot be read).
+pub fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -199,6 +261,26 @@ mod tests {
         );
         set_keepalive_idle(&client, Duration::from_secs(1)).unwrap();
         assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(1));
+    }
+
+    /// The backlog given to `listen` is the accept queue's limit (capped by
+    /// somaxconn), handshakes wait in it until accepted, and a second
+    /// `listen` changes the limit in place.
+    #[test]
+    fn listen_sets_the_accept_queue_and_a_second_listen_changes_it() {
+        let cap = somaxconn().expect("/proc/sys/net/core/somaxconn");
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 200).unwrap();
+        let queue = accept_queue(&listener).unwrap();
+        assert_eq!(queue.limit, 200.min(cap));
+        assert_eq!(queue.queued, 0);
+        let addr = listener.local_addr().unwrap();
+        let waiting: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(accept_queue(&listener).unwrap().queued, 3);
+        set_backlog(&listener, 17).unwrap();
+        assert_eq!(accept_queue(&listener).unwrap().limit, 17.min(cap));
+        drop(waiting);
+        // A backlog beyond what listen(2) takes is passed as its maximum.
+        assert_eq!(backlog_arg(u32::MAX), i32::MAX);
     }
 
     /// The listener sets the client-leg options once on its listening

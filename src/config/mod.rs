@@ -118,6 +118,14 @@ pub struct ListenerConfig {
     pub connect_timeout: Duration,
     #[serde(default = "defaults::max_connections")]
     pub max_connections: NonZeroU32,
+    /// The listening socket's accept queue (`listen(2)`'s backlog): how
+    /// many clients may finish their handshake before pulsegate accepts
+    /// them. A pool reconnecting at once after an eviction or a failover
+    /// arrives as a burst; a burst above the queue loses SYNs, and each
+    /// client so dropped waits a 1 s SYN retransmission. The kernel caps it
+    /// at `net.core.somaxconn`.
+    #[serde(default = "defaults::backlog")]
+    pub backlog: u32,
     #[serde(default)]
     pub on_evict: OnEvict,
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
@@ -485,6 +493,9 @@ pub mod defaults {
     pub fn down_grace() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn backlog() -> u32 {
+        4096
+    }
     pub fn proxy_header_timeout() -> Duration {
         Duration::from_secs(3)
     }
@@ -528,6 +539,7 @@ impl Listener {
             backends: self.backends.iter().map(ToString::to_string).collect(),
             connect_timeout: s.connect_timeout,
             max_connections: s.max_connections,
+            backlog: s.backlog,
             on_evict: s.on_evict,
             drain_timeout: s.drain_timeout,
             resolve_interval: s.resolve_interval,
@@ -553,6 +565,7 @@ impl Listener {
 pub struct ListenerSettings {
     pub connect_timeout: Duration,
     pub max_connections: NonZeroU32,
+    pub backlog: u32,
     pub on_evict: OnEvict,
     pub drain_timeout: Duration,
     pub resolve_interval: Duration,
@@ -579,6 +592,7 @@ impl ListenerSettings {
             backends: _,
             connect_timeout,
             max_connections,
+            backlog,
             on_evict,
             drain_timeout,
             resolve_interval,
@@ -597,6 +611,7 @@ impl ListenerSettings {
         ListenerSettings {
             connect_timeout,
             max_connections,
+            backlog,
             on_evict,
             drain_timeout,
             resolve_interval,

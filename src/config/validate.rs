@@ -71,6 +71,9 @@ fn invalid(origin: &str, problems: Vec<Problem>) -> ConfigError {
 /// A load balancer writes its PROXY header with the connection: a client
 /// that takes longer only holds a session slot.
 const MAX_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// `listen(2)` takes an int, and Linux keeps the accept queue's limit in
+/// 32 bits; anything near this is a typo, not a queue.
+const MAX_BACKLOG: u32 = 1 << 20;
 
 struct Checker<'a> {
     problems: &'a mut Vec<Problem>,
@@ -398,6 +401,13 @@ fn check_listener<'a>(
             "keep a few spares per backend, e.g. 4",
         );
     }
+    if l.backlog == 0 || l.backlog > MAX_BACKLOG {
+        c.problem(
+            "backlog",
+            format!("{} is not between 1 and {MAX_BACKLOG}", l.backlog),
+            "keep the default 4096, or size it to the largest reconnect burst expected",
+        );
+    }
     if l.proxy_header_timeout.is_zero() || l.proxy_header_timeout > MAX_PROXY_HEADER_TIMEOUT {
         c.problem(
             "proxy_header_timeout",
@@ -493,6 +503,30 @@ mod tests {
             let e = refused(&format!("proxy_header_timeout = \"{timeout}\""));
             assert!(e.contains("proxy_header_timeout"), "{e}");
         }
+    }
+
+    #[test]
+    fn backlog_defaults_to_4096_and_is_checked() {
+        let listener = |more: &str| {
+            format!(
+                "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:3307\"\n\
+                 backends = [\"127.0.0.1:3306\"]\n{more}\n"
+            )
+        };
+        let defaults = crate::config::parse(&listener(""), "test").expect("valid");
+        assert_eq!(defaults.listeners[0].settings.backlog, 4096);
+        let set = crate::config::parse(&listener("backlog = 16384"), "test").expect("valid");
+        assert_eq!(set.listeners[0].settings.backlog, 16384);
+        for bad in ["0", "1048577"] {
+            let e = crate::config::parse(&listener(&format!("backlog = {bad}")), "test")
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("backlog") && e.contains(bad), "{e}");
+        }
+        let negative = crate::config::parse(&listener("backlog = -1"), "test")
+            .expect_err("negative")
+            .to_string();
+        assert!(negative.contains("backlog"), "{negative}");
     }
 
     #[test]

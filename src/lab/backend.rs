@@ -118,9 +118,8 @@ impl Lab {
 /// [`echo_server`] on a free 127.0.0.1 port, served by a thread (and
 /// runtime) of its own for the rest of this process; its address.
 pub fn spawn_echo_server() -> io::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let listener = crate::sockopt::listen(([127, 0, 0, 1], 0).into(), 4096)?;
     let addr = listener.local_addr()?;
-    listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -161,7 +160,9 @@ pub fn run_backend(args: BackendArgs) -> io::Result<()> {
         let work = async {
             match (args.listen, args.connect) {
                 (Some(addr), _) => {
-                    let listener = TcpListener::bind(addr).await?;
+                    // A queue as deep as pulsegate's own default, so a burst
+                    // of connections measures the proxy, not this server.
+                    let listener = TcpListener::from_std(crate::sockopt::listen(addr, 4096)?)?;
                     println!("listening on {}", listener.local_addr()?);
                     echo_server(listener, pause).await
                 }
