@@ -29,19 +29,27 @@ async fn cancels_through_round_robin_reach_the_server_running_the_query() {
         "[listener.check]\nkind = \"postgres\"\ninterval = \"1s\"\ntimeout = \"3s\"\n\
          user = \"{USER}\"\npassword = \"{PASSWORD}\"\ndatabase = \"postgres\"\n"
     );
-    cancels_reach_their_server(&check).await;
+    cancels_reach_their_server("pg_check", &check).await;
 }
 
 /// The same without a postgres check: `protocol = "postgres"` says what
 /// the backends speak.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancels_are_routed_on_a_listener_that_says_it_speaks_postgres() {
-    cancels_reach_their_server("protocol = \"postgres\"\n").await;
+    cancels_reach_their_server("pg_protocol", "protocol = \"postgres\"\n").await;
 }
 
-/// The scenario, with `listener_settings` added to the listener (before its
-/// `[listener.routing]` table).
-async fn cancels_reach_their_server(listener_settings: &str) {
+/// The scenario, with `listener_settings` added to the listener `name`
+/// (before its `[listener.routing]` table).
+async fn cancels_reach_their_server(name: &str, listener_settings: &str) {
+    let metrics = pulsegate::telemetry::metrics::install().expect("metrics recorder");
+    let cancels = |series: &str, route: Option<&str>| {
+        let mut labels = vec![("listener", name)];
+        labels.extend(route.map(|r| ("route", r)));
+        support::admin::sample(&metrics.render(), series, &labels)
+    };
+    const ROUTED: &str = "pulsegate_postgres_cancel_requests_total";
+    const UNREADABLE: &str = "pulsegate_postgres_cancel_keys_unreadable_total";
     let login = Login::Password {
         user: USER,
         password: PASSWORD,
@@ -55,11 +63,31 @@ async fn cancels_reach_their_server(listener_settings: &str) {
     let server_b = b.start_on_host(&settings).expect("start postgres b");
     let check = format!("{listener_settings}[listener.routing]\nbalance = \"round_robin\"\n");
     let proxy = in_process_proxy(&listener_toml(
-        "pg",
+        name,
         &[server_a.addr(), server_b.addr()],
         &check,
     ))
     .await;
+    // A PostgreSQL listener shows its cancel series at zero from the start
+    // (it starts in the background: wait for it).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = [
+            (ROUTED, Some("session_server")),
+            (ROUTED, Some("unknown_key")),
+            (UNREADABLE, None),
+        ]
+        .map(|(series, route)| cancels(series, route));
+        if seen.iter().all(Option::is_some) {
+            assert_eq!(seen, [Some(0.0); 3], "registered, but not at zero");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not registered at zero: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
@@ -122,6 +150,12 @@ async fn cancels_reach_their_server(listener_settings: &str) {
         slowest.as_secs_f64()
     );
     assert_eq!(not_cancelled, 0, "queries ran on after their cancel");
+    assert_eq!(
+        cancels(ROUTED, Some("session_server")),
+        Some(SESSIONS as f64),
+        "every cancel counted as sent to its session's server"
+    );
+    assert_eq!(cancels(ROUTED, Some("unknown_key")), Some(0.0));
     proxy.shutdown.cancel();
     drop((server_a, server_b, a, b));
 }

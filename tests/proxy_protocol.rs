@@ -206,6 +206,29 @@ async fn bad_missing_late_and_cut_headers_are_refused_without_an_upstream_connec
         )
         .unwrap_or(0.0)
     };
+    // Every reason's series is there, at zero, before the first refusal
+    // (the listener starts in the background: wait for it).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let exposition = metrics.render();
+        let seen = ["missing", "invalid", "timeout", "closed"].map(|reason| {
+            let labels = [("listener", name), ("reason", reason)];
+            sample(
+                &exposition,
+                "pulsegate_proxy_header_rejected_total",
+                &labels,
+            )
+        });
+        if seen.iter().all(Option::is_some) {
+            assert_eq!(seen, [Some(0.0); 4], "registered, but not at zero");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not registered at zero: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let mut bad_version = v2_proxy_header(
         "192.0.2.7:4242".parse().unwrap(),
