@@ -11,7 +11,9 @@
 //!   `PINGPONG_WARMUP` (20000), the routes taking turns in
 //!   `PINGPONG_SLICES` (10) slices;
 //! - requests/s of `RPS_CONNS` (64) connections, 64-byte request and
-//!   response, over `RPS_SECS` (5) s;
+//!   response, over `RPS_SECS` (5) s, the routes taking turns in
+//!   `RPS_SLICES` (5) slices (each with its share of the warm-up); the
+//!   figure is the median of the slices' rates;
 //! - new connections/s (connect, one 64-byte exchange, close) from
 //!   `CONN_THREADS` (4) client threads over `CONN_SECS` (5) s;
 //!
@@ -47,6 +49,7 @@ pub struct Knobs {
     pub pingpong_slices: u64,
     pub rps_conns: usize,
     pub rps_window: Duration,
+    pub rps_slices: u32,
     pub conn_threads: usize,
     pub conn_window: Duration,
     pub warmup: Duration,
@@ -61,6 +64,7 @@ impl Knobs {
             pingpong_slices: common::knob("PINGPONG_SLICES", 10)?,
             rps_conns: common::knob("RPS_CONNS", 64)?,
             rps_window: common::knob_secs("RPS_SECS", 5)?,
+            rps_slices: common::knob("RPS_SLICES", 5)?,
             conn_threads: common::knob("CONN_THREADS", 4)?,
             conn_window: common::knob_secs("CONN_SECS", 5)?,
             warmup: common::knob_secs("WARMUP_SECS", 1)?,
@@ -78,6 +82,7 @@ impl Knobs {
             ),
             (self.rps_conns > 0, "RPS_CONNS must be at least 1"),
             (!self.rps_window.is_zero(), "RPS_SECS must be at least 1"),
+            (self.rps_slices > 0, "RPS_SLICES must be at least 1"),
             (self.conn_threads > 0, "CONN_THREADS must be at least 1"),
             (!self.conn_window.is_zero(), "CONN_SECS must be at least 1"),
         ];
@@ -156,6 +161,8 @@ fn main() -> Result<()> {
     for test in Test::ALL {
         if let Test::PingPong = test {
             ping_pong_in_turns(&setup.routes, &knobs, &mut figures)?;
+        } else if let Test::Requests = test {
+            requests_in_turns(&setup.routes, &knobs, &mut figures)?;
         } else {
             for (route, figures) in setup.routes.iter().zip(&mut figures) {
                 run_test(test, route, &setup.sink, &knobs, figures)
@@ -207,12 +214,6 @@ fn run_test(
             figures.throughput = Some(gib_s);
             Ok(format!("{gib_s:.2} GiB/s"))
         }
-        Test::Requests => {
-            let (conns, warmup, window) = (knobs.rps_conns, knobs.warmup, knobs.rps_window);
-            let rps = workloads::requests_per_sec(route.echo, conns, warmup, window)?;
-            figures.rps = Some(rps);
-            Ok(format!("{rps:.0} requests/s"))
-        }
         Test::Connections => {
             let (threads, warmup, window) = (knobs.conn_threads, knobs.warmup, knobs.conn_window);
             let rate = workloads::connections_per_sec(route.echo, threads, warmup, window)?;
@@ -220,7 +221,9 @@ fn run_test(
             figures.conns = Some(rate);
             Ok(shown)
         }
-        Test::PingPong => anyhow::bail!("ping-pong runs in turns, see ping_pong_in_turns"),
+        Test::PingPong | Test::Requests => {
+            anyhow::bail!("ping-pong and requests/s run in turns, see *_in_turns")
+        }
     })?;
     figures.cpu[test as usize] = cpu.percent();
     figures.machine[test as usize] = cpu.machine_percent();
@@ -229,11 +232,10 @@ fn run_test(
             .used_secs()
             .zip(Some(knobs.throughput_gib))
             .map(|(s, g)| s / g),
-        Test::Requests => cpu.percent().zip(figures.rps).map(|(c, r)| c * 1e4 / r),
         Test::Connections => (cpu.percent())
             .zip(figures.conns.as_ref())
             .map(|(c, r)| c * 1e4 / r.per_sec),
-        Test::PingPong => None,
+        Test::PingPong | Test::Requests => None,
     };
     progress(test, route.via, &shown, &cpu);
     Ok(())
@@ -271,6 +273,46 @@ fn ping_pong_in_turns(routes: &[Route], knobs: &Knobs, figures: &mut [Figures]) 
             l.p50, l.p99, l.p999
         );
         progress(Test::PingPong, *via, &shown, cpu);
+    }
+    Ok(())
+}
+
+/// Requests/s through every route in `RPS_SLICES` slices, the routes taking
+/// turns slice by slice (as ping-pong does), so a change in the machine's
+/// background load hits every route alike; each route's figure is the
+/// median of its slices' rates. Each slice connects afresh and warms up
+/// for its share of `WARMUP_SECS` before counting.
+fn requests_in_turns(routes: &[Route], knobs: &Knobs, figures: &mut [Figures]) -> Result<()> {
+    let slices = knobs.rps_slices;
+    let (warmup, window) = (knobs.warmup / slices, knobs.rps_window / slices);
+    let mut runs: Vec<(CpuMeter, Vec<f64>)> = routes
+        .iter()
+        .map(|r| (CpuMeter::new(r.echo_proxy), Vec::new()))
+        .collect();
+    for _ in 0..slices {
+        for (route, (cpu, rates)) in routes.iter().zip(&mut runs) {
+            let rate = cpu
+                .measure(|| {
+                    workloads::requests_per_sec(route.echo, knobs.rps_conns, warmup, window)
+                })
+                .with_context(|| format!("requests/s via {}", route.via.label()))?;
+            rates.push(rate);
+        }
+    }
+    let i = Test::Requests as usize;
+    for ((route, (cpu, mut rates)), figures) in routes.iter().zip(runs).zip(figures) {
+        rates.sort_by(f64::total_cmp);
+        let rps = rates[rates.len() / 2];
+        figures.rps = Some(rps);
+        figures.cpu[i] = cpu.percent();
+        figures.machine[i] = cpu.machine_percent();
+        figures.cpu_per_unit[i] = cpu.percent().map(|c| c * 1e4 / rps);
+        let shown = format!(
+            "{rps:.0} requests/s (median of {slices} slices, {:.0}–{:.0})",
+            rates[0],
+            rates[rates.len() - 1]
+        );
+        progress(Test::Requests, route.via, &shown, &cpu);
     }
     Ok(())
 }

@@ -36,8 +36,9 @@ fn preamble(knobs: &Knobs, machine: &str) -> Result<String> {
          `benches/pulsegate.toml` ({workers}). Client, \
          proxy and servers share the machine's cores. Loads: {gib} GiB through \
          one connection; {rounds} round trips after {pp_warm} unrecorded; \
-         {conns} connections for {rps} s; {threads} client threads for {conn} s; \
-         the last two after {warm} s of the same load.",
+         {conns} connections for {rps} s in {slices} slices, the routes taking turns \
+         (the median slice's rate); {threads} client threads for {conn} s; the last \
+         two after {warm} s of the same load.",
         date = machine::today(),
         settings = common::haproxy_settings()?,
         workers = common::pulsegate_workers(),
@@ -46,6 +47,7 @@ fn preamble(knobs: &Knobs, machine: &str) -> Result<String> {
         pp_warm = knobs.pingpong_warmup,
         conns = knobs.rps_conns,
         rps = knobs.rps_window.as_secs(),
+        slices = knobs.rps_slices,
         threads = knobs.conn_threads,
         conn = knobs.conn_window.as_secs(),
         warm = knobs.warmup.as_secs(),
