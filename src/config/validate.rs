@@ -475,14 +475,16 @@ mod tests {
         assert_eq!(settings.send_proxy, Some(crate::config::ProxyVersion::V2));
     }
 
+    /// One listener with `more` keys after its required ones.
+    fn listener(more: &str) -> String {
+        format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:3307\"\n\
+             backends = [\"127.0.0.1:3306\"]\n{more}\n"
+        )
+    }
+
     #[test]
     fn proxy_protocol_keys_are_checked() {
-        let listener = |more: &str| {
-            format!(
-                "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:3307\"\n\
-                 backends = [\"127.0.0.1:3306\"]\n{more}\n"
-            )
-        };
         let defaults = crate::config::parse(&listener(""), "test").expect("valid");
         let settings = &defaults.listeners[0].settings;
         assert!(!settings.accept_proxy);
@@ -507,12 +509,6 @@ mod tests {
 
     #[test]
     fn backlog_defaults_to_4096_and_is_checked() {
-        let listener = |more: &str| {
-            format!(
-                "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:3307\"\n\
-                 backends = [\"127.0.0.1:3306\"]\n{more}\n"
-            )
-        };
         let defaults = crate::config::parse(&listener(""), "test").expect("valid");
         assert_eq!(defaults.listeners[0].settings.backlog, 4096);
         let set = crate::config::parse(&listener("backlog = 16384"), "test").expect("valid");
