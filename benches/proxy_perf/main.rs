@@ -280,8 +280,10 @@ fn ping_pong_in_turns(routes: &[Route], knobs: &Knobs, figures: &mut [Figures]) 
 /// Requests/s through every route in `RPS_SLICES` slices, the routes taking
 /// turns slice by slice (as ping-pong does), so a change in the machine's
 /// background load hits every route alike; each route's figure is the
-/// median of its slices' rates. Each slice connects afresh and warms up
-/// for its share of `WARMUP_SECS` before counting.
+/// median of its slices' rates, and its CPU per request the proxy's CPU
+/// share over all slices (warm-ups included, as in the other tests) over
+/// that rate. Each slice connects afresh and warms up for its share of
+/// `WARMUP_SECS` before counting.
 fn requests_in_turns(routes: &[Route], knobs: &Knobs, figures: &mut [Figures]) -> Result<()> {
     let slices = knobs.rps_slices;
     let (warmup, window) = (knobs.warmup / slices, knobs.rps_window / slices);
