@@ -1,9 +1,9 @@
 //! Operating pulsegate through its admin server, with the proxy running
 //! in this test process (`pulsegate::Server` on sockets bound to port 0):
 //! metrics after real traffic, `/status`, auth, per-listener readiness,
-//! reloads (the SIGHUP path and `POST /reload`) under live traffic, refused
-//! reloads, drain-and-stay, and slow admin clients that must not stall the
-//! data path. The binary itself (signals, exit codes, a process that exits
+//! reloads (the SIGHUP path and `POST /reload`) under live traffic, a reload
+//! that resizes the accept queue, refused reloads, drain-and-stay, and slow
+//! admin clients that must not stall the data path. The binary itself (signals, exit codes, a process that exits
 //! after its drain) is tested in tests/process.rs; the namespace tests
 //! (eviction metrics, `/readyz` and a blackholed backend) are in
 //! tests/admin_lab.rs.
@@ -50,6 +50,9 @@ struct InProcess {
     served: Option<tokio::task::JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
     dir: tempfile::TempDir,
+    /// A duplicate of each listener socket's descriptor (the same socket),
+    /// to read what the kernel has for it.
+    listening: Vec<TcpListener>,
 }
 
 impl InProcess {
@@ -64,6 +67,10 @@ impl InProcess {
             admin: admin_socket.local_addr().unwrap(),
             listeners: sockets.iter().map(|s| s.local_addr().unwrap()).collect(),
         };
+        let listening = sockets
+            .iter()
+            .map(|s| s.try_clone().expect("dup a listener socket"))
+            .collect();
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("pulsegate.toml");
         std::fs::write(&path, toml(&ports)).expect("write the config");
@@ -121,7 +128,13 @@ impl InProcess {
             served: Some(served),
             runtime: Some(runtime),
             dir,
+            listening,
         }
+    }
+
+    /// The `i`th listener's accept queue as the kernel has it now.
+    fn accept_queue(&self, i: usize) -> pulsegate::sockopt::AcceptQueue {
+        pulsegate::sockopt::accept_queue(&self.listening[i]).expect("TCP_INFO of a listener")
     }
 
     /// The address of the `i`th listener socket.
@@ -454,6 +467,54 @@ fall = 2
     assert_eq!(r.json()["changed"], serde_json::json!(["gated_dead"]));
     assert_eq!(r.json()["generation"], 2);
     assert_eq!(call(admin_addr, "GET", "/readyz", None).status, 200);
+}
+
+/// A reload that changes `backlog` resizes the accept queue of the open
+/// listening socket (a second `listen(2)`): no rebind, the session opened
+/// before keeps flowing and new clients are served on the same socket.
+#[test]
+fn a_reload_resizes_the_accept_queue_in_place() {
+    let _alone = reloads_alone();
+    let echo = echo_server();
+    let config = move |ports: &Ports, backlog: u32| {
+        format!(
+            r#"
+[[listener]]
+name = "backlog_resized"
+bind = "{bind}"
+backends = ["{echo}"]
+backlog = {backlog}
+"#,
+            bind = ports.listeners[0],
+            echo = echo.addr,
+        )
+    };
+    let capped = |backlog: u32| pulsegate::sockopt::somaxconn().map_or(backlog, |c| backlog.min(c));
+    // This harness binds the sockets itself, with std's backlog of 128: the
+    // config says the same, so a reload to 128 would change nothing.
+    let proxy = InProcess::start(1, |ports| config(ports, 128));
+    assert_eq!(proxy.accept_queue(0).limit, capped(128));
+    let mut before = TcpStream::connect(proxy.addr(0)).unwrap();
+    echo_exact(&mut before, 64, 1);
+
+    for backlog in [50, 1000] {
+        std::fs::write(proxy.config_path(), config(&proxy.ports, backlog)).unwrap();
+        let summary = proxy.reload().expect("the reload applies");
+        assert_eq!(summary.changed, ["backlog_resized"], "backlog {backlog}");
+        assert_eq!(
+            proxy.accept_queue(0).limit,
+            capped(backlog),
+            "the kernel's queue limit after a reload to backlog = {backlog}"
+        );
+        echo_exact(&mut before, 64, backlog as u8);
+        let mut after = TcpStream::connect(proxy.addr(0)).unwrap();
+        echo_exact(&mut after, 64, 7);
+    }
+    assert_eq!(
+        echo.accepted.load(Ordering::SeqCst),
+        3,
+        "one upstream per client"
+    );
 }
 
 #[test]
