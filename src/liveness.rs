@@ -53,6 +53,9 @@ pub struct Watched {
     /// The client's address as the session knows it: the socket's peer, or
     /// the source of the PROXY header it sent (`accept_proxy`).
     pub client_addr: SocketAddr,
+    /// Per leg (index [`leg_index`]): the socket's peer, as `accept` and
+    /// `connect` returned it (the watcher groups legs by host with it).
+    pub peers: [SocketAddr; 2],
     /// Per leg (index [`leg_index`]): when the relay first wrote to it since
     /// the watcher last saw it owe nothing. 0 = nothing written since.
     pending_since: [AtomicU64; 2],
@@ -102,6 +105,7 @@ impl Watched {
         client: TcpStream,
         client_addr: SocketAddr,
         upstream: TcpStream,
+        peers: [SocketAddr; 2],
         backend: BackendId,
     ) -> Self {
         let now = now_ms();
@@ -109,6 +113,7 @@ impl Watched {
             client,
             upstream,
             client_addr,
+            peers,
             pending_since: [AtomicU64::new(0), AtomicU64::new(0)],
             writes: [AtomicU64::new(0), AtomicU64::new(0)],
             last_activity: AtomicU64::new(now),
@@ -260,7 +265,13 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let (upstream, peer) = listener.accept().await.unwrap();
-        Watched::new(client, peer, upstream, BackendId::from_index(0))
+        Watched::new(
+            client,
+            peer,
+            upstream,
+            [addr, peer],
+            BackendId::from_index(0),
+        )
     }
 
     #[tokio::test]

@@ -153,19 +153,15 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerConte
             None => return,
         },
     };
-    let labels = SessionLabels {
-        listener: ctx.name.clone(),
-        backend: ctx.backends.label(upstream.backend).to_string(),
-        client: client_addr,
-        upstream_local: upstream.stream.local_addr().ok(),
-    };
-    tracing::debug!(listener = %ctx.name, client = %client_addr, backend = %labels.backend,
-        upstream = %upstream.peer, pooled = upstream.pooled, "session started");
+    tracing::debug!(listener = %ctx.name, client = %client_addr,
+        backend = %ctx.backends.label(upstream.backend), upstream = %upstream.peer,
+        pooled = upstream.pooled, "session started");
     let _counted = ctx.backends.opened(upstream.backend);
     let session = Arc::new(Watched::new(
         client,
         client_addr,
         upstream.stream,
+        [peer, upstream.peer],
         upstream.backend,
     ));
     ctx.watcher.watch(&session);
@@ -200,6 +196,14 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerConte
             duration_ms = started.elapsed().as_millis() as u64, "session ended"),
         Some(verdict) => {
             let (age, idle) = (started.elapsed(), session.idle_for());
+            // Built only now: the upstream's local address costs a
+            // syscall, and only an eviction reports it.
+            let labels = SessionLabels {
+                listener: ctx.name.clone(),
+                backend: ctx.backends.label(upstream.backend).to_string(),
+                client: client_addr,
+                upstream_local: session.upstream.local_addr().ok(),
+            };
             evict::log_eviction(&labels, &verdict, age, idle);
             meters.evicted(verdict.reason, verdict.detection_time());
             ctx.shared

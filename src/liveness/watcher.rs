@@ -144,9 +144,9 @@ struct Entry {
 
 impl Entry {
     fn new(session: Weak<Watched>) -> Self {
-        let peers = session.upgrade().map_or([None, None], |s| {
-            [s.client.peer_addr().ok(), s.upstream.peer_addr().ok()]
-        });
+        let peers = session
+            .upgrade()
+            .map_or([None, None], |s| s.peers.map(Some));
         Entry {
             id: session.as_ptr() as usize,
             session,
