@@ -50,8 +50,9 @@ struct InProcess {
     served: Option<tokio::task::JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
     dir: tempfile::TempDir,
-    /// A duplicate of each listener socket's descriptor (the same socket),
-    /// to read what the kernel has for it.
+    /// With [`InProcess::start_keeping_listeners`]: a duplicate of each
+    /// listener socket's descriptor (the same socket), to read what the
+    /// kernel has for it.
     listening: Vec<TcpListener>,
 }
 
@@ -60,6 +61,18 @@ impl InProcess {
     /// writes `toml(ports)` and serves it. Each `[[listener]]` must bind
     /// one of `ports.listeners`.
     fn start(listeners: usize, toml: impl FnOnce(&Ports) -> String) -> InProcess {
+        InProcess::launch(listeners, toml, false)
+    }
+
+    /// Like [`InProcess::start`], keeping a duplicate of each listening
+    /// socket's descriptor for [`InProcess::accept_queue`]. The duplicate
+    /// keeps the socket listening after pulsegate closes its own, so tests
+    /// that wait for a listener to close use `start`.
+    fn start_keeping_listeners(listeners: usize, toml: impl FnOnce(&Ports) -> String) -> InProcess {
+        InProcess::launch(listeners, toml, true)
+    }
+
+    fn launch(listeners: usize, toml: impl FnOnce(&Ports) -> String, keep: bool) -> InProcess {
         let bind = || TcpListener::bind("127.0.0.1:0").expect("bind port 0");
         let admin_socket = bind();
         let sockets: Vec<TcpListener> = (0..listeners).map(|_| bind()).collect();
@@ -69,6 +82,7 @@ impl InProcess {
         };
         let listening = sockets
             .iter()
+            .filter(|_| keep)
             .map(|s| s.try_clone().expect("dup a listener socket"))
             .collect();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -134,7 +148,11 @@ impl InProcess {
 
     /// The `i`th listener's accept queue as the kernel has it now.
     fn accept_queue(&self, i: usize) -> pulsegate::sockopt::AcceptQueue {
-        pulsegate::sockopt::accept_queue(&self.listening[i]).expect("TCP_INFO of a listener")
+        let socket = self
+            .listening
+            .get(i)
+            .expect("started with start_keeping_listeners");
+        pulsegate::sockopt::accept_queue(socket).expect("TCP_INFO of a listener")
     }
 
     /// The address of the `i`th listener socket.
@@ -492,7 +510,7 @@ backlog = {backlog}
     let capped = |backlog: u32| pulsegate::sockopt::somaxconn().map_or(backlog, |c| backlog.min(c));
     // This harness binds the sockets itself, with std's backlog of 128: the
     // config says the same, so a reload to 128 would change nothing.
-    let proxy = InProcess::start(1, |ports| config(ports, 128));
+    let proxy = InProcess::start_keeping_listeners(1, |ports| config(ports, 128));
     assert_eq!(proxy.accept_queue(0).limit, capped(128));
     let mut before = TcpStream::connect(proxy.addr(0)).unwrap();
     echo_exact(&mut before, 64, 1);
