@@ -63,12 +63,13 @@ fn hold_fleet(
         .map(|&d| lab.link().counters(d).dropped)
         .sum();
     eprintln!(
-        "{} idle + {} busy sessions for {hold:?}: {} busy requests, {} dead; \
-         {dropped} packets dropped by the link; evictions: {:?}",
+        "{} idle + {} busy sessions for {hold:?}: {} busy requests, {} dead, \
+         {} opened again; {dropped} packets dropped by the link; evictions: {:?}",
         report.idle,
         report.busy,
         report.busy_requests,
         report.dead(),
+        report.failed_opens,
         evictions(proxy)
             .iter()
             .map(|e| e.json.to_string())
@@ -88,7 +89,30 @@ fn state_changes(proxy: &LabProcess) -> Vec<String> {
         .collect()
 }
 
+/// Clients pulsegate closed because it could not connect to the backend
+/// (on a lossy link a connect can lose every SYN until connect_timeout).
+fn connect_failures(proxy: &LabProcess) -> usize {
+    proxy
+        .stderr()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|j| j["message"] == "closing client: no backend available")
+        .count()
+}
+
+/// Every session the fleet had to open again was closed by pulsegate for
+/// a failed connect, which it logged; nothing else may end a new session.
+fn assert_failed_opens_explained(failed_opens: usize, proxy: &LabProcess) {
+    let logged = connect_failures(proxy);
+    assert!(
+        failed_opens <= logged,
+        "{failed_opens} new sessions failed their first request, but pulsegate logged \
+         only {logged} failed connects"
+    );
+}
+
 fn assert_no_false_eviction(report: &FleetReport, proxy: &LabProcess) {
+    assert_failed_opens_explained(report.failed_opens, proxy);
     let evicted = evictions(proxy);
     assert!(
         evicted.is_empty() && report.dead() == 0,
@@ -168,6 +192,7 @@ fn busy_sessions_on_a_farther_lossier_link_are_not_evicted() {
 /// both ways): every client is reset within the bound.
 fn host_death(lab: &LinkedLab, proxy: &LabProcess, idle_bound: Duration, busy_bound: Duration) {
     let fleet = Fleet::start(lab.near(), proxy_addr(), 40, 0, Duration::from_millis(100));
+    assert_failed_opens_explained(fleet.failed_opens().len(), proxy);
     let mut busy: Vec<_> = (0..10).map(|_| connect(lab.near(), proxy_addr())).collect();
     for s in &mut busy {
         fleet::request(s).expect("busy session works");

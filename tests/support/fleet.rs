@@ -16,11 +16,15 @@ use pulsegate::lab::Lab;
 /// counts as broken (far above any retransmission a live link needs).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How many times a session is opened before the fleet gives up on it.
+const OPEN_TRIES: usize = 3;
+
 /// The sessions of a fleet, running.
 pub struct Fleet {
     idle: Vec<TcpStream>,
     busy: Vec<JoinHandle<BusyOutcome>>,
     stop: Arc<AtomicBool>,
+    failed_opens: Vec<io::Error>,
 }
 
 /// What a busy session saw.
@@ -41,6 +45,9 @@ pub struct FleetReport {
     pub busy_requests: u64,
     /// Busy sessions that failed, with the error and when.
     pub busy_dead: Vec<(usize, io::Error, Instant)>,
+    /// Sessions whose first request failed and that were opened again
+    /// (see [`Fleet::start`]).
+    pub failed_opens: usize,
 }
 
 impl FleetReport {
@@ -53,32 +60,37 @@ impl Fleet {
     /// Opens `idle` sessions (each proves its path with one request, then
     /// stays quiet) and `busy` ones (a 32-byte request, its echo, then a
     /// pause of `every`, until [`Fleet::finish`]), from inside `lab`.
+    ///
+    /// A session whose first request fails never carried anything: on a
+    /// lossy link the proxy's own connect to the backend can lose its SYN
+    /// until `connect_timeout`, and the proxy then resets the client. It is
+    /// opened again, as an application's pool would, up to [`OPEN_TRIES`]
+    /// times; the failures are kept ([`Fleet::failed_opens`]) for the test
+    /// to hold against what the proxy logged.
     pub fn start(lab: &Lab, proxy: SocketAddr, idle: usize, busy: usize, every: Duration) -> Fleet {
         let stop = Arc::new(AtomicBool::new(false));
-        // Opened side by side: on a far link each takes a few round trips.
-        let idle = std::thread::scope(|scope| {
-            let opening: Vec<_> = (0..idle)
-                .map(|_| {
-                    let mut s = super::connect(lab, proxy);
-                    scope.spawn(move || {
-                        request(&mut s).expect("a new idle session answers");
-                        s
-                    })
-                })
-                .collect();
-            opening
-                .into_iter()
-                .map(|t| t.join().expect("opening an idle session"))
-                .collect()
-        });
-        let busy = (0..busy)
-            .map(|i| {
-                let mut s = super::connect(lab, proxy);
+        let (mut sessions, failed_opens) = open_proven(lab, proxy, idle + busy);
+        let busy_sessions = sessions.split_off(idle);
+        let busy = busy_sessions
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut s)| {
                 let stop = stop.clone();
                 std::thread::spawn(move || busy_loop(&mut s, i, every, &stop))
             })
             .collect();
-        Fleet { idle, busy, stop }
+        Fleet {
+            idle: sessions,
+            busy,
+            stop,
+            failed_opens,
+        }
+    }
+
+    /// The first requests that failed while the fleet opened (each such
+    /// session was opened again).
+    pub fn failed_opens(&self) -> &[io::Error] {
+        &self.failed_opens
     }
 
     /// Stops the busy sessions, then sends one request on every idle one.
@@ -90,6 +102,7 @@ impl Fleet {
             busy: self.busy.len(),
             busy_requests: 0,
             busy_dead: Vec::new(),
+            failed_opens: self.failed_opens.len(),
         };
         for (i, handle) in self.busy.into_iter().enumerate() {
             let outcome = handle.join().expect("busy session thread");
@@ -115,6 +128,45 @@ impl Fleet {
     pub fn idle_sessions(&self) -> &[TcpStream] {
         &self.idle
     }
+}
+
+/// Opens `n` sessions through `proxy` from inside `lab`, each proven by
+/// one request; returns them and the first requests that failed.
+fn open_proven(lab: &Lab, proxy: SocketAddr, n: usize) -> (Vec<TcpStream>, Vec<io::Error>) {
+    let mut open = Vec::with_capacity(n);
+    let mut failed = Vec::new();
+    let mut wanted = n;
+    for _ in 0..OPEN_TRIES {
+        if wanted == 0 {
+            break;
+        }
+        // Side by side: on a far link each takes a few round trips.
+        let tried: Vec<io::Result<TcpStream>> = std::thread::scope(|scope| {
+            let opening: Vec<_> = (0..wanted)
+                .map(|_| {
+                    let mut s = super::connect(lab, proxy);
+                    scope.spawn(move || request(&mut s).map(|()| s))
+                })
+                .collect();
+            opening
+                .into_iter()
+                .map(|t| t.join().expect("opening a session"))
+                .collect()
+        });
+        for result in tried {
+            match result {
+                Ok(s) => open.push(s),
+                Err(e) => failed.push(e),
+            }
+        }
+        wanted = n - open.len();
+    }
+    assert_eq!(
+        open.len(),
+        n,
+        "{wanted} of {n} sessions failed their first request {OPEN_TRIES} times: {failed:?}"
+    );
+    (open, failed)
 }
 
 fn busy_loop(s: &mut TcpStream, i: usize, every: Duration, stop: &AtomicBool) -> BusyOutcome {
