@@ -3,10 +3,10 @@
 //! metrics after real traffic, `/status`, auth, per-listener readiness,
 //! reloads (the SIGHUP path and `POST /reload`) under live traffic, a reload
 //! that resizes the accept queue, refused reloads, drain-and-stay, and slow
-//! admin clients that must not stall the data path. The binary itself (signals, exit codes, a process that exits
-//! after its drain) is tested in tests/process.rs; the namespace tests
-//! (eviction metrics, `/readyz` and a blackholed backend) are in
-//! tests/admin_lab.rs.
+//! admin clients that must not stall the data path. The binary itself
+//! (signals, exit codes, a process that exits after its drain) is tested in
+//! tests/process.rs; the namespace tests (eviction metrics, `/readyz` and a
+//! blackholed backend) are in tests/admin_lab.rs.
 //!
 //! Every proxy of this binary shares the process-wide metrics recorder, so
 //! each test names its listeners after itself, and the tests that reload
